@@ -1,0 +1,205 @@
+//! Named CPU templates: which CPUID features a guest may see, and which
+//! kernel parameters go with them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostKind;
+
+/// A CPUID register bit to hide from the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureBit {
+    pub name: &'static str,
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub reg: Reg,
+    pub bit: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+const fn f(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> FeatureBit {
+    FeatureBit {
+        name,
+        leaf,
+        subleaf,
+        reg,
+        bit,
+    }
+}
+
+/// Features whose instructions KVM's instruction emulator cannot execute, or
+/// that the guest kernel would use in paths that run under it on PVM hosts.
+/// ENVIRONMENT.md records the instruction behind each of the first group.
+const PVM_HIDDEN: &[FeatureBit] = &[
+    f("pclmulqdq", 1, 0, Reg::Ecx, 1),
+    f("fma", 1, 0, Reg::Ecx, 12),
+    f("cx16", 1, 0, Reg::Ecx, 13),
+    f("pcid", 1, 0, Reg::Ecx, 17),
+    f("movbe", 1, 0, Reg::Ecx, 22),
+    f("popcnt", 1, 0, Reg::Ecx, 23),
+    f("aes", 1, 0, Reg::Ecx, 25),
+    f("xsave", 1, 0, Reg::Ecx, 26),
+    f("osxsave", 1, 0, Reg::Ecx, 27),
+    f("avx", 1, 0, Reg::Ecx, 28),
+    f("f16c", 1, 0, Reg::Ecx, 29),
+    f("rdrand", 1, 0, Reg::Ecx, 30),
+    f("fsgsbase", 7, 0, Reg::Ebx, 0),
+    f("bmi1", 7, 0, Reg::Ebx, 3),
+    f("avx2", 7, 0, Reg::Ebx, 5),
+    f("smep", 7, 0, Reg::Ebx, 7),
+    f("bmi2", 7, 0, Reg::Ebx, 8),
+    f("invpcid", 7, 0, Reg::Ebx, 10),
+    f("avx512f", 7, 0, Reg::Ebx, 16),
+    f("avx512dq", 7, 0, Reg::Ebx, 17),
+    f("rdseed", 7, 0, Reg::Ebx, 18),
+    f("smap", 7, 0, Reg::Ebx, 20),
+    f("avx512ifma", 7, 0, Reg::Ebx, 21),
+    f("avx512cd", 7, 0, Reg::Ebx, 28),
+    f("sha_ni", 7, 0, Reg::Ebx, 29),
+    f("avx512bw", 7, 0, Reg::Ebx, 30),
+    f("avx512vl", 7, 0, Reg::Ebx, 31),
+    f("avx512vbmi", 7, 0, Reg::Ecx, 1),
+    f("umip", 7, 0, Reg::Ecx, 2),
+    f("pku", 7, 0, Reg::Ecx, 3),
+    f("ospke", 7, 0, Reg::Ecx, 4),
+    f("avx512_vbmi2", 7, 0, Reg::Ecx, 6),
+    f("gfni", 7, 0, Reg::Ecx, 8),
+    f("vaes", 7, 0, Reg::Ecx, 9),
+    f("vpclmulqdq", 7, 0, Reg::Ecx, 10),
+    f("avx512_vnni", 7, 0, Reg::Ecx, 11),
+    f("avx512_bitalg", 7, 0, Reg::Ecx, 12),
+    f("avx512_vpopcntdq", 7, 0, Reg::Ecx, 14),
+    f("la57", 7, 0, Reg::Ecx, 16),
+    f("rdpid", 7, 0, Reg::Ecx, 22),
+    f("serialize", 7, 0, Reg::Edx, 14),
+    f("tsxldtrk", 7, 0, Reg::Edx, 16),
+    f("amx_bf16", 7, 0, Reg::Edx, 22),
+    f("avx512_fp16", 7, 0, Reg::Edx, 23),
+    f("amx_tile", 7, 0, Reg::Edx, 24),
+    f("amx_int8", 7, 0, Reg::Edx, 25),
+    f("avx_vnni", 7, 1, Reg::Eax, 4),
+    f("avx512_bf16", 7, 1, Reg::Eax, 5),
+    f("abm", 0x8000_0001, 0, Reg::Ecx, 5),
+];
+
+/// Features to announce: an AMD guest then skips the `fnclex; emms`
+/// FXSAVE-leak workaround, which the emulator cannot run.
+const PVM_ADDED: &[FeatureBit] = &[f("xsaveerptr", 0x8000_0008, 0, Reg::Ebx, 2)];
+
+/// Kernel parameters the PVM template needs: `noxsave` keeps the kernel
+/// off `xrstor` even where a feature bit slips through.
+const PVM_CMDLINE: &[&str] = &["noxsave"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuTemplate {
+    /// Everything KVM supports, for hosts with hardware virtualization.
+    Host,
+    /// Emulator-safe subset for PVM hosts without VT-x/AMD-V.
+    Pvm,
+}
+
+impl CpuTemplate {
+    pub const ALL: [CpuTemplate; 2] = [CpuTemplate::Host, CpuTemplate::Pvm];
+
+    /// The template a host of this kind needs.
+    pub fn for_host(kind: HostKind) -> CpuTemplate {
+        match kind {
+            HostKind::Pvm => CpuTemplate::Pvm,
+            HostKind::HardwareVirtualization | HostKind::NoKvm => CpuTemplate::Host,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Pvm => "pvm",
+        }
+    }
+
+    pub fn hidden_features(self) -> &'static [FeatureBit] {
+        match self {
+            CpuTemplate::Host => &[],
+            CpuTemplate::Pvm => PVM_HIDDEN,
+        }
+    }
+
+    pub fn added_features(self) -> &'static [FeatureBit] {
+        match self {
+            CpuTemplate::Host => &[],
+            CpuTemplate::Pvm => PVM_ADDED,
+        }
+    }
+
+    pub fn kernel_params(self) -> &'static [&'static str] {
+        match self {
+            CpuTemplate::Host => &[],
+            CpuTemplate::Pvm => PVM_CMDLINE,
+        }
+    }
+}
+
+impl fmt::Display for CpuTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown CPU template {0:?}; known templates: host, pvm")]
+pub struct UnknownTemplate(pub String);
+
+impl FromStr for CpuTemplate {
+    type Err = UnknownTemplate;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CpuTemplate::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| UnknownTemplate(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for t in CpuTemplate::ALL {
+            assert_eq!(t.name().parse::<CpuTemplate>().unwrap(), t);
+        }
+        let err = "t2".parse::<CpuTemplate>().unwrap_err().to_string();
+        assert!(err.contains("host, pvm"), "{err}");
+    }
+
+    #[test]
+    fn host_kind_picks_template() {
+        assert_eq!(CpuTemplate::for_host(HostKind::Pvm), CpuTemplate::Pvm);
+        assert_eq!(
+            CpuTemplate::for_host(HostKind::HardwareVirtualization),
+            CpuTemplate::Host
+        );
+    }
+
+    #[test]
+    fn pvm_hides_what_the_emulator_cannot_run() {
+        let names: Vec<_> = CpuTemplate::Pvm.hidden_features().iter().map(|f| f.name).collect();
+        for needed in ["cx16", "xsave", "smap", "smep", "popcnt", "rdrand", "avx", "abm"] {
+            assert!(names.contains(&needed), "{needed} not hidden");
+        }
+        assert!(CpuTemplate::Host.hidden_features().is_empty());
+        // A feature is never both hidden and announced.
+        for add in CpuTemplate::Pvm.added_features() {
+            assert!(!names.contains(&add.name));
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Bulkhead's virtual machine monitor: one KVM microVM per sandbox.
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod host;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;

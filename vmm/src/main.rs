@@ -1,0 +1,126 @@
+//! `bulkhead-vmm`: boot a kernel in a KVM microVM and show its console.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use bulkhead_vmm::arch::cpu_template::CpuTemplate;
+use bulkhead_vmm::config::{SerialOutput, VmConfig};
+use bulkhead_vmm::vmm::{self, VmmError};
+
+/// Exit status for a configuration the VMM refuses before booting.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-vmm", version, about = "Boot a Linux kernel in a KVM microVM.", after_help = EXIT_HELP)]
+struct Args {
+    /// Kernel image: an ELF vmlinux (PVH entry when present) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial RAM disk (an uncompressed cpio boots fastest).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line; the CPU template's parameters are appended.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N")]
+    mem_mib: Option<u32>,
+    /// Serial console: stdout, off, or a file path.
+    #[arg(long, value_name = "stdout|PATH|off")]
+    serial: Option<SerialOutput>,
+    /// CPU template (host, pvm); detected from the host when absent.
+    #[arg(long, value_name = "NAME")]
+    cpu_template: Option<CpuTemplate>,
+    /// End the VM with an error after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// JSON file with the same settings (field names: kernel, initrd,
+    /// cmdline, vcpus, mem_mib, serial, cpu_template, timeout_secs);
+    /// flags given on the command line override it.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration, \
+3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout.";
+
+impl Args {
+    fn into_config(self) -> Result<VmConfig, VmmError> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_json_file(path)?,
+            None => VmConfig::new(self.kernel.clone().ok_or_else(|| {
+                VmmError::Config(bulkhead_vmm::config::ConfigError::Invalid {
+                    field: "kernel",
+                    message: "required (give --kernel PATH or --config PATH)".into(),
+                })
+            })?),
+        };
+        if let Some(k) = self.kernel {
+            config.kernel = k;
+        }
+        if self.initrd.is_some() {
+            config.initrd = self.initrd;
+        }
+        if self.cmdline.is_some() {
+            config.cmdline = self.cmdline;
+        }
+        if let Some(v) = self.vcpus {
+            config.vcpus = v;
+        }
+        if let Some(m) = self.mem_mib {
+            config.mem_mib = m;
+        }
+        if let Some(s) = self.serial {
+            config.serial = s;
+        }
+        if self.cpu_template.is_some() {
+            config.cpu_template = self.cpu_template;
+        }
+        if self.timeout.is_some() {
+            config.timeout_secs = self.timeout;
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = match e.downcast_ref::<VmmError>() {
+                Some(VmmError::Config(_)) => EXIT_BAD_CONFIG,
+                _ => 1,
+            };
+            eprintln!("bulkhead-vmm: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<u8> {
+    let config = Args::parse().into_config()?;
+    let outcome = vmm::run(&config).map_err(anyhow::Error::from)?;
+    let code = outcome.stopped.exit_code();
+    if code == 0 {
+        tracing::info!(
+            unhandled_pio = outcome.unhandled_pio,
+            unhandled_mmio = outcome.unhandled_mmio,
+            "{}",
+            outcome.stopped
+        );
+    } else {
+        eprintln!("bulkhead-vmm: error: {}", outcome.stopped);
+    }
+    Ok(code)
+}

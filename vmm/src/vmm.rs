@@ -1,0 +1,333 @@
+//! Builds a VM from a configuration, runs it, and says how it ended.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use tracing::{info, warn};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::arch::cpu_template::CpuTemplate;
+use crate::arch::layout::{CMDLINE_START, MMIO_GAP_START};
+use crate::arch::mptable::{self, MpTableError};
+use crate::arch::regs::EntryMode;
+use crate::boot::cmdline::{self, CmdlineError};
+use crate::boot::loader::{self, LoaderError};
+use crate::boot::params::{self, ParamsError};
+use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::devices::legacy::serial::SerialOut;
+use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::host::HostKind;
+use crate::vcpu::exit_info::VcpuStop;
+use crate::vcpu::{BootEntry, Vcpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot run a VM on this host: {0}")]
+    NoKvm(&'static str),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    #[error("cannot write the kernel command line: {0}")]
+    CmdlineWrite(vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialFile { path: String, source: std::io::Error },
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    Guest(VcpuStop),
+    Timeout(u64),
+}
+
+impl Stopped {
+    /// The VMM's exit status: 0 for a guest reboot/shutdown, 3 for a KVM
+    /// internal error, 4 for a triple fault, 5 for a timeout, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Guest(VcpuStop::Reset) | Stopped::Guest(VcpuStop::Halted { .. }) => 0,
+            Stopped::Guest(VcpuStop::InternalError { .. }) => 3,
+            Stopped::Guest(VcpuStop::TripleFault { .. }) => 4,
+            Stopped::Timeout(_) => 5,
+            Stopped::Guest(_) => 1,
+        }
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.exit_code() == 0
+    }
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Guest(s) => s.fmt(f),
+            Stopped::Timeout(secs) => write!(f, "the guest did not finish within the {secs} s timeout"),
+        }
+    }
+}
+
+/// What the run produced, for the caller to report.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub stopped: Stopped,
+    pub template: CpuTemplate,
+    pub host: HostKind,
+    pub unhandled_pio: u64,
+    pub unhandled_mmio: u64,
+}
+
+/// Resolved settings that the VM is built from.
+pub struct BootPlan {
+    pub host: HostKind,
+    pub template: CpuTemplate,
+    pub cmdline: String,
+}
+
+impl BootPlan {
+    pub fn new(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
+        let template = config.cpu_template.unwrap_or_else(|| CpuTemplate::for_host(host));
+        let extra: Vec<String> = template.kernel_params().iter().map(|s| s.to_string()).collect();
+        let cmdline = cmdline::compose(config.cmdline.as_deref(), &extra)?;
+        Ok(BootPlan { host, template, cmdline })
+    }
+}
+
+fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {
+    Ok(match serial {
+        SerialOutput::Off => None,
+        SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
+        SerialOutput::File(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Some(Box::new(f))
+        }
+    })
+}
+
+/// Validates `config`, boots the VM and blocks until it ends.
+pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+    config.validate()?;
+    let host = HostKind::detect();
+    if host == HostKind::NoKvm {
+        return Err(VmmError::NoKvm(
+            "/dev/kvm is missing or not accessible (load kvm_intel, kvm_amd or kvm_pvm, and check permissions)",
+        ));
+    }
+    let plan = BootPlan::new(config, host)?;
+    info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
+
+    let mem_size = u64::from(config.mem_mib) << 20;
+    let vm = Vm::create(mem_size)?;
+    let kernel = loader::load_kernel(&vm.memory, &config.kernel)?;
+    let mut cmdline_bytes = plan.cmdline.clone().into_bytes();
+    cmdline_bytes.push(0);
+    vm.memory
+        .write_slice(&cmdline_bytes, GuestAddress(CMDLINE_START))
+        .map_err(VmmError::CmdlineWrite)?;
+
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let max = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|m| *m != 0)
+                .unwrap_or(MMIO_GAP_START - 1);
+            Some(loader::load_initrd(&vm.memory, path, kernel.end, max)?)
+        }
+        None => None,
+    };
+    match kernel.mode {
+        EntryMode::Linux64 => {
+            params::write_linux_params(&vm.memory, mem_size, plan.cmdline.len(), initrd, kernel.setup_header)?
+        }
+        EntryMode::Pvh => params::write_pvh_params(&vm.memory, mem_size, initrd)?,
+    }
+    mptable::setup(&vm.memory, config.vcpus)?;
+
+    let devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
+    let supported = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::Cpuid)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm.fd, index, devices.pio_bus.clone(), devices.mmio_bus.clone(), vm.memory.clone())?;
+        let boot = (index == 0).then_some(BootEntry {
+            mode: kernel.mode,
+            entry: kernel.entry,
+        });
+        vcpu.configure(&supported, plan.template, config.vcpus, boot)?;
+        vcpus.push(vcpu);
+    }
+
+    let (stop_tx, stop_rx) = channel();
+    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let watcher = ExitWatcher::new(&devices, stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?, stop_rx, config.timeout_secs)?;
+    let mut events: EventManager<ExitWatcher> = EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let id = events.add_subscriber(watcher);
+
+    for vcpu in vcpus {
+        let evt = stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        // Threads are detached: the process ends with the VM, and a vCPU
+        // blocked in KVM_RUN cannot be joined anyway.
+        vcpu.spawn(stop_tx.clone(), evt)?;
+    }
+    drop(stop_tx);
+
+    let stopped = loop {
+        events.run().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        let watcher = events
+            .subscriber_mut(id)
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        if let Some(s) = watcher.outcome.take() {
+            break s;
+        }
+    };
+    devices.flush_serial();
+    let outcome = RunOutcome {
+        stopped,
+        template: plan.template,
+        host,
+        unhandled_pio: devices.pio_bus.unhandled_count(),
+        unhandled_mmio: devices.mmio_bus.unhandled_count(),
+    };
+    if !outcome.stopped.is_clean() {
+        warn!("{}", outcome.stopped);
+    }
+    Ok(outcome)
+}
+
+/// The main loop's one subscriber: guest reset, vCPU stops, timeout.
+struct ExitWatcher {
+    reset_evt: EventFd,
+    stop_evt: EventFd,
+    stops: Receiver<VcpuStop>,
+    timer: Option<(TimerFd, u64)>,
+    outcome: Option<Stopped>,
+}
+
+impl ExitWatcher {
+    fn new(
+        devices: &DeviceManager,
+        stop_evt: EventFd,
+        stops: Receiver<VcpuStop>,
+        timeout_secs: Option<u64>,
+    ) -> Result<Self, VmmError> {
+        let timer = match timeout_secs {
+            Some(secs) => {
+                let mut t = TimerFd::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+                t.reset(Duration::from_secs(secs), None)
+                    .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+                Some((t, secs))
+            }
+            None => None,
+        };
+        Ok(ExitWatcher {
+            reset_evt: devices.reset_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?,
+            stop_evt,
+            stops,
+            timer,
+            outcome: None,
+        })
+    }
+
+    fn settle(&mut self, s: Stopped) {
+        self.outcome.get_or_insert(s);
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![self.reset_evt.as_raw_fd(), self.stop_evt.as_raw_fd()];
+        if let Some((t, _)) = &self.timer {
+            fds.push(t.as_raw_fd());
+        }
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch fd {fd}: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.settle(Stopped::Guest(VcpuStop::Reset));
+        } else if fd == self.stop_evt.as_raw_fd() {
+            let _ = self.stop_evt.read();
+            if let Ok(stop) = self.stops.try_recv() {
+                self.settle(Stopped::Guest(stop));
+            }
+        } else if let Some((t, secs)) = &mut self.timer {
+            if fd == t.as_raw_fd() {
+                let _ = t.wait();
+                let secs = *secs;
+                self.settle(Stopped::Timeout(secs));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        use crate::vcpu::exit_info::GuestLocation;
+        assert_eq!(Stopped::Guest(VcpuStop::Reset).exit_code(), 0);
+        let at = GuestLocation::default();
+        assert_eq!(Stopped::Guest(VcpuStop::TripleFault { cpu: 0, at: at.clone() }).exit_code(), 4);
+        assert_eq!(Stopped::Guest(VcpuStop::InternalError { cpu: 0, suberror: 1, at }).exit_code(), 3);
+        assert_eq!(Stopped::Timeout(3).exit_code(), 5);
+        assert_eq!(Stopped::Guest(VcpuStop::FailEntry { cpu: 0, reason: 1 }).exit_code(), 1);
+    }
+
+    #[test]
+    fn plan_picks_template_from_host_and_appends_its_params() {
+        let mut c = VmConfig::new("/k");
+        c.cmdline = Some("console=ttyS0 -- init-arg".into());
+        let p = BootPlan::new(&c, HostKind::Pvm).unwrap();
+        assert_eq!(p.template, CpuTemplate::Pvm);
+        assert_eq!(p.cmdline, "console=ttyS0 noxsave -- init-arg");
+        let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
+        assert_eq!(p.template, CpuTemplate::Host);
+        c.cpu_template = Some(CpuTemplate::Pvm);
+        let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
+        assert_eq!(p.template, CpuTemplate::Pvm, "--cpu-template overrides detection");
+    }
+}
