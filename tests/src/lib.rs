@@ -1,1 +1,58 @@
+//! Helpers shared by the end-to-end tiers: find the built binaries, require
+//! KVM (a tier that cannot run fails with the reason; it never passes
+//! silently), and run the VMM with its output captured.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub use bulkhead_vmm::host::HostKind;
+
+/// The workspace's target directory.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// The `bulkhead-vmm` binary under test: `$BULKHEAD_VMM`, or the workspace's
+/// debug build (scripts/test builds it before running the tests).
+pub fn vmm_bin() -> PathBuf {
+    let path = std::env::var_os("BULKHEAD_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug/bulkhead-vmm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo build -p bulkhead-vmm`, or run scripts/test)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the calling test, with the reason, where KVM cannot run guests.
+pub fn require_kvm() -> HostKind {
+    let kind = HostKind::detect();
+    assert_ne!(
+        kind,
+        HostKind::NoKvm,
+        "this tier needs a usable /dev/kvm (read-write); none here"
+    );
+    kind
+}
+
+/// Runs the VMM with `args` to completion and captures everything.
+pub fn run_vmm<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start bulkhead-vmm")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

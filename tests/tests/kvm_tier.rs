@@ -1,0 +1,145 @@
+//! kvm tier: tiny hand-written guests (tests/guests/*.S) under the real
+//! /dev/kvm, booted by the real bulkhead-vmm through its own set-up.
+
+use bulkhead_tests::{require_kvm, run_vmm, text, HostKind};
+
+const SERIAL_RESET: &str = env!("GUEST_SERIAL_RESET");
+const LONG_MODE: &str = env!("GUEST_LONG_MODE");
+const TRIPLE_FAULT: &str = env!("GUEST_TRIPLE_FAULT");
+const INT3: &str = env!("GUEST_INT3");
+const SPIN: &str = env!("GUEST_SPIN");
+
+/// Every guest gets a VMM timeout so a regression cannot hang the suite.
+fn boot(kernel: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--kernel", kernel, "--mem-mib", "32", "--timeout", "120"];
+    args.extend_from_slice(extra);
+    run_vmm(args)
+}
+
+#[test]
+fn serial_guest_prints_and_resets_through_i8042() {
+    require_kvm();
+    let out = boot(SERIAL_RESET, &[]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("kvm-tier: hello from the serial guest"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn guest_enters_long_mode_and_reads_boot_params() {
+    require_kvm();
+    let out = boot(LONG_MODE, &["--cmdline", "hello-from-the-vmm x=1"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("kvm-tier: long mode ok, cmdline: hello-from-the-vmm x=1"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn template_params_are_appended_to_the_users_cmdline() {
+    require_kvm();
+    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm"]);
+    assert!(text(&out.stdout).contains("cmdline: mine noxsave"), "{}", text(&out.stdout));
+    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host"]);
+    assert!(text(&out.stdout).contains("cmdline: mine\n"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn serial_can_go_to_a_file_or_nowhere() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let out = boot(SERIAL_RESET, &["--serial", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!text(&out.stdout).contains("hello"));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("kvm-tier: hello"));
+    let out = boot(SERIAL_RESET, &["--serial", "off"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!text(&out.stdout).contains("hello"));
+}
+
+#[test]
+fn triple_fault_ends_the_vmm_with_an_error() {
+    require_kvm();
+    let out = boot(TRIPLE_FAULT, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "stderr: {stderr}");
+    assert!(stderr.contains("triple fault on vCPU 0"), "{stderr}");
+    assert!(stderr.contains("RIP 0x"), "{stderr}");
+}
+
+#[test]
+fn unexecutable_instruction_is_named() {
+    let kind = require_kvm();
+    let out = boot(INT3, &[]);
+    let stderr = text(&out.stderr);
+    match kind {
+        // The emulator cannot run int3: the error names it by its bytes.
+        HostKind::Pvm => {
+            assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+            assert!(stderr.contains("emulation failure"), "{stderr}");
+            assert!(stderr.contains("instruction bytes: cc"), "{stderr}");
+            assert!(stderr.contains("RIP 0x0000000000200"), "{stderr}");
+        }
+        // Natively int3 runs, finds no IDT, and the CPU shuts down.
+        _ => {
+            assert_eq!(out.status.code(), Some(4), "stderr: {stderr}");
+            assert!(stderr.contains("triple fault"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn timeout_ends_a_stuck_guest() {
+    require_kvm();
+    let out = run_vmm(["--kernel", SPIN, "--mem-mib", "32", "--timeout", "1"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "stderr: {stderr}");
+    assert!(stderr.contains("timeout"), "{stderr}");
+}
+
+#[test]
+fn bad_configuration_is_refused_naming_the_field() {
+    // No KVM needed: validation happens before any VM exists.
+    let out = run_vmm(["--kernel", SERIAL_RESET, "--vcpus", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`vcpus`"), "{}", text(&out.stderr));
+    let out = run_vmm(["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`kernel`"), "{}", text(&out.stderr));
+    let out = run_vmm(["--kernel", SERIAL_RESET, "--cpu-template", "t2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--cpu-template"), "{}", text(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(&cfg, format!(r#"{{"kernel":"{SERIAL_RESET}","mem_mib":"lots"}}"#)).unwrap();
+    let out = run_vmm(["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("mem_mib"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn json_config_boots_and_flags_override_it() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#),
+    )
+    .unwrap();
+    let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cpu-template", "host"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("cmdline: from-json\n"));
+    let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cmdline", "from-flag", "--cpu-template", "host"]);
+    assert!(text(&out.stdout).contains("cmdline: from-flag\n"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn several_vcpus_start_and_the_boot_cpu_runs() {
+    require_kvm();
+    let out = boot(SERIAL_RESET, &["--vcpus", "4"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("kvm-tier: hello"));
+}
