@@ -26,4 +26,17 @@ fn main() {
         assert!(status.success(), "gcc failed on {}", input.display());
         println!("cargo:rustc-env=GUEST_{}={}", name.to_uppercase(), output.display());
     }
+
+    // A static user-space program for the boot tier's init.
+    let input = src.join("guest_checks.c");
+    let output = out.join("guest_checks");
+    println!("cargo:rerun-if-changed={}", input.display());
+    let status = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(&output)
+        .arg(&input)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run gcc to build guest_checks: {e}"));
+    assert!(status.success(), "gcc failed on {} (is libc6-dev installed?)", input.display());
+    println!("cargo:rustc-env=GUEST_CHECKS={}", output.display());
 }

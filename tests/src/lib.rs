@@ -2,6 +2,8 @@
 //! KVM (a tier that cannot run fails with the reason; it never passes
 //! silently), and run the VMM with its output captured.
 
+pub mod initramfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -55,4 +57,29 @@ where
 
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The project's guest kernel: `$BULKHEAD_KERNEL`, or whatever
+/// `kernel-config/build.sh` prints (it builds only when the cache misses).
+pub fn kernel() -> PathBuf {
+    if let Some(k) = std::env::var_os("BULKHEAD_KERNEL") {
+        return PathBuf::from(k);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-config/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed; see its output above", script.display());
+    let path = text(&out.stdout).lines().last().map(str::trim).map(PathBuf::from);
+    match path {
+        Some(p) if p.is_file() => p,
+        other => panic!("{} printed no kernel path (last line: {other:?})", script.display()),
+    }
+}
+
+/// Debian's static busybox, which the tests put into initramfs images.
+pub fn busybox() -> Vec<u8> {
+    std::fs::read("/bin/busybox").expect("/bin/busybox is missing: install Debian's busybox-static")
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use tracing::{info, warn};
+use tracing::info;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -224,9 +224,6 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         unhandled_pio: devices.pio_bus.unhandled_count(),
         unhandled_mmio: devices.mmio_bus.unhandled_count(),
     };
-    if !outcome.stopped.is_clean() {
-        warn!("{}", outcome.stopped);
-    }
     Ok(outcome)
 }
 
