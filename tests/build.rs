@@ -8,14 +8,22 @@ const GUESTS: &[&str] = &["serial_reset", "long_mode", "triple_fault", "int3", "
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("guests");
+    let src =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("guests");
     println!("cargo:rerun-if-changed={}", src.join("common.h").display());
     for name in GUESTS {
         let input = src.join(format!("{name}.S"));
         let output = out.join(format!("{name}.elf"));
         println!("cargo:rerun-if-changed={}", input.display());
         let status = Command::new("gcc")
-            .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-Ttext=0x200000"])
+            .args([
+                "-nostdlib",
+                "-static",
+                "-no-pie",
+                "-Wl,--build-id=none",
+                "-Wl,-Ttext=0x200000",
+            ])
             .arg("-I")
             .arg(&src)
             .arg("-o")
@@ -24,7 +32,11 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run gcc to assemble the kvm-tier guests: {e}"));
         assert!(status.success(), "gcc failed on {}", input.display());
-        println!("cargo:rustc-env=GUEST_{}={}", name.to_uppercase(), output.display());
+        println!(
+            "cargo:rustc-env=GUEST_{}={}",
+            name.to_uppercase(),
+            output.display()
+        );
     }
 
     // A static user-space program for the boot tier's init.
@@ -37,6 +49,10 @@ fn main() {
         .arg(&input)
         .status()
         .unwrap_or_else(|e| panic!("cannot run gcc to build guest_checks: {e}"));
-    assert!(status.success(), "gcc failed on {} (is libc6-dev installed?)", input.display());
+    assert!(
+        status.success(),
+        "gcc failed on {} (is libc6-dev installed?)",
+        input.display()
+    );
     println!("cargo:rustc-env=GUEST_CHECKS={}", output.display());
 }

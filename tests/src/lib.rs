@@ -71,11 +71,22 @@ pub fn kernel() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed; see its output above", script.display());
-    let path = text(&out.stdout).lines().last().map(str::trim).map(PathBuf::from);
+    assert!(
+        out.status.success(),
+        "{} failed; see its output above",
+        script.display()
+    );
+    let path = text(&out.stdout)
+        .lines()
+        .last()
+        .map(str::trim)
+        .map(PathBuf::from);
     match path {
         Some(p) if p.is_file() => p,
-        other => panic!("{} printed no kernel path (last line: {other:?})", script.display()),
+        other => panic!(
+            "{} printed no kernel path (last line: {other:?})",
+            script.display()
+        ),
     }
 }
 

@@ -21,7 +21,11 @@ fn serial_guest_prints_and_resets_through_i8042() {
     require_kvm();
     let out = boot(SERIAL_RESET, &[]);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("kvm-tier: hello from the serial guest"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("kvm-tier: hello from the serial guest"),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
 }
 
@@ -30,7 +34,11 @@ fn guest_enters_long_mode_and_reads_boot_params() {
     require_kvm();
     let out = boot(LONG_MODE, &["--cmdline", "hello-from-the-vmm x=1"]);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("kvm-tier: long mode ok, cmdline: hello-from-the-vmm x=1"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("kvm-tier: long mode ok, cmdline: hello-from-the-vmm x=1"),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert_eq!(out.status.code(), Some(0));
 }
@@ -39,9 +47,18 @@ fn guest_enters_long_mode_and_reads_boot_params() {
 fn template_params_are_appended_to_the_users_cmdline() {
     require_kvm();
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm"]);
-    assert!(text(&out.stdout).contains("cmdline: mine noxsave"), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("cmdline: mine noxsave clearcpuid="),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" bulkhead.no_int3_selftest\n"), "{stdout}");
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host"]);
-    assert!(text(&out.stdout).contains("cmdline: mine\n"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("cmdline: mine\n"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -52,7 +69,9 @@ fn serial_can_go_to_a_file_or_nowhere() {
     let out = boot(SERIAL_RESET, &["--serial", log.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("hello"));
-    assert!(std::fs::read_to_string(&log).unwrap().contains("kvm-tier: hello"));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("kvm-tier: hello"));
     let out = boot(SERIAL_RESET, &["--serial", "off"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("hello"));
@@ -103,20 +122,40 @@ fn bad_configuration_is_refused_naming_the_field() {
     // No KVM needed: validation happens before any VM exists.
     let out = run_vmm(["--kernel", SERIAL_RESET, "--vcpus", "0"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("`vcpus`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("`vcpus`"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run_vmm(["--kernel", "/nonexistent/vmlinux"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("`kernel`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("`kernel`"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run_vmm(["--kernel", SERIAL_RESET, "--cpu-template", "t2"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--cpu-template"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--cpu-template"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("vm.json");
-    std::fs::write(&cfg, format!(r#"{{"kernel":"{SERIAL_RESET}","mem_mib":"lots"}}"#)).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"kernel":"{SERIAL_RESET}","mem_mib":"lots"}}"#),
+    )
+    .unwrap();
     let out = run_vmm(["--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("mem_mib"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("mem_mib"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -126,14 +165,27 @@ fn json_config_boots_and_flags_override_it() {
     let cfg = dir.path().join("vm.json");
     std::fs::write(
         &cfg,
-        format!(r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#),
+        format!(
+            r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#
+        ),
     )
     .unwrap();
     let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cpu-template", "host"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("cmdline: from-json\n"));
-    let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cmdline", "from-flag", "--cpu-template", "host"]);
-    assert!(text(&out.stdout).contains("cmdline: from-flag\n"), "{}", text(&out.stdout));
+    let out = run_vmm([
+        "--config",
+        cfg.to_str().unwrap(),
+        "--cmdline",
+        "from-flag",
+        "--cpu-template",
+        "host",
+    ]);
+    assert!(
+        text(&out.stdout).contains("cmdline: from-flag\n"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]

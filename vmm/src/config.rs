@@ -61,7 +61,9 @@ impl<'de> Deserialize<'de> for SerialOutput {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         if s.is_empty() {
-            return Err(serde::de::Error::custom("expected \"stdout\", \"off\" or a file path"));
+            return Err(serde::de::Error::custom(
+                "expected \"stdout\", \"off\" or a file path",
+            ));
         }
         Ok(s.parse().unwrap_or_default())
     }
@@ -112,7 +114,10 @@ pub enum ConfigError {
         message: String,
     },
     #[error("invalid `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -144,7 +149,11 @@ impl VmConfig {
             let field = e.path().to_string();
             ConfigError::Parse {
                 path: origin.to_path_buf(),
-                field: if field == "." { "(top level)".into() } else { field },
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
                 message: e.into_inner().to_string(),
             }
         })
@@ -165,22 +174,38 @@ impl VmConfig {
             check_file("initrd", initrd)?;
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(invalid("vcpus", format!("{} is out of range (1 to {MAX_VCPUS})", self.vcpus)));
+            return Err(invalid(
+                "vcpus",
+                format!("{} is out of range (1 to {MAX_VCPUS})", self.vcpus),
+            ));
         }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(invalid(
                 "mem_mib",
-                format!("{} is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB})", self.mem_mib),
+                format!(
+                    "{} is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB})",
+                    self.mem_mib
+                ),
             ));
         }
         if let Some(cmdline) = &self.cmdline {
-            if cmdline.bytes().any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' ')) {
-                return Err(invalid("cmdline", "only printable ASCII and spaces are allowed"));
+            if cmdline
+                .bytes()
+                .any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' '))
+            {
+                return Err(invalid(
+                    "cmdline",
+                    "only printable ASCII and spaces are allowed",
+                ));
             }
             if cmdline.len() >= CMDLINE_MAX_SIZE {
                 return Err(invalid(
                     "cmdline",
-                    format!("{} bytes is too long (the limit is {})", cmdline.len(), CMDLINE_MAX_SIZE - 1),
+                    format!(
+                        "{} bytes is too long (the limit is {})",
+                        cmdline.len(),
+                        CMDLINE_MAX_SIZE - 1
+                    ),
                 ));
             }
         }
@@ -199,7 +224,10 @@ impl VmConfig {
 fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(invalid(field, format!("{} is not a regular file", path.display()))),
+        Ok(_) => Err(invalid(
+            field,
+            format!("{} is not a regular file", path.display()),
+        )),
         Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
     }
 }
@@ -244,10 +272,14 @@ mod tests {
             (r#"{"kernel":"/k","mem_mb":1}"#, "mem_mb"),
         ];
         for (text, field) in cases {
-            let err = VmConfig::from_json(text, Path::new("c.json")).unwrap_err().to_string();
+            let err = VmConfig::from_json(text, Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{text}: {err}");
         }
-        let err = VmConfig::from_json(r#"{"vcpus":1}"#, Path::new("c.json")).unwrap_err().to_string();
+        let err = VmConfig::from_json(r#"{"vcpus":1}"#, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kernel"), "{err}");
     }
 
@@ -257,16 +289,76 @@ mod tests {
         let ok = VmConfig::new(k.path());
         ok.validate().unwrap();
         let cases: Vec<(VmConfig, &str)> = vec![
-            (VmConfig { vcpus: 0, ..ok.clone() }, "`vcpus`"),
-            (VmConfig { vcpus: 33, ..ok.clone() }, "`vcpus`"),
-            (VmConfig { mem_mib: 1, ..ok.clone() }, "`mem_mib`"),
-            (VmConfig { kernel: "/nonexistent/k".into(), ..ok.clone() }, "`kernel`"),
-            (VmConfig { kernel: "/".into(), ..ok.clone() }, "`kernel`"),
-            (VmConfig { initrd: Some("/nonexistent".into()), ..ok.clone() }, "`initrd`"),
-            (VmConfig { cmdline: Some("a\nb".into()), ..ok.clone() }, "`cmdline`"),
-            (VmConfig { cmdline: Some("x".repeat(4096)), ..ok.clone() }, "`cmdline`"),
-            (VmConfig { timeout_secs: Some(0), ..ok.clone() }, "`timeout_secs`"),
-            (VmConfig { serial: SerialOutput::File("/".into()), ..ok.clone() }, "`serial`"),
+            (
+                VmConfig {
+                    vcpus: 0,
+                    ..ok.clone()
+                },
+                "`vcpus`",
+            ),
+            (
+                VmConfig {
+                    vcpus: 33,
+                    ..ok.clone()
+                },
+                "`vcpus`",
+            ),
+            (
+                VmConfig {
+                    mem_mib: 1,
+                    ..ok.clone()
+                },
+                "`mem_mib`",
+            ),
+            (
+                VmConfig {
+                    kernel: "/nonexistent/k".into(),
+                    ..ok.clone()
+                },
+                "`kernel`",
+            ),
+            (
+                VmConfig {
+                    kernel: "/".into(),
+                    ..ok.clone()
+                },
+                "`kernel`",
+            ),
+            (
+                VmConfig {
+                    initrd: Some("/nonexistent".into()),
+                    ..ok.clone()
+                },
+                "`initrd`",
+            ),
+            (
+                VmConfig {
+                    cmdline: Some("a\nb".into()),
+                    ..ok.clone()
+                },
+                "`cmdline`",
+            ),
+            (
+                VmConfig {
+                    cmdline: Some("x".repeat(4096)),
+                    ..ok.clone()
+                },
+                "`cmdline`",
+            ),
+            (
+                VmConfig {
+                    timeout_secs: Some(0),
+                    ..ok.clone()
+                },
+                "`timeout_secs`",
+            ),
+            (
+                VmConfig {
+                    serial: SerialOutput::File("/".into()),
+                    ..ok.clone()
+                },
+                "`serial`",
+            ),
         ];
         for (c, field) in cases {
             let err = c.validate().unwrap_err().to_string();
@@ -276,7 +368,10 @@ mod tests {
 
     #[test]
     fn serial_parsing() {
-        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!(
+            "stdout".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdout
+        );
         assert_eq!("off".parse::<SerialOutput>().unwrap(), SerialOutput::Off);
         assert_eq!(
             "/var/log/x".parse::<SerialOutput>().unwrap(),

@@ -52,7 +52,10 @@ pub enum VmmError {
     #[error("cannot read KVM's supported CPUID: {0}")]
     Cpuid(kvm_ioctls::Error),
     #[error("cannot open the serial output file {path}: {source}")]
-    SerialFile { path: String, source: std::io::Error },
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("event loop: {0}")]
     EventLoop(String),
 }
@@ -86,7 +89,9 @@ impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Stopped::Guest(s) => s.fmt(f),
-            Stopped::Timeout(secs) => write!(f, "the guest did not finish within the {secs} s timeout"),
+            Stopped::Timeout(secs) => {
+                write!(f, "the guest did not finish within the {secs} s timeout")
+            }
         }
     }
 }
@@ -110,10 +115,20 @@ pub struct BootPlan {
 
 impl BootPlan {
     pub fn new(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
-        let template = config.cpu_template.unwrap_or_else(|| CpuTemplate::for_host(host));
-        let extra: Vec<String> = template.kernel_params().iter().map(|s| s.to_string()).collect();
+        let template = config
+            .cpu_template
+            .unwrap_or_else(|| CpuTemplate::for_host(host));
+        let extra: Vec<String> = template
+            .kernel_params()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let cmdline = cmdline::compose(config.cmdline.as_deref(), &extra)?;
-        Ok(BootPlan { host, template, cmdline })
+        Ok(BootPlan {
+            host,
+            template,
+            cmdline,
+        })
     }
 }
 
@@ -169,9 +184,13 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         None => None,
     };
     match kernel.mode {
-        EntryMode::Linux64 => {
-            params::write_linux_params(&vm.memory, mem_size, plan.cmdline.len(), initrd, kernel.setup_header)?
-        }
+        EntryMode::Linux64 => params::write_linux_params(
+            &vm.memory,
+            mem_size,
+            plan.cmdline.len(),
+            initrd,
+            kernel.setup_header,
+        )?,
         EntryMode::Pvh => params::write_pvh_params(&vm.memory, mem_size, initrd)?,
     }
     mptable::setup(&vm.memory, config.vcpus)?;
@@ -184,7 +203,13 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm.fd, index, devices.pio_bus.clone(), devices.mmio_bus.clone(), vm.memory.clone())?;
+        let vcpu = Vcpu::new(
+            &vm.fd,
+            index,
+            devices.pio_bus.clone(),
+            devices.mmio_bus.clone(),
+            vm.memory.clone(),
+        )?;
         let boot = (index == 0).then_some(BootEntry {
             mode: kernel.mode,
             entry: kernel.entry,
@@ -195,12 +220,22 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
 
     let (stop_tx, stop_rx) = channel();
     let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
-    let watcher = ExitWatcher::new(&devices, stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?, stop_rx, config.timeout_secs)?;
-    let mut events: EventManager<ExitWatcher> = EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let watcher = ExitWatcher::new(
+        &devices,
+        stop_evt
+            .try_clone()
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?,
+        stop_rx,
+        config.timeout_secs,
+    )?;
+    let mut events: EventManager<ExitWatcher> =
+        EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let id = events.add_subscriber(watcher);
 
     for vcpu in vcpus {
-        let evt = stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        let evt = stop_evt
+            .try_clone()
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
         // Threads are detached: the process ends with the VM, and a vCPU
         // blocked in KVM_RUN cannot be joined anyway.
         vcpu.spawn(stop_tx.clone(), evt)?;
@@ -208,7 +243,9 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     drop(stop_tx);
 
     let stopped = loop {
-        events.run().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        events
+            .run()
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
         let watcher = events
             .subscriber_mut(id)
             .map_err(|e| VmmError::EventLoop(e.to_string()))?;
@@ -253,7 +290,10 @@ impl ExitWatcher {
             None => None,
         };
         Ok(ExitWatcher {
-            reset_evt: devices.reset_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?,
+            reset_evt: devices
+                .reset_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop(e.to_string()))?,
             stop_evt,
             stops,
             timer,
@@ -308,10 +348,28 @@ mod tests {
         use crate::vcpu::exit_info::GuestLocation;
         assert_eq!(Stopped::Guest(VcpuStop::Reset).exit_code(), 0);
         let at = GuestLocation::default();
-        assert_eq!(Stopped::Guest(VcpuStop::TripleFault { cpu: 0, at: at.clone() }).exit_code(), 4);
-        assert_eq!(Stopped::Guest(VcpuStop::InternalError { cpu: 0, suberror: 1, at }).exit_code(), 3);
+        assert_eq!(
+            Stopped::Guest(VcpuStop::TripleFault {
+                cpu: 0,
+                at: at.clone()
+            })
+            .exit_code(),
+            4
+        );
+        assert_eq!(
+            Stopped::Guest(VcpuStop::InternalError {
+                cpu: 0,
+                suberror: 1,
+                at
+            })
+            .exit_code(),
+            3
+        );
         assert_eq!(Stopped::Timeout(3).exit_code(), 5);
-        assert_eq!(Stopped::Guest(VcpuStop::FailEntry { cpu: 0, reason: 1 }).exit_code(), 1);
+        assert_eq!(
+            Stopped::Guest(VcpuStop::FailEntry { cpu: 0, reason: 1 }).exit_code(),
+            1
+        );
     }
 
     #[test]
@@ -320,11 +378,26 @@ mod tests {
         c.cmdline = Some("console=ttyS0 -- init-arg".into());
         let p = BootPlan::new(&c, HostKind::Pvm).unwrap();
         assert_eq!(p.template, CpuTemplate::Pvm);
-        assert_eq!(p.cmdline, "console=ttyS0 noxsave -- init-arg");
+        assert!(
+            p.cmdline
+                .starts_with("console=ttyS0 noxsave clearcpuid=cx16,"),
+            "{}",
+            p.cmdline
+        );
+        assert!(
+            p.cmdline
+                .ends_with(" bulkhead.no_int3_selftest -- init-arg"),
+            "{}",
+            p.cmdline
+        );
         let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
         assert_eq!(p.template, CpuTemplate::Host);
         c.cpu_template = Some(CpuTemplate::Pvm);
         let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
-        assert_eq!(p.template, CpuTemplate::Pvm, "--cpu-template overrides detection");
+        assert_eq!(
+            p.template,
+            CpuTemplate::Pvm,
+            "--cpu-template overrides detection"
+        );
     }
 }

@@ -71,7 +71,16 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for irq in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // LINT0 takes the legacy PIC (ExtINT), LINT1 takes NMI, on every local APIC.

@@ -4,7 +4,9 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::gdt::{self, CODE_SELECTOR_INDEX, DATA_SELECTOR_INDEX, TSS_SELECTOR_INDEX};
-use super::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START};
+use super::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START,
+};
 use super::paging::{self, PagingError};
 
 const X86_CR0_PE: u64 = 0x1;
@@ -128,7 +130,10 @@ mod tests {
         let gdt1: u64 = m.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(gdt1, gdt::gdt_entry(gdt::CODE64_FLAGS, 0, 0xfffff));
         let r = boot_regs(EntryMode::Linux64, 0x100_0000);
-        assert_eq!((r.rip, r.rsi, r.rsp), (0x100_0000, ZERO_PAGE_START, BOOT_STACK_POINTER));
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp),
+            (0x100_0000, ZERO_PAGE_START, BOOT_STACK_POINTER)
+        );
     }
 
     #[test]

@@ -62,7 +62,9 @@ mod tests {
     #[test]
     fn default_when_absent() {
         assert_eq!(compose(None, &[]).unwrap(), DEFAULT_CMDLINE);
-        assert!(compose(None, &s(&["noxsave"])).unwrap().ends_with(" noxsave"));
+        assert!(compose(None, &s(&["noxsave"]))
+            .unwrap()
+            .ends_with(" noxsave"));
     }
 
     #[test]
@@ -76,8 +78,11 @@ mod tests {
     #[test]
     fn additions_stay_before_init_arguments() {
         assert_eq!(
-            compose(Some("console=ttyS0 -- --verbose x"), &s(&["noxsave", "virtio_mmio.device=4K@0xd0000000:5"]))
-                .unwrap(),
+            compose(
+                Some("console=ttyS0 -- --verbose x"),
+                &s(&["noxsave", "virtio_mmio.device=4K@0xd0000000:5"])
+            )
+            .unwrap(),
             "console=ttyS0 noxsave virtio_mmio.device=4K@0xd0000000:5 -- --verbose x"
         );
         assert_eq!(compose(Some("-- a"), &s(&["p"])).unwrap(), "p -- a");
@@ -87,12 +92,18 @@ mod tests {
 
     #[test]
     fn duplicates_are_not_repeated() {
-        assert_eq!(compose(Some("noxsave quiet"), &s(&["noxsave"])).unwrap(), "noxsave quiet");
+        assert_eq!(
+            compose(Some("noxsave quiet"), &s(&["noxsave"])).unwrap(),
+            "noxsave quiet"
+        );
     }
 
     #[test]
     fn length_limit_counts_additions() {
         let long = "x".repeat(CMDLINE_MAX_SIZE - 5);
-        assert!(matches!(compose(Some(&long), &s(&["noxsave"])), Err(CmdlineError::TooLong(_))));
+        assert!(matches!(
+            compose(Some(&long), &s(&["noxsave"])),
+            Err(CmdlineError::TooLong(_))
+        ));
     }
 }

@@ -33,12 +33,18 @@ impl DeviceManager {
     /// `None`) and the i8042, and wires the UART's interrupt to GSI 4.
     pub fn new(vm: &VmFd, serial_out: Option<SerialOut>) -> Result<Self, DeviceError> {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(DeviceError::Irqfd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(DeviceError::Irqfd)?;
         let out = serial_out.unwrap_or_else(|| Box::new(std::io::sink()));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger(serial_irq), out)));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            out,
+        )));
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-        let i8042 = I8042::new(EventFdTrigger(reset_evt.try_clone().map_err(DeviceError::EventFd)?));
+        let i8042 = I8042::new(EventFdTrigger(
+            reset_evt.try_clone().map_err(DeviceError::EventFd)?,
+        ));
 
         let mut pio = Bus::new();
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;

@@ -5,16 +5,50 @@ use std::fmt;
 /// Instructions that KVM's emulator is known not to execute on PVM hosts,
 /// with the fix that got past each (see ENVIRONMENT.md).
 const KNOWN_GAPS: &[(&[u8], &str)] = &[
-    (&[0xcc], "int3: the guest kernel's int3 self-test; use the project's kernel patch"),
-    (&[0x9b], "fwait: fpu__drop(); use the project's kernel patch"),
-    (&[0x0f, 0x01, 0xca], "clac: SMAP; hide smap/smep (pvm template)"),
-    (&[0x0f, 0x01, 0xcb], "stac: SMAP; hide smap/smep (pvm template)"),
-    (&[0xf3, 0x0f, 0xb8], "popcnt: hide popcnt (pvm template)"),
-    (&[0xdb, 0xe2], "fnclex: AMD FXSAVE-leak workaround; announce xsaveerptr (pvm template)"),
-    (&[0x0f, 0xae], "fxsave/xsave/xrstor family: use noxsave and hide xsave (pvm template)"),
-    (&[0x48, 0x0f, 0xae], "fxsave64/xrstor64: use noxsave and hide xsave (pvm template)"),
-    (&[0x48, 0x0f, 0xc7], "cmpxchg16b: hide cx16 (pvm template)"),
-    (&[0xf0, 0x48, 0x0f, 0xc7], "lock cmpxchg16b: hide cx16 (pvm template)"),
+    (
+        &[0xcc],
+        "int3: the guest kernel's int3 self-test; use the project's kernel patch",
+    ),
+    (
+        &[0x9b],
+        "fwait: fpu__drop(); use the project's kernel patch",
+    ),
+    (
+        &[0x0f, 0x01, 0xca],
+        "clac: SMAP; clearcpuid=smap,smep (pvm template)",
+    ),
+    (
+        &[0x0f, 0x01, 0xcb],
+        "stac: SMAP; clearcpuid=smap,smep (pvm template)",
+    ),
+    (
+        &[0xf3, 0x0f, 0xb8],
+        "popcnt: clearcpuid=popcnt (pvm template)",
+    ),
+    (
+        &[0xf3, 0x48, 0x0f, 0xb8],
+        "popcnt: clearcpuid=popcnt (pvm template)",
+    ),
+    (
+        &[0xdb, 0xe2],
+        "fnclex: AMD FXSAVE-leak workaround; announce xsaveerptr (pvm template)",
+    ),
+    (
+        &[0x0f, 0xae],
+        "fxsave/xsave/xrstor family: noxsave (pvm template)",
+    ),
+    (
+        &[0x48, 0x0f, 0xae],
+        "fxsave64/xrstor64: noxsave (pvm template)",
+    ),
+    (
+        &[0x48, 0x0f, 0xc7],
+        "cmpxchg16b: clearcpuid=cx16 (pvm template)",
+    ),
+    (
+        &[0xf0, 0x48, 0x0f, 0xc7],
+        "lock cmpxchg16b: clearcpuid=cx16 (pvm template)",
+    ),
 ];
 
 /// A best guess at what the bytes at RIP are, for the error message.
@@ -67,13 +101,30 @@ pub enum VcpuStop {
     /// i8042 reset or a KVM reset/shutdown system event.
     Reset,
     /// A vCPU executed HLT with nothing to wake it that KVM handles.
-    Halted { cpu: u8 },
-    TripleFault { cpu: u8, at: GuestLocation },
-    InternalError { cpu: u8, suberror: u32, at: GuestLocation },
-    FailEntry { cpu: u8, reason: u64 },
+    Halted {
+        cpu: u8,
+    },
+    TripleFault {
+        cpu: u8,
+        at: GuestLocation,
+    },
+    InternalError {
+        cpu: u8,
+        suberror: u32,
+        at: GuestLocation,
+    },
+    FailEntry {
+        cpu: u8,
+        reason: u64,
+    },
     /// KVM_RUN itself failed.
-    RunFailed { cpu: u8, error: String },
-    GuestCrash { cpu: u8 },
+    RunFailed {
+        cpu: u8,
+        error: String,
+    },
+    GuestCrash {
+        cpu: u8,
+    },
 }
 
 impl fmt::Display for VcpuStop {
@@ -81,7 +132,9 @@ impl fmt::Display for VcpuStop {
         match self {
             VcpuStop::Reset => f.write_str("the guest reset the machine"),
             VcpuStop::Halted { cpu } => write!(f, "vCPU {cpu} halted"),
-            VcpuStop::TripleFault { cpu, at } => write!(f, "guest triple fault on vCPU {cpu}: {at}"),
+            VcpuStop::TripleFault { cpu, at } => {
+                write!(f, "guest triple fault on vCPU {cpu}: {at}")
+            }
             VcpuStop::InternalError { cpu, suberror, at } => {
                 let what = match suberror {
                     1 => "emulation failure: KVM's instruction emulator cannot execute the instruction",
@@ -89,12 +142,17 @@ impl fmt::Display for VcpuStop {
                     3 => "delivery event failed",
                     _ => "internal error",
                 };
-                write!(f, "KVM internal error on vCPU {cpu} (suberror {suberror}, {what}): {at}")
+                write!(
+                    f,
+                    "KVM internal error on vCPU {cpu} (suberror {suberror}, {what}): {at}"
+                )
             }
             VcpuStop::FailEntry { cpu, reason } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu}: hardware entry failure reason {reason:#x}")
             }
-            VcpuStop::RunFailed { cpu, error } => write!(f, "KVM_RUN failed on vCPU {cpu}: {error}"),
+            VcpuStop::RunFailed { cpu, error } => {
+                write!(f, "KVM_RUN failed on vCPU {cpu}: {error}")
+            }
             VcpuStop::GuestCrash { cpu } => write!(f, "the guest reported a crash on vCPU {cpu}"),
         }
     }
@@ -107,7 +165,9 @@ mod tests {
     #[test]
     fn known_gaps_take_the_longest_prefix() {
         assert!(known_gap(&[0xcc, 0x90]).unwrap().starts_with("int3"));
-        assert!(known_gap(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]).unwrap().starts_with("lock cmpxchg16b"));
+        assert!(known_gap(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e])
+            .unwrap()
+            .starts_with("lock cmpxchg16b"));
         assert!(known_gap(&[0x90]).is_none());
     }
 
@@ -126,7 +186,14 @@ mod tests {
         assert!(s.contains("RIP 0xffffffff81000000"), "{s}");
         assert!(s.contains("instruction bytes: cc (int3"), "{s}");
         assert!(s.contains("emulation failure"), "{s}");
-        let t = VcpuStop::TripleFault { cpu: 1, at: GuestLocation::default() }.to_string();
-        assert!(t.contains("triple fault on vCPU 1") && t.contains("unavailable"), "{t}");
+        let t = VcpuStop::TripleFault {
+            cpu: 1,
+            at: GuestLocation::default(),
+        }
+        .to_string();
+        assert!(
+            t.contains("triple fault on vCPU 1") && t.contains("unavailable"),
+            "{t}"
+        );
     }
 }
