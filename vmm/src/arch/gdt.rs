@@ -46,7 +46,7 @@ fn field(entry: u64, shift: u32, mask: u64) -> u8 {
 
 /// The KVM segment register matching descriptor `index` of a table.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let granular = field(entry, 55, 1);
     // With 4 KiB granularity the limit counts pages, so the low 12 bits are all ones.
