@@ -3,3 +3,4 @@
 pub mod bus;
 pub mod legacy;
 pub mod manager;
+pub mod virtio;

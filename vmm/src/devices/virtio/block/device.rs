@@ -1,0 +1,492 @@
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use tracing::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::{
+    self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
+};
+
+const QUEUE_SIZE: u16 = 256;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// Scatter-gather segments per request we accept (queue size minus header
+/// and status descriptors).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// `struct virtio_blk_config` up to `write_zeroes_may_unmap`.
+const CONFIG_LEN: usize = 60;
+
+/// One disk as the user describes it (`--disk PATH[,ro]`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open the disk image {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the disk image {0} is empty")]
+    Empty(String),
+    #[error("cannot create the queue event: {0}")]
+    EventFd(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+}
+
+pub struct Block {
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; DISK_ID_BYTES],
+    config_space: [u8; CONFIG_LEN],
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    active: Option<Active>,
+}
+
+impl Block {
+    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        let shown = cfg.path.display().to_string();
+        let open_err = |source| BlockError::Open {
+            path: shown.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        // A trailing partial sector is not addressable.
+        let capacity_sectors = meta.len() / SECTOR_SIZE;
+        if capacity_sectors == 0 {
+            return Err(BlockError::Empty(shown));
+        }
+        let mut id = [0u8; DISK_ID_BYTES];
+        let serial = format!("bh{:x}.{:x}", meta.dev(), meta.ino());
+        let n = serial.len().min(DISK_ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+        config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let max_sectors = u32::try_from(capacity_sectors).unwrap_or(u32::MAX);
+        config_space[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        config_space[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        config_space[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        config_space[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        config_space[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+
+        Ok(Block {
+            file,
+            read_only: cfg.read_only,
+            capacity_sectors,
+            id,
+            config_space,
+            queues: vec![Queue::new(QUEUE_SIZE)
+                .map_err(|e| BlockError::EventFd(std::io::Error::other(e.to_string())))?],
+            queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            active: None,
+        })
+    }
+
+    /// Serves every available request; returns whether to interrupt the guest.
+    pub fn process_queue(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mem = &active.mem;
+        let disk = Disk {
+            file: &self.file,
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            id: &self.id,
+        };
+        let queue = &mut self.queues[0];
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = process_chain(&disk, mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                warn!("virtio-blk: cannot return a buffer: {e}");
+            }
+            used_any = true;
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    fn signal(&self) {
+        if let Some(a) = &self.active {
+            a.interrupt.trigger(INTERRUPT_USED_BUFFER);
+        }
+    }
+}
+
+/// Runs one descriptor chain and returns the bytes written to the guest
+/// (data plus status). A chain without room for a status byte cannot be
+/// answered and is returned with length 0.
+fn process_chain(
+    disk: &Disk<'_>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => {
+            debug!("virtio-blk: malformed descriptor chain: {e}");
+            return 0;
+        }
+    };
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        debug!("virtio-blk: request without a status byte");
+        return 0;
+    }
+    let Ok(mut status) = writer.split_at(writable - 1) else {
+        return 0;
+    };
+    let (code, data_len) = match reader.read_obj::<RequestHeader>() {
+        Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+        Ok(header) => {
+            let readable = reader.available_bytes();
+            match request::execute(
+                disk,
+                &header,
+                &mut reader,
+                readable,
+                &mut writer,
+                writable - 1,
+            ) {
+                Ok(n) => (VIRTIO_BLK_S_OK, n),
+                Err(e) => {
+                    debug!("virtio-blk: request failed: {e}");
+                    (e.status(), 0)
+                }
+            }
+        }
+    };
+    match status.write_all(&[code]) {
+        Ok(()) => data_len + 1,
+        Err(_) => 0,
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn avail_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        } else {
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        _features: u64,
+    ) -> Result<(), ActivateError> {
+        if !self.queues[0].ready() {
+            return Err(ActivateError::BadQueue(0));
+        }
+        self.active = Some(Active { mem, interrupt });
+        if self.process_queue() {
+            self.signal();
+        }
+        Ok(())
+    }
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+            warn!("virtio-blk: cannot watch the queue event: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.queue_events[0].read();
+        if self.process_queue() {
+            self.signal();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::request::*;
+    use crate::devices::virtio::test_utils::{guest_memory, queue_with_chains, WRITE};
+    use virtio_queue::desc::split::VirtqUsedElem;
+    use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    type Chain = Vec<(u64, u32, u16)>;
+
+    fn image(sectors: u64) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8).collect();
+        std::fs::write(f.path(), data).unwrap();
+        f
+    }
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: Block,
+        irq: EventFd,
+    }
+
+    fn put_header(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+        let h = RequestHeader {
+            type_: t.into(),
+            reserved: 0.into(),
+            sector: sector.into(),
+        };
+        mem.write_slice(h.as_slice(), GuestAddress(at)).unwrap();
+    }
+
+    /// A device activated on a queue holding `chains`, with a request header
+    /// of type `t` at HDR; activation serves what is queued.
+    fn rig_with(path: &std::path::Path, ro: bool, t: u32, sector: u64, chains: &[Chain]) -> Rig {
+        let mem = guest_memory();
+        put_header(&mem, HDR, t, sector);
+        rig_on(mem, path, ro, chains)
+    }
+
+    fn rig_on(mem: GuestMemoryMmap, path: &std::path::Path, ro: bool, chains: &[Chain]) -> Rig {
+        let mut dev = Block::new(&BlockConfig {
+            path: path.into(),
+            read_only: ro,
+        })
+        .unwrap();
+        dev.queues[0] = queue_with_chains(&mem, 64, chains);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.activate(
+            mem.clone(),
+            Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        Rig { mem, dev, irq }
+    }
+
+    fn used(r: &Rig, i: u64) -> VirtqUsedElem {
+        let used_ring = r.dev.queues[0].used_ring();
+        r.mem
+            .read_obj(GuestAddress(used_ring).unchecked_add(4 + 8 * i))
+            .unwrap()
+    }
+
+    fn status(r: &Rig) -> u8 {
+        r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn read_request_through_the_queue() {
+        let img = image(16);
+        let chain = vec![(HDR, 16, 0), (DATA, 1024, WRITE), (STATUS, 1, WRITE)];
+        let mut r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 3, &[chain]);
+        assert_eq!(r.irq.read().unwrap(), 1);
+        assert_eq!(used(&r, 0).len(), 1025);
+        let mut data = vec![0u8; 1024];
+        r.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data[..512].iter().all(|b| *b == 3) && data[512..].iter().all(|b| *b == 4));
+        assert_eq!(status(&r), VIRTIO_BLK_S_OK);
+        assert!(!r.dev.process_queue());
+    }
+
+    #[test]
+    fn write_to_read_only_disk_is_ioerr_and_file_untouched() {
+        let img = image(4);
+        let before = std::fs::read(img.path()).unwrap();
+        let chain = vec![(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, WRITE)];
+        let r = rig_with(img.path(), true, VIRTIO_BLK_T_OUT, 0, &[chain]);
+        assert_eq!(status(&r), VIRTIO_BLK_S_IOERR);
+        assert_eq!(used(&r, 0).len(), 1);
+        assert_eq!(std::fs::read(img.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn write_lands_in_the_file() {
+        let img = image(4);
+        let mem = guest_memory();
+        put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 1);
+        mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        let chain = vec![(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, WRITE)];
+        let r = rig_on(mem, img.path(), false, &[chain]);
+        assert_eq!(status(&r), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            &std::fs::read(img.path()).unwrap()[512..1024],
+            &[0x5a; 512][..]
+        );
+    }
+
+    #[test]
+    fn request_past_the_end_is_ioerr() {
+        let img = image(4);
+        let chain = vec![(HDR, 16, 0), (DATA, 1024, WRITE), (STATUS, 1, WRITE)];
+        let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 3, &[chain]);
+        assert_eq!(status(&r), VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn malformed_chains_never_panic_and_the_queue_moves_on() {
+        let img = image(4);
+        let chains: Vec<Chain> = vec![
+            // Header outside guest memory.
+            vec![(0xffff_ffff_0000, 16, 0), (STATUS, 1, WRITE)],
+            // No writable status byte at all.
+            vec![(HDR, 16, 0)],
+            // Header too short.
+            vec![(HDR, 8, 0), (STATUS, 1, WRITE)],
+            // Readable descriptor after a writable one (wrong direction).
+            vec![(HDR, 16, 0), (STATUS, 1, WRITE), (DATA, 512, 0)],
+            // Oversized data length.
+            vec![(HDR, 16, 0), (DATA, u32::MAX, WRITE), (STATUS, 1, WRITE)],
+            // A good request after all of that.
+            vec![(HDR, 16, 0), (DATA, 512, WRITE), (STATUS, 1, WRITE)],
+        ];
+        let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
+        assert_eq!(
+            r.dev.queues[0].next_used(),
+            chains.len() as u16,
+            "every chain was returned"
+        );
+        assert_eq!(used(&r, 0).len(), 0, "no status byte reachable");
+        assert_eq!(used(&r, 1).len(), 0, "no status byte");
+        assert_eq!(used(&r, 2).len(), 1, "short header: IOERR status only");
+        assert_eq!(used(&r, 5).len(), 513);
+        assert_eq!(
+            status(&r),
+            VIRTIO_BLK_S_OK,
+            "the last, valid request succeeded"
+        );
+    }
+
+    #[test]
+    fn descriptor_loop_is_not_followed_forever() {
+        let img = image(4);
+        let mem = guest_memory();
+        put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let mut dev = Block::new(&BlockConfig {
+            path: img.path().into(),
+            read_only: true,
+        })
+        .unwrap();
+        // Two descriptors pointing at each other.
+        let mock = virtio_queue::mock::MockSplitQueue::new(&mem, 16);
+        let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        use virtio_queue::desc::{split::Descriptor as D, RawDescriptor as R};
+        mock.desc_table()
+            .store(0, R::from(D::new(HDR, 16, next, 1)))
+            .unwrap();
+        mock.desc_table()
+            .store(1, R::from(D::new(STATUS, 1, next | WRITE, 0)))
+            .unwrap();
+        mock.avail().ring().ref_at(0).unwrap().store(0u16.into());
+        mock.avail().idx().store(1u16.into());
+        dev.queues[0] = mock.create_queue().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.activate(
+            mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+            VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        assert_eq!(
+            dev.queues[0].next_used(),
+            1,
+            "the looping chain was returned"
+        );
+    }
+
+    #[test]
+    fn get_id_and_config_space() {
+        let img = image(8);
+        let chain = vec![(HDR, 16, 0), (DATA, 20, WRITE), (STATUS, 1, WRITE)];
+        let r = rig_with(img.path(), false, VIRTIO_BLK_T_GET_ID, 0, &[chain]);
+        assert_eq!(status(&r), VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 20];
+        r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert!(id.starts_with(b"bh"));
+        let mut cap = [0u8; 8];
+        r.dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_ne!(r.dev.avail_features() & VIRTIO_BLK_F_DISCARD, 0);
+        let ro = Block::new(&BlockConfig {
+            path: img.path().into(),
+            read_only: true,
+        })
+        .unwrap();
+        assert_ne!(ro.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(ro.avail_features() & VIRTIO_BLK_F_WRITE_ZEROES, 0);
+    }
+
+    #[test]
+    fn empty_or_missing_image_is_refused() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(
+            Block::new(&BlockConfig {
+                path: f.path().into(),
+                read_only: true
+            }),
+            Err(BlockError::Empty(_))
+        ));
+        assert!(matches!(
+            Block::new(&BlockConfig {
+                path: "/nonexistent".into(),
+                read_only: true
+            }),
+            Err(BlockError::Open { .. })
+        ));
+    }
+}

@@ -1,0 +1,291 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2).
+//!
+//! Every register access from the guest lands here on a vCPU thread. The
+//! transport validates it, keeps the negotiation state, configures the
+//! device's queues, and activates the device on DRIVER_OK. A driver that
+//! breaks the protocol gets the device marked as needing reset; it never
+//! brings the VMM down.
+
+use std::sync::{Arc, Mutex};
+
+use tracing::{debug, warn};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::{status, Interrupt, VirtioDevice, INTERRUPT_CONFIG_CHANGE, VIRTIO_F_VERSION_1};
+use crate::devices::bus::{lock, BusDevice};
+
+pub const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+pub const MMIO_VERSION: u32 = 2;
+pub const VENDOR_ID: u32 = 0x4b48_4c42; // "BLHK"
+/// Bytes of MMIO space each device occupies.
+pub const MMIO_SIZE: u64 = 0x1000;
+pub const CONFIG_OFFSET: u64 = 0x100;
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn with_selected_queue<T>(
+        &self,
+        dev: &mut dyn VirtioDevice,
+        f: impl FnOnce(&mut virtio_queue::Queue) -> T,
+    ) -> Option<T> {
+        dev.queues_mut().get_mut(self.queue_sel as usize).map(f)
+    }
+
+    /// Queue set-up is only legal between FEATURES_OK and DRIVER_OK.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
+    }
+
+    fn needs_reset(&mut self, why: &str) {
+        warn!("virtio-mmio: {why}; device needs reset");
+        self.status |= status::DEVICE_NEEDS_RESET;
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
+        }
+    }
+
+    fn reset(&mut self, dev: &mut dyn VirtioDevice) {
+        dev.reset();
+        for q in dev.queues_mut() {
+            q.reset();
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, dev: &mut dyn VirtioDevice, value: u32) {
+        if value == 0 {
+            self.reset(dev);
+            return;
+        }
+        // Bits may only be added, in the order the spec gives.
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            return self.needs_reset("driver cleared status bits without a reset");
+        }
+        if added & status::FEATURES_OK != 0 {
+            if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+                // Leave FEATURES_OK unset: the driver reads it back and gives up.
+                warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                self.status = value & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            if value & status::FEATURES_OK == 0 {
+                return self.needs_reset("DRIVER_OK before FEATURES_OK");
+            }
+            self.status = value;
+            return self.activate(dev);
+        }
+        self.status = value;
+    }
+
+    fn activate(&mut self, dev: &mut dyn VirtioDevice) {
+        for (i, q) in dev.queues().iter().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                return self.needs_reset(&format!("queue {i} has an invalid size or addresses"));
+            }
+        }
+        if let Err(e) = dev.activate(
+            self.mem.clone(),
+            self.interrupt.clone(),
+            self.acked_features,
+        ) {
+            self.needs_reset(&format!("activation failed: {e}"));
+        }
+    }
+
+    fn read_reg(&self, dev: &mut dyn VirtioDevice, offset: u64) -> u32 {
+        match offset {
+            reg::MAGIC => MMIO_MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => dev.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => dev.avail_features() as u32,
+                1 => (dev.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self
+                .with_selected_queue(dev, |q| q.max_size())
+                .map_or(0, u32::from),
+            reg::QUEUE_READY => self
+                .with_selected_queue(dev, |q| q.ready())
+                .map_or(0, u32::from),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: length all ones means "none".
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
+            reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
+            _ => {
+                debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, dev: &mut dyn VirtioDevice, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                if self.status & status::FEATURES_OK != 0 || self.status & status::DRIVER == 0 {
+                    return self.needs_reset("features written outside feature negotiation");
+                }
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = 0xffff_ffffu64 << shift;
+                // Only what the device offers can be acknowledged.
+                let accepted = (u64::from(value) << shift) & dev.avail_features();
+                self.acked_features = (self.acked_features & !mask) | accepted;
+            }
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => {
+                if !self.queue_setup_allowed() {
+                    return self.needs_reset("queue written outside queue set-up");
+                }
+                let done = self.with_selected_queue(dev, |q| match offset {
+                    reg::QUEUE_NUM => q.set_size(value as u16),
+                    reg::QUEUE_READY => q.set_ready(value == 1),
+                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                    reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+                    reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+                    reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+                    reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+                    _ => q.set_used_ring_address(None, Some(value)),
+                });
+                if done.is_none() {
+                    debug!("virtio-mmio: write to nonexistent queue {}", self.queue_sel);
+                }
+            }
+            reg::QUEUE_NOTIFY => {
+                // Normally caught by the ioeventfd; reached only without one.
+                if let Some(evt) = dev.queue_events().get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt.ack(value),
+            reg::STATUS => self.set_status(dev, value),
+            reg::SHM_SEL => {}
+            _ => debug!("virtio-mmio: write of unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let device = self.device.clone();
+        let mut dev = lock(&device);
+        if offset >= CONFIG_OFFSET {
+            dev.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        // Registers are 32 bits wide and 32-bit aligned.
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        let v = self.read_reg(&mut *dev, offset);
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let device = self.device.clone();
+        let mut dev = lock(&device);
+        if offset >= CONFIG_OFFSET {
+            dev.write_config(offset - CONFIG_OFFSET, data);
+            if self.status & status::DRIVER_OK != 0 {
+                self.config_generation = self.config_generation.wrapping_add(1);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 != 0 {
+            return;
+        }
+        self.write_reg(&mut *dev, offset, u32::from_le_bytes(bytes));
+    }
+}

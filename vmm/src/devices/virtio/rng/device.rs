@@ -1,0 +1,241 @@
+use std::io::Write;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use tracing::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::virtio::{
+    ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
+
+const QUEUE_SIZE: u16 = 256;
+/// Bytes handed out per request at most, so one request cannot make the
+/// event loop spend long in getrandom.
+const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+}
+
+pub struct Rng {
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    active: Option<Active>,
+}
+
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // slice; getrandom writes at most that many bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl Rng {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Rng {
+            queues: vec![Queue::new(QUEUE_SIZE).map_err(|e| std::io::Error::other(e.to_string()))?],
+            queue_events: vec![EventFd::new(EFD_NONBLOCK)?],
+            active: None,
+        })
+    }
+
+    /// Serves every available request; returns whether the guest must be told.
+    pub fn process_queue(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut self.queues[0];
+        let mut used_any = false;
+        let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = match chain.writer(mem) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+                    match fill_random(&mut buf[..n]) {
+                        Ok(()) => writer.write_all(&buf[..n]).map(|_| n as u32).unwrap_or(0),
+                        Err(e) => {
+                            warn!("virtio-rng: getrandom failed: {e}");
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!("virtio-rng: malformed descriptor chain: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, written) {
+                warn!("virtio-rng: cannot return a buffer: {e}");
+            }
+            used_any = true;
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        _features: u64,
+    ) -> Result<(), ActivateError> {
+        if !self.queues[0].ready() {
+            return Err(ActivateError::BadQueue(0));
+        }
+        self.active = Some(Active { mem, interrupt });
+        // Requests may have been queued before the driver's first notification.
+        if self.process_queue() {
+            self.signal();
+        }
+        Ok(())
+    }
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl Rng {
+    fn signal(&self) {
+        if let Some(a) = &self.active {
+            a.interrupt.trigger(INTERRUPT_USED_BUFFER);
+        }
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+            warn!("virtio-rng: cannot watch the queue event: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.queue_events[0].read();
+        if self.process_queue() {
+            self.signal();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::guest_memory;
+    use virtio_queue::desc::split::VirtqUsedElem;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use crate::devices::virtio::test_utils::WRITE;
+
+    fn activated(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>) -> (Rng, EventFd) {
+        let mut rng = Rng::new().unwrap();
+        rng.queues[0] = mock.create_queue().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        rng.activate(
+            mem.clone(),
+            Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        (rng, irq)
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            0x10_0000, 4096, WRITE, 0,
+        ))];
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let (mut rng, irq) = activated(&mem, &mock);
+        assert!(
+            irq.read().unwrap() >= 1,
+            "activation served the pending request"
+        );
+        let used: VirtqUsedElem = mem.read_obj(mock.used_addr().unchecked_add(4)).unwrap();
+        assert_eq!(used.len(), 4096);
+        let mut out = vec![0u8; 4096];
+        mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
+        assert!(
+            out.iter().filter(|b| **b != 0).count() > 3000,
+            "bytes look random"
+        );
+        assert!(!rng.process_queue(), "nothing more to do");
+    }
+
+    #[test]
+    fn oversized_and_read_only_buffers_are_safe() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        // A device-readable buffer gets nothing; a huge one is capped.
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_0000, 512, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x20_0000, 1 << 20, WRITE, 0)),
+        ];
+        mock.add_desc_chains(&descs[..1], 0).unwrap();
+        mock.add_desc_chains(&descs[1..], 1).unwrap();
+        let (_rng, _irq) = activated(&mem, &mock);
+        let u0: VirtqUsedElem = mem.read_obj(mock.used_addr().unchecked_add(4)).unwrap();
+        let u1: VirtqUsedElem = mem.read_obj(mock.used_addr().unchecked_add(12)).unwrap();
+        assert_eq!(u0.len(), 0);
+        assert_eq!(u1.len() as usize, MAX_BYTES_PER_REQUEST);
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_not_fatal() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            0xffff_0000_0000,
+            4096,
+            WRITE,
+            0,
+        ))];
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let (_rng, _irq) = activated(&mem, &mock);
+        let used: VirtqUsedElem = mem.read_obj(mock.used_addr().unchecked_add(4)).unwrap();
+        assert_eq!(used.len(), 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! virtio-vsock with a Firecracker-compatible Unix-socket host side.
