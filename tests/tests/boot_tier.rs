@@ -35,6 +35,10 @@ struct Boot {
 }
 
 fn boot(dir: &Path, vcpus: u8, forks: u32) -> Boot {
+    boot_image(&kernel(), dir, vcpus, forks)
+}
+
+fn boot_image(kernel: &Path, dir: &Path, vcpus: u8, forks: u32) -> Boot {
     require_kvm();
     let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let checks = std::fs::read(GUEST_CHECKS).unwrap();
@@ -48,7 +52,6 @@ fn boot(dir: &Path, vcpus: u8, forks: u32) -> Boot {
         ),
     )
     .unwrap();
-    let kernel = kernel();
     let vcpus = vcpus.to_string();
     let out = run_vmm([
         "--kernel",
@@ -121,4 +124,14 @@ fn two_vcpus_come_online_and_run_user_space() {
         "the second vCPU did not come online"
     );
     assert_userspace_ran(&b, 2);
+}
+
+#[test]
+fn bzimage_boots_through_the_64bit_boot_protocol() {
+    // build.sh installs the bzImage of the same kernel next to vmlinux.
+    let bzimage = kernel().with_file_name("bzImage");
+    assert!(bzimage.is_file(), "{} is missing", bzimage.display());
+    let dir = tempfile::tempdir().unwrap();
+    let b = boot_image(&bzimage, dir.path(), 1, 5);
+    assert_userspace_ran(&b, 1);
 }
