@@ -8,9 +8,7 @@ const GUESTS: &[&str] = &["serial_reset", "long_mode", "triple_fault", "int3", "
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let src =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-            .join("guests");
+    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("guests");
     println!("cargo:rerun-if-changed={}", src.join("common.h").display());
     for name in GUESTS {
         let input = src.join(format!("{name}.S"));
@@ -32,11 +30,7 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run gcc to assemble the kvm-tier guests: {e}"));
         assert!(status.success(), "gcc failed on {}", input.display());
-        println!(
-            "cargo:rustc-env=GUEST_{}={}",
-            name.to_uppercase(),
-            output.display()
-        );
+        println!("cargo:rustc-env=GUEST_{}={}", name.to_uppercase(), output.display());
     }
 
     // A static user-space program for the boot tier's init.

@@ -5,6 +5,12 @@
  *                          of SIGSYS under a KILL rule. On PVM hosts this
  *                          proves system calls pass through the kernel's
  *                          normal entry work (the project's syscall patch).
+ *   guest_checks vsock-connect PORT MSG
+ *                          connects to the host (CID 2) on PORT over vsock,
+ *                          sends MSG, prints what comes back until EOF.
+ *   guest_checks vsock-listen PORT
+ *                          accepts one vsock connection on PORT, reads a
+ *                          line and answers "echo:<line>".
  *   guest_checks forks N   N children, each touching thread-local storage
  *                          (errno) and exiting with a value the parent
  *                          checks: catches a wrong FS base after a context
@@ -18,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/vm_sockets.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -105,12 +113,73 @@ static int check_forks(int n) {
 	return bad ? 1 : 0;
 }
 
+static int vsock_connect(unsigned port, const char *msg) {
+	int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+	struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = port};
+	if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+		printf("VSOCK-CONNECT-FAIL %s\n", strerror(errno));
+		return 1;
+	}
+	if (write(fd, msg, strlen(msg)) != (ssize_t)strlen(msg)) {
+		printf("VSOCK-CONNECT-FAIL write %s\n", strerror(errno));
+		return 1;
+	}
+	shutdown(fd, SHUT_WR);
+	char buf[256];
+	size_t got = 0;
+	ssize_t n;
+	while (got < sizeof(buf) - 1 && (n = read(fd, buf + got, sizeof(buf) - 1 - got)) > 0)
+		got += n;
+	buf[got] = 0;
+	printf("VSOCK-CONNECT-OK reply=%s\n", buf);
+	close(fd);
+	return 0;
+}
+
+static int vsock_listen(unsigned port) {
+	int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+	struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+	if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(fd, 1) != 0) {
+		printf("VSOCK-LISTEN-FAIL %s\n", strerror(errno));
+		return 1;
+	}
+	printf("VSOCK-LISTENING %u\n", port);
+	int c = accept(fd, NULL, NULL);
+	if (c < 0) {
+		printf("VSOCK-LISTEN-FAIL accept %s\n", strerror(errno));
+		return 1;
+	}
+	char line[128];
+	size_t got = 0;
+	while (got < sizeof(line) - 1) {
+		ssize_t n = read(c, line + got, 1);
+		if (n <= 0 || line[got] == '\n')
+			break;
+		got++;
+	}
+	line[got] = 0;
+	char reply[160];
+	int len = snprintf(reply, sizeof(reply), "echo:%s\n", line);
+	if (write(c, reply, len) != len) {
+		printf("VSOCK-LISTEN-FAIL write %s\n", strerror(errno));
+		return 1;
+	}
+	printf("VSOCK-LISTEN-OK got=%s\n", line);
+	close(c);
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv) {
 	setvbuf(stdout, NULL, _IONBF, 0);
 	if (argc >= 2 && strcmp(argv[1], "seccomp") == 0)
 		return check_seccomp();
 	if (argc >= 3 && strcmp(argv[1], "forks") == 0)
 		return check_forks(atoi(argv[2]));
-	fprintf(stderr, "usage: guest_checks seccomp | forks N\n");
+	if (argc >= 4 && strcmp(argv[1], "vsock-connect") == 0)
+		return vsock_connect((unsigned)atoi(argv[2]), argv[3]);
+	if (argc >= 3 && strcmp(argv[1], "vsock-listen") == 0)
+		return vsock_listen((unsigned)atoi(argv[2]));
+	fprintf(stderr, "usage: guest_checks seccomp | forks N | vsock-connect PORT MSG | vsock-listen PORT\n");
 	return 2;
 }

@@ -85,11 +85,7 @@ impl Cpio {
 
 /// The boot tier's initramfs: busybox, the guest_checks program, a
 /// /dev/console node (the kernel opens it for init's stdio) and `init`.
-pub fn busybox_initramfs(
-    busybox: &[u8],
-    extra_bin: &[(&str, &[u8])],
-    init_script: &str,
-) -> Vec<u8> {
+pub fn busybox_initramfs(busybox: &[u8], extra_bin: &[(&str, &[u8])], init_script: &str) -> Vec<u8> {
     let mut c = Cpio::new();
     for d in ["bin", "dev", "proc", "sys", "tmp"] {
         c.dir(d);
@@ -110,18 +106,13 @@ mod tests {
     use super::*;
 
     fn field(h: &[u8], i: usize) -> u32 {
-        u32::from_str_radix(
-            std::str::from_utf8(&h[6 + i * 8..6 + (i + 1) * 8]).unwrap(),
-            16,
-        )
-        .unwrap()
+        u32::from_str_radix(std::str::from_utf8(&h[6 + i * 8..6 + (i + 1) * 8]).unwrap(), 16).unwrap()
     }
 
     #[test]
     fn entries_are_aligned_and_parse_back() {
         let mut c = Cpio::new();
-        c.file("init", 0o755, b"#!/bin/sh\n")
-            .char_dev("dev/console", 5, 1);
+        c.file("init", 0o755, b"#!/bin/sh\n").char_dev("dev/console", 5, 1);
         let out = c.finish();
         assert_eq!(&out[..6], b"070701");
         assert_eq!(field(&out, 1), S_IFREG | 0o755);
@@ -135,9 +126,7 @@ mod tests {
             assert_eq!(&h[..6], b"070701");
             let namesize = field(h, 11) as usize;
             let filesize = field(h, 6) as usize;
-            let name = std::str::from_utf8(&h[110..110 + namesize - 1])
-                .unwrap()
-                .to_string();
+            let name = std::str::from_utf8(&h[110..110 + namesize - 1]).unwrap().to_string();
             if name == "dev/console" {
                 assert_eq!((field(h, 9), field(h, 10)), (5, 1));
             }

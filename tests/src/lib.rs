@@ -76,17 +76,10 @@ pub fn kernel() -> PathBuf {
         "{} failed; see its output above",
         script.display()
     );
-    let path = text(&out.stdout)
-        .lines()
-        .last()
-        .map(str::trim)
-        .map(PathBuf::from);
+    let path = text(&out.stdout).lines().last().map(str::trim).map(PathBuf::from);
     match path {
         Some(p) if p.is_file() => p,
-        other => panic!(
-            "{} printed no kernel path (last line: {other:?})",
-            script.display()
-        ),
+        other => panic!("{} printed no kernel path (last line: {other:?})", script.display()),
     }
 }
 

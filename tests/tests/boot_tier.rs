@@ -45,11 +45,7 @@ fn boot_image(kernel: &Path, dir: &Path, vcpus: u8, forks: u32) -> Boot {
     let initrd = dir.join(format!("initrd-{vcpus}.cpio"));
     std::fs::write(
         &initrd,
-        busybox_initramfs(
-            &busybox(),
-            &[("guest_checks", &checks)],
-            &init_script(forks),
-        ),
+        busybox_initramfs(&busybox(), &[("guest_checks", &checks)], &init_script(forks)),
     )
     .unwrap();
     let vcpus = vcpus.to_string();
@@ -79,28 +75,13 @@ fn boot_image(kernel: &Path, dir: &Path, vcpus: u8, forks: u32) -> Boot {
 
 fn assert_userspace_ran(b: &Boot, cpus: u32) {
     let c = &b.console;
-    assert!(
-        c.contains("Run /init as init process"),
-        "kernel did not reach init"
-    );
-    assert!(
-        c.contains("BULKHEAD-BOOT-MARKER uptime="),
-        "init printed no marker"
-    );
-    assert!(
-        c.contains(&format!("cpus={cpus}")),
-        "init did not see {cpus} CPUs"
-    );
+    assert!(c.contains("Run /init as init process"), "kernel did not reach init");
+    assert!(c.contains("BULKHEAD-BOOT-MARKER uptime="), "init printed no marker");
+    assert!(c.contains(&format!("cpus={cpus}")), "init did not see {cpus} CPUs");
     // A seccomp filter takes effect: on PVM hosts this goes through the
     // project's syscall patch, so it proves the normal entry work runs.
-    assert!(
-        c.contains("SECCOMP-ERRNO-OK"),
-        "seccomp ERRNO rule did not apply"
-    );
-    assert!(
-        c.contains("SECCOMP-KILL-OK"),
-        "seccomp KILL rule did not apply"
-    );
+    assert!(c.contains("SECCOMP-ERRNO-OK"), "seccomp ERRNO rule did not apply");
+    assert!(c.contains("SECCOMP-KILL-OK"), "seccomp KILL rule did not apply");
     assert!(c.contains("FORKS-OK"), "short-lived processes failed");
     assert!(c.contains("BULKHEAD-INIT-DONE"));
     assert!(!c.contains("Kernel panic"), "kernel panicked");

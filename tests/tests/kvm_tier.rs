@@ -48,17 +48,10 @@ fn template_params_are_appended_to_the_users_cmdline() {
     require_kvm();
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm"]);
     let stdout = text(&out.stdout);
-    assert!(
-        stdout.contains("cmdline: mine noxsave clearcpuid="),
-        "{stdout}"
-    );
+    assert!(stdout.contains("cmdline: mine noxsave clearcpuid="), "{stdout}");
     assert!(stdout.contains(" bulkhead.no_int3_selftest\n"), "{stdout}");
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host"]);
-    assert!(
-        text(&out.stdout).contains("cmdline: mine\n"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("cmdline: mine\n"), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -69,9 +62,7 @@ fn serial_can_go_to_a_file_or_nowhere() {
     let out = boot(SERIAL_RESET, &["--serial", log.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("hello"));
-    assert!(std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("kvm-tier: hello"));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("kvm-tier: hello"));
     let out = boot(SERIAL_RESET, &["--serial", "off"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("hello"));
@@ -122,40 +113,20 @@ fn bad_configuration_is_refused_naming_the_field() {
     // No KVM needed: validation happens before any VM exists.
     let out = run_vmm(["--kernel", SERIAL_RESET, "--vcpus", "0"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("`vcpus`"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("`vcpus`"), "{}", text(&out.stderr));
     let out = run_vmm(["--kernel", "/nonexistent/vmlinux"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("`kernel`"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("`kernel`"), "{}", text(&out.stderr));
     let out = run_vmm(["--kernel", SERIAL_RESET, "--cpu-template", "t2"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("--cpu-template"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("--cpu-template"), "{}", text(&out.stderr));
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("vm.json");
-    std::fs::write(
-        &cfg,
-        format!(r#"{{"kernel":"{SERIAL_RESET}","mem_mib":"lots"}}"#),
-    )
-    .unwrap();
+    std::fs::write(&cfg, format!(r#"{{"kernel":"{SERIAL_RESET}","mem_mib":"lots"}}"#)).unwrap();
     let out = run_vmm(["--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("mem_mib"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("mem_mib"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -165,9 +136,7 @@ fn json_config_boots_and_flags_override_it() {
     let cfg = dir.path().join("vm.json");
     std::fs::write(
         &cfg,
-        format!(
-            r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#
-        ),
+        format!(r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#),
     )
     .unwrap();
     let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cpu-template", "host"]);

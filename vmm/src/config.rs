@@ -11,6 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::arch::mptable;
+pub use crate::devices::virtio::block::BlockConfig;
+pub use crate::devices::virtio::vsock::VsockConfig;
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 128;
@@ -61,9 +63,7 @@ impl<'de> Deserialize<'de> for SerialOutput {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         if s.is_empty() {
-            return Err(serde::de::Error::custom(
-                "expected \"stdout\", \"off\" or a file path",
-            ));
+            return Err(serde::de::Error::custom("expected \"stdout\", \"off\" or a file path"));
         }
         Ok(s.parse().unwrap_or_default())
     }
@@ -91,6 +91,50 @@ pub struct VmConfig {
     /// Ends the VM with an error after this many seconds.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// virtio-blk disks, in order: the first is /dev/vda.
+    #[serde(default)]
+    pub disks: Vec<BlockConfig>,
+    /// virtio-vsock with its host-side Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng, fed from the host's getrandom.
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Virtio devices the VMM can place (I/O APIC pins 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// Parses `PATH[,ro]` (the `--disk` syntax).
+pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    let (path, flags) = match s.rsplit_once(',') {
+        Some((p, f)) if f == "ro" || f == "rw" => (p, Some(f)),
+        _ => (s, None),
+    };
+    if path.is_empty() {
+        return Err("expected PATH[,ro]".into());
+    }
+    Ok(BlockConfig {
+        path: PathBuf::from(path),
+        read_only: flags == Some("ro"),
+    })
+}
+
+/// Parses `CID,UDS_PATH` (the `--vsock` syntax).
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (cid, path) = s.split_once(',').ok_or("expected CID,UDS_PATH")?;
+    let guest_cid = cid.parse::<u32>().map_err(|e| format!("CID {cid:?}: {e}"))?;
+    if path.is_empty() {
+        return Err("expected CID,UDS_PATH".into());
+    }
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: PathBuf::from(path),
+    })
 }
 
 fn default_vcpus() -> u8 {
@@ -103,10 +147,7 @@ fn default_mem_mib() -> u32 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
-    ReadFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadFile { path: PathBuf, source: std::io::Error },
     #[error("configuration file {path}: field `{field}`: {message}")]
     Parse {
         path: PathBuf,
@@ -114,10 +155,7 @@ pub enum ConfigError {
         message: String,
     },
     #[error("invalid `{field}`: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -139,6 +177,9 @@ impl VmConfig {
             serial: SerialOutput::Stdout,
             cpu_template: None,
             timeout_secs: None,
+            disks: Vec::new(),
+            vsock: None,
+            rng: true,
         }
     }
 
@@ -149,11 +190,7 @@ impl VmConfig {
             let field = e.path().to_string();
             ConfigError::Parse {
                 path: origin.to_path_buf(),
-                field: if field == "." {
-                    "(top level)".into()
-                } else {
-                    field
-                },
+                field: if field == "." { "(top level)".into() } else { field },
                 message: e.into_inner().to_string(),
             }
         })
@@ -182,21 +219,12 @@ impl VmConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(invalid(
                 "mem_mib",
-                format!(
-                    "{} is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB})",
-                    self.mem_mib
-                ),
+                format!("{} is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB})", self.mem_mib),
             ));
         }
         if let Some(cmdline) = &self.cmdline {
-            if cmdline
-                .bytes()
-                .any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' '))
-            {
-                return Err(invalid(
-                    "cmdline",
-                    "only printable ASCII and spaces are allowed",
-                ));
+            if cmdline.bytes().any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' ')) {
+                return Err(invalid("cmdline", "only printable ASCII and spaces are allowed"));
             }
             if cmdline.len() >= CMDLINE_MAX_SIZE {
                 return Err(invalid(
@@ -217,6 +245,45 @@ impl VmConfig {
         if self.timeout_secs == Some(0) {
             return Err(invalid("timeout_secs", "must be at least 1 second"));
         }
+        for disk in &self.disks {
+            match std::fs::metadata(&disk.path) {
+                Ok(m) if m.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "disks",
+                        format!("{} is not a file or block device", disk.path.display()),
+                    ))
+                }
+                Err(e) => return Err(invalid("disks", format!("{}: {e}", disk.path.display()))),
+            }
+        }
+        let devices = self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "disks",
+                format!("{devices} virtio devices; at most {MAX_VIRTIO_DEVICES}"),
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+                return Err(invalid(
+                    "vsock",
+                    format!("guest CID {} is reserved (use 3 to {})", v.guest_cid, u32::MAX - 1),
+                ));
+            }
+            if v.uds_path.exists() {
+                return Err(invalid("vsock", format!("{} already exists", v.uds_path.display())));
+            }
+            match v.uds_path.parent() {
+                Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
+                _ => {
+                    return Err(invalid(
+                        "vsock",
+                        format!("the directory of {} does not exist", v.uds_path.display()),
+                    ))
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -224,10 +291,7 @@ impl VmConfig {
 fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(invalid(
-            field,
-            format!("{} is not a regular file", path.display()),
-        )),
+        Ok(_) => Err(invalid(field, format!("{} is not a regular file", path.display()))),
         Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
     }
 }
@@ -272,9 +336,7 @@ mod tests {
             (r#"{"kernel":"/k","mem_mb":1}"#, "mem_mb"),
         ];
         for (text, field) in cases {
-            let err = VmConfig::from_json(text, Path::new("c.json"))
-                .unwrap_err()
-                .to_string();
+            let err = VmConfig::from_json(text, Path::new("c.json")).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");
         }
         let err = VmConfig::from_json(r#"{"vcpus":1}"#, Path::new("c.json"))
@@ -289,13 +351,7 @@ mod tests {
         let ok = VmConfig::new(k.path());
         ok.validate().unwrap();
         let cases: Vec<(VmConfig, &str)> = vec![
-            (
-                VmConfig {
-                    vcpus: 0,
-                    ..ok.clone()
-                },
-                "`vcpus`",
-            ),
+            (VmConfig { vcpus: 0, ..ok.clone() }, "`vcpus`"),
             (
                 VmConfig {
                     vcpus: 33,
@@ -367,11 +423,89 @@ mod tests {
     }
 
     #[test]
-    fn serial_parsing() {
+    fn disk_and_vsock_flags() {
         assert_eq!(
-            "stdout".parse::<SerialOutput>().unwrap(),
-            SerialOutput::Stdout
+            parse_disk("/img").unwrap(),
+            BlockConfig {
+                path: "/img".into(),
+                read_only: false
+            }
         );
+        assert_eq!(
+            parse_disk("/img,ro").unwrap(),
+            BlockConfig {
+                path: "/img".into(),
+                read_only: true
+            }
+        );
+        assert_eq!(parse_disk("/a,b").unwrap().path, PathBuf::from("/a,b"));
+        assert!(parse_disk(",ro").is_err());
+        let v = parse_vsock("3,/tmp/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
+        assert!(parse_vsock("x,/tmp/v").is_err());
+        assert!(parse_vsock("3").is_err());
+        assert!(parse_vsock("3,").is_err());
+    }
+
+    #[test]
+    fn device_validation_names_the_field() {
+        let k = kernel_file();
+        let disk = kernel_file();
+        let ok = VmConfig {
+            disks: vec![BlockConfig {
+                path: disk.path().into(),
+                read_only: true,
+            }],
+            ..VmConfig::new(k.path())
+        };
+        ok.validate().unwrap();
+        let missing = VmConfig {
+            disks: vec![BlockConfig {
+                path: "/nonexistent".into(),
+                read_only: false,
+            }],
+            ..ok.clone()
+        };
+        assert!(missing.validate().unwrap_err().to_string().contains("`disks`"));
+        let too_many = VmConfig {
+            disks: vec![ok.disks[0].clone(); 19],
+            ..ok.clone()
+        };
+        assert!(too_many.validate().unwrap_err().to_string().contains("at most"));
+        for cid in [0, 1, 2, u32::MAX] {
+            let c = VmConfig {
+                vsock: Some(VsockConfig {
+                    guest_cid: cid,
+                    uds_path: "/tmp/bh-x.sock".into(),
+                }),
+                ..ok.clone()
+            };
+            assert!(c.validate().unwrap_err().to_string().contains("`vsock`"), "cid {cid}");
+        }
+        let exists = VmConfig {
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: disk.path().into(),
+            }),
+            ..ok.clone()
+        };
+        assert!(exists.validate().unwrap_err().to_string().contains("already exists"));
+        let json = r#"{"kernel":"/k","disks":[{"path":"/d","read_only":true}],"vsock":{"guest_cid":3,"uds_path":"/v"},"rng":false}"#;
+        let c = VmConfig::from_json(json, Path::new("c.json")).unwrap();
+        assert_eq!(c.disks.len(), 1);
+        assert!(!c.rng);
+        let err = VmConfig::from_json(
+            r#"{"kernel":"/k","disks":[{"path":"/d","readonly":true}]}"#,
+            Path::new("c.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("disks[0]"), "{err}");
+    }
+
+    #[test]
+    fn serial_parsing() {
+        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
         assert_eq!("off".parse::<SerialOutput>().unwrap(), SerialOutput::Off);
         assert_eq!(
             "/var/log/x".parse::<SerialOutput>().unwrap(),

@@ -17,11 +17,7 @@ pub enum HostKind {
 
 impl HostKind {
     /// Pure decision from the three observations, for tests.
-    pub fn classify(
-        kvm_usable: bool,
-        cpu_has_vmx_or_svm: bool,
-        pvm_module_loaded: bool,
-    ) -> HostKind {
+    pub fn classify(kvm_usable: bool, cpu_has_vmx_or_svm: bool, pvm_module_loaded: bool) -> HostKind {
         match (kvm_usable, cpu_has_vmx_or_svm, pvm_module_loaded) {
             (false, _, _) => HostKind::NoKvm,
             (true, true, _) => HostKind::HardwareVirtualization,
@@ -79,23 +75,15 @@ mod tests {
     #[test]
     fn classification() {
         assert_eq!(HostKind::classify(false, true, true), HostKind::NoKvm);
-        assert_eq!(
-            HostKind::classify(true, true, false),
-            HostKind::HardwareVirtualization
-        );
+        assert_eq!(HostKind::classify(true, true, false), HostKind::HardwareVirtualization);
         assert_eq!(HostKind::classify(true, false, true), HostKind::Pvm);
-        assert_eq!(
-            HostKind::classify(true, true, true),
-            HostKind::HardwareVirtualization
-        );
+        assert_eq!(HostKind::classify(true, true, true), HostKind::HardwareVirtualization);
     }
 
     #[test]
     fn flags_parsing() {
         assert!(cpu_flags_have_virtualization("flags\t: fpu vme vmx sse\n"));
         assert!(cpu_flags_have_virtualization("flags\t: fpu svm\n"));
-        assert!(!cpu_flags_have_virtualization(
-            "flags\t: fpu vmxe\nvmx: yes\n"
-        ));
+        assert!(!cpu_flags_have_virtualization("flags\t: fpu vmxe\nvmx: yes\n"));
     }
 }

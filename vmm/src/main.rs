@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use bulkhead_vmm::arch::cpu_template::CpuTemplate;
-use bulkhead_vmm::config::{SerialOutput, VmConfig};
+use bulkhead_vmm::config::{parse_disk, parse_vsock, BlockConfig, SerialOutput, VmConfig, VsockConfig};
 use bulkhead_vmm::vmm::{self, VmmError};
 
 /// Exit status for a configuration the VMM refuses before booting.
@@ -40,8 +40,19 @@ struct Args {
     /// End the VM with an error after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// A virtio-blk disk backed by a raw image: PATH[,ro]. Repeatable; the
+    /// first is /dev/vda.
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disks: Vec<BlockConfig>,
+    /// virtio-vsock: the guest's CID and the host-side Unix socket.
+    #[arg(long, value_name = "CID,UDS_PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Leave out the virtio-rng entropy device.
+    #[arg(long)]
+    no_rng: bool,
     /// JSON file with the same settings (field names: kernel, initrd,
-    /// cmdline, vcpus, mem_mib, serial, cpu_template, timeout_secs);
+    /// cmdline, vcpus, mem_mib, serial, cpu_template, timeout_secs, disks,
+    /// vsock, rng);
     /// flags given on the command line override it.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -85,16 +96,22 @@ impl Args {
         if self.timeout.is_some() {
             config.timeout_secs = self.timeout;
         }
+        if !self.disks.is_empty() {
+            config.disks = self.disks;
+        }
+        if self.vsock.is_some() {
+            config.vsock = self.vsock;
+        }
+        if self.no_rng {
+            config.rng = false;
+        }
         Ok(config)
     }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "info".into()))
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();

@@ -65,14 +65,12 @@ impl Vm {
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set the identity map address"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("create the in-kernel IRQ chip"))?;
+        fd.create_irq_chip().map_err(kvm_err("create the in-kernel IRQ chip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit)
-            .map_err(kvm_err("create the in-kernel PIT"))?;
+        fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
 
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
             .into_iter()
@@ -83,13 +81,12 @@ impl Vm {
             reason: e.to_string(),
         })?;
         for (slot, region) in memory.iter().enumerate() {
-            let host =
-                memory
-                    .get_host_address(region.start_addr())
-                    .map_err(|e| VmError::Memory {
-                        mib: mem_size >> 20,
-                        reason: e.to_string(),
-                    })?;
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory {
+                    mib: mem_size >> 20,
+                    reason: e.to_string(),
+                })?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -99,8 +96,7 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `memory`, which
             // this `Vm` keeps for as long as the VM fd exists; slots do not overlap.
-            unsafe { fd.set_user_memory_region(mem_region) }
-                .map_err(kvm_err("register guest memory"))?;
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(kvm_err("register guest memory"))?;
         }
         Ok(Vm {
             kvm,

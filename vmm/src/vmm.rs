@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -20,8 +21,12 @@ use crate::boot::cmdline::{self, CmdlineError};
 use crate::boot::loader::{self, LoaderError};
 use crate::boot::params::{self, ParamsError};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::host::HostKind;
 use crate::vcpu::exit_info::VcpuStop;
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
@@ -52,12 +57,22 @@ pub enum VmmError {
     #[error("cannot read KVM's supported CPUID: {0}")]
     Cpuid(kvm_ioctls::Error),
     #[error("cannot open the serial output file {path}: {source}")]
-    SerialFile {
-        path: String,
-        source: std::io::Error,
-    },
+    SerialFile { path: String, source: std::io::Error },
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("cannot create the entropy device: {0}")]
+    Rng(std::io::Error),
+}
+
+/// Every event source of the main loop: the exit watcher and the devices.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn event_loop_err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::EventLoop(e.to_string())
 }
 
 /// How a VM run ended.
@@ -114,15 +129,11 @@ pub struct BootPlan {
 }
 
 impl BootPlan {
-    pub fn new(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
-        let template = config
-            .cpu_template
-            .unwrap_or_else(|| CpuTemplate::for_host(host));
-        let extra: Vec<String> = template
-            .kernel_params()
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    /// `device_params` are the `virtio_mmio.device=` entries of the VM's devices.
+    pub fn new(config: &VmConfig, host: HostKind, device_params: &[String]) -> Result<Self, VmmError> {
+        let template = config.cpu_template.unwrap_or_else(|| CpuTemplate::for_host(host));
+        let mut extra: Vec<String> = template.kernel_params().iter().map(|s| s.to_string()).collect();
+        extra.extend_from_slice(device_params);
         let cmdline = cmdline::compose(config.cmdline.as_deref(), &extra)?;
         Ok(BootPlan {
             host,
@@ -130,6 +141,28 @@ impl BootPlan {
             cmdline,
         })
     }
+}
+
+/// Creates the configured virtio devices, puts them on the MMIO bus, and
+/// returns them as event-loop subscribers.
+fn create_virtio_devices(config: &VmConfig, vm: &Vm, devices: &mut DeviceManager) -> Result<Vec<Subscriber>, VmmError> {
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    for disk in &config.disks {
+        let dev = Arc::new(Mutex::new(Block::new(disk)?));
+        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
+        subscribers.push(dev);
+    }
+    if let Some(v) = &config.vsock {
+        let dev = Arc::new(Mutex::new(Vsock::new(v)?));
+        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
+        subscribers.push(dev);
+    }
+    if config.rng {
+        let dev = Arc::new(Mutex::new(Rng::new().map_err(VmmError::Rng)?));
+        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
+        subscribers.push(dev);
+    }
+    Ok(subscribers)
 }
 
 fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {
@@ -160,11 +193,13 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
             "/dev/kvm is missing or not accessible (load kvm_intel, kvm_amd or kvm_pvm, and check permissions)",
         ));
     }
-    let plan = BootPlan::new(config, host)?;
-    info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
-
     let mem_size = u64::from(config.mem_mib) << 20;
     let vm = Vm::create(mem_size)?;
+    let mut devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
+    let device_subscribers = create_virtio_devices(config, &vm, &mut devices)?;
+    let plan = BootPlan::new(config, host, devices.cmdline_entries())?;
+    info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
+
     let kernel = loader::load_kernel(&vm.memory, &config.kernel)?;
     let mut cmdline_bytes = plan.cmdline.clone().into_bytes();
     cmdline_bytes.push(0);
@@ -184,23 +219,17 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         None => None,
     };
     match kernel.mode {
-        EntryMode::Linux64 => params::write_linux_params(
-            &vm.memory,
-            mem_size,
-            plan.cmdline.len(),
-            initrd,
-            kernel.setup_header,
-        )?,
+        EntryMode::Linux64 => {
+            params::write_linux_params(&vm.memory, mem_size, plan.cmdline.len(), initrd, kernel.setup_header)?
+        }
         EntryMode::Pvh => params::write_pvh_params(&vm.memory, mem_size, initrd)?,
     }
     mptable::setup(&vm.memory, config.vcpus)?;
 
-    let devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmmError::Cpuid)?;
-
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(
@@ -219,23 +248,21 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     }
 
     let (stop_tx, stop_rx) = channel();
-    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
-    let watcher = ExitWatcher::new(
+    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(event_loop_err)?;
+    let watcher = Arc::new(Mutex::new(ExitWatcher::new(
         &devices,
-        stop_evt
-            .try_clone()
-            .map_err(|e| VmmError::EventLoop(e.to_string()))?,
+        stop_evt.try_clone().map_err(event_loop_err)?,
         stop_rx,
         config.timeout_secs,
-    )?;
-    let mut events: EventManager<ExitWatcher> =
-        EventManager::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
-    let id = events.add_subscriber(watcher);
+    )?));
+    let mut events: EventManager<Subscriber> = EventManager::new().map_err(event_loop_err)?;
+    events.add_subscriber(watcher.clone());
+    for sub in device_subscribers {
+        events.add_subscriber(sub);
+    }
 
     for vcpu in vcpus {
-        let evt = stop_evt
-            .try_clone()
-            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        let evt = stop_evt.try_clone().map_err(event_loop_err)?;
         // Threads are detached: the process ends with the VM, and a vCPU
         // blocked in KVM_RUN cannot be joined anyway.
         vcpu.spawn(stop_tx.clone(), evt)?;
@@ -243,13 +270,8 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     drop(stop_tx);
 
     let stopped = loop {
-        events
-            .run()
-            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
-        let watcher = events
-            .subscriber_mut(id)
-            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
-        if let Some(s) = watcher.outcome.take() {
+        events.run().map_err(event_loop_err)?;
+        if let Some(s) = lock(&watcher).outcome.take() {
             break s;
         }
     };
@@ -349,11 +371,7 @@ mod tests {
         assert_eq!(Stopped::Guest(VcpuStop::Reset).exit_code(), 0);
         let at = GuestLocation::default();
         assert_eq!(
-            Stopped::Guest(VcpuStop::TripleFault {
-                cpu: 0,
-                at: at.clone()
-            })
-            .exit_code(),
+            Stopped::Guest(VcpuStop::TripleFault { cpu: 0, at: at.clone() }).exit_code(),
             4
         );
         assert_eq!(
@@ -366,38 +384,38 @@ mod tests {
             3
         );
         assert_eq!(Stopped::Timeout(3).exit_code(), 5);
-        assert_eq!(
-            Stopped::Guest(VcpuStop::FailEntry { cpu: 0, reason: 1 }).exit_code(),
-            1
-        );
+        assert_eq!(Stopped::Guest(VcpuStop::FailEntry { cpu: 0, reason: 1 }).exit_code(), 1);
     }
 
     #[test]
     fn plan_picks_template_from_host_and_appends_its_params() {
         let mut c = VmConfig::new("/k");
         c.cmdline = Some("console=ttyS0 -- init-arg".into());
-        let p = BootPlan::new(&c, HostKind::Pvm).unwrap();
+        let p = BootPlan::new(&c, HostKind::Pvm, &[]).unwrap();
         assert_eq!(p.template, CpuTemplate::Pvm);
         assert!(
-            p.cmdline
-                .starts_with("console=ttyS0 noxsave clearcpuid=cx16,"),
+            p.cmdline.starts_with("console=ttyS0 noxsave clearcpuid=cx16,"),
             "{}",
             p.cmdline
         );
         assert!(
-            p.cmdline
-                .ends_with(" bulkhead.no_int3_selftest -- init-arg"),
+            p.cmdline.ends_with(" bulkhead.no_int3_selftest -- init-arg"),
             "{}",
             p.cmdline
         );
-        let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
+        let p = BootPlan::new(
+            &c,
+            HostKind::HardwareVirtualization,
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+        )
+        .unwrap();
         assert_eq!(p.template, CpuTemplate::Host);
-        c.cpu_template = Some(CpuTemplate::Pvm);
-        let p = BootPlan::new(&c, HostKind::HardwareVirtualization).unwrap();
         assert_eq!(
-            p.template,
-            CpuTemplate::Pvm,
-            "--cpu-template overrides detection"
+            p.cmdline,
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 -- init-arg"
         );
+        c.cpu_template = Some(CpuTemplate::Pvm);
+        let p = BootPlan::new(&c, HostKind::HardwareVirtualization, &[]).unwrap();
+        assert_eq!(p.template, CpuTemplate::Pvm, "--cpu-template overrides detection");
     }
 }

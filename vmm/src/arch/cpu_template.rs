@@ -99,8 +99,7 @@ const PVM_ADDED: &[FeatureBit] = &[f("xsaveerptr", 0x8000_0008, 0, Reg::Ebx, 2)]
 /// instruction returns the host's values whatever KVM_SET_CPUID2 says (seen
 /// here with a kvm-tier guest), so the guest kernel must be told directly.
 /// AVX-512 and the rest of the XSAVE-based features go with `noxsave`.
-const PVM_CLEARCPUID: &str =
-    "clearcpuid=cx16,smap,smep,pcid,invpcid,fsgsbase,popcnt,bmi1,bmi2,movbe,\
+const PVM_CLEARCPUID: &str = "clearcpuid=cx16,smap,smep,pcid,invpcid,fsgsbase,popcnt,bmi1,bmi2,movbe,\
 rdrand,rdseed,rdpid,abm,avx,avx2,fma,f16c,aes,pclmulqdq,sha_ni";
 
 /// Kernel parameters the PVM template needs: `noxsave` keeps the kernel
@@ -202,14 +201,8 @@ mod tests {
 
     #[test]
     fn pvm_hides_what_the_emulator_cannot_run() {
-        let names: Vec<_> = CpuTemplate::Pvm
-            .hidden_features()
-            .iter()
-            .map(|f| f.name)
-            .collect();
-        for needed in [
-            "cx16", "xsave", "smap", "smep", "popcnt", "rdrand", "avx", "abm",
-        ] {
+        let names: Vec<_> = CpuTemplate::Pvm.hidden_features().iter().map(|f| f.name).collect();
+        for needed in ["cx16", "xsave", "smap", "smep", "popcnt", "rdrand", "avx", "abm"] {
             assert!(names.contains(&needed), "{needed} not hidden");
         }
         assert!(CpuTemplate::Host.hidden_features().is_empty());

@@ -32,12 +32,7 @@ fn id_bits(count: u32) -> u32 {
 
 /// Rewrites `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_index`
 /// of `cpu_count`, one thread per core, one socket.
-pub fn filter(
-    entries: &mut [kvm_cpuid_entry2],
-    template: CpuTemplate,
-    cpu_index: u8,
-    cpu_count: u8,
-) {
+pub fn filter(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, cpu_index: u8, cpu_count: u8) {
     let apic_id = u32::from(cpu_index);
     let count = u32::from(cpu_count);
     for e in entries.iter_mut() {
@@ -126,9 +121,7 @@ mod tests {
     }
 
     fn get(v: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *v.iter()
-            .find(|e| e.function == function && e.index == index)
-            .unwrap()
+        *v.iter().find(|e| e.function == function && e.index == index).unwrap()
     }
 
     #[test]

@@ -27,11 +27,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The boot GDT for the given entry mode.
 pub fn boot_gdt(long_mode: bool) -> [u64; 4] {
-    let code = if long_mode {
-        CODE64_FLAGS
-    } else {
-        CODE32_FLAGS
-    };
+    let code = if long_mode { CODE64_FLAGS } else { CODE32_FLAGS };
     [
         gdt_entry(0, 0, 0),
         gdt_entry(code, 0, 0xfffff),

@@ -50,10 +50,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, MMIO_GAP_START),
-            (MMIO_GAP_END, mem_size - MMIO_GAP_START),
-        ]
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, mem_size - MMIO_GAP_START)]
     }
 }
 
@@ -89,18 +86,9 @@ mod tests {
         ];
         spans.sort();
         for w in spans.windows(2) {
-            assert!(
-                w[0].0 + w[0].1 <= w[1].0,
-                "{:x?} overlaps {:x?}",
-                w[0],
-                w[1]
-            );
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
         }
         const { assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START) };
-        const {
-            assert!(
-                BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000
-            )
-        };
+        const { assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000) };
     }
 }

@@ -29,11 +29,9 @@ const INT_TYPE_EXTINT: u8 = 3;
 const EBDA_BYTES: usize = 0x400;
 
 /// Largest vCPU count whose table fits in the EBDA.
-pub const MAX_CPUS: u8 = ((EBDA_BYTES
-    - FLOATING_POINTER_LEN
-    - HEADER_LEN
-    - SMALL_ENTRY_LEN * (2 + IOAPIC_PINS as usize + 2))
-    / PROCESSOR_ENTRY_LEN) as u8;
+pub const MAX_CPUS: u8 =
+    ((EBDA_BYTES - FLOATING_POINTER_LEN - HEADER_LEN - SMALL_ENTRY_LEN * (2 + IOAPIC_PINS as usize + 2))
+        / PROCESSOR_ENTRY_LEN) as u8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
@@ -71,16 +69,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for irq in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            INT_TYPE_INT,
-            0,
-            0,
-            0,
-            irq,
-            ioapic_id,
-            irq,
-        ]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 takes the legacy PIC (ExtINT), LINT1 takes NMI, on every local APIC.

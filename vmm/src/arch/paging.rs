@@ -39,9 +39,7 @@ mod tests {
 
     /// Walks the tables as the MMU would for a 2 MiB mapping.
     fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
-        let pml4e: u64 = mem
-            .read_obj(GuestAddress(cr3 + ((va >> 39) & 0x1ff) * 8))
-            .ok()?;
+        let pml4e: u64 = mem.read_obj(GuestAddress(cr3 + ((va >> 39) & 0x1ff) * 8)).ok()?;
         if pml4e & 1 == 0 {
             return None;
         }
@@ -65,13 +63,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let cr3 = setup_identity_map(&mem).unwrap();
         assert_eq!(cr3, PML4_START);
-        for va in [
-            0u64,
-            0x7000,
-            0x100_0000,
-            0x1234_5678,
-            IDENTITY_MAPPED_BYTES - 1,
-        ] {
+        for va in [0u64, 0x7000, 0x100_0000, 0x1234_5678, IDENTITY_MAPPED_BYTES - 1] {
             assert_eq!(translate(&mem, cr3, va), Some(va), "va {va:#x}");
         }
         assert_eq!(translate(&mem, cr3, IDENTITY_MAPPED_BYTES), None);

@@ -4,9 +4,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::gdt::{self, CODE_SELECTOR_INDEX, DATA_SELECTOR_INDEX, TSS_SELECTOR_INDEX};
-use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START,
-};
+use super::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START};
 use super::paging::{self, PagingError};
 
 const X86_CR0_PE: u64 = 0x1;
@@ -53,11 +51,7 @@ pub fn boot_regs(mode: EntryMode, entry: u64) -> kvm_regs {
 
 /// Writes the boot GDT, an empty IDT and (for long mode) the page tables,
 /// and fills the special registers to match.
-pub fn setup_sregs<M: GuestMemoryBackend>(
-    mem: &M,
-    mode: EntryMode,
-    sregs: &mut kvm_sregs,
-) -> Result<(), RegsError> {
+pub fn setup_sregs<M: GuestMemoryBackend>(mem: &M, mode: EntryMode, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
     let table = gdt::boot_gdt(mode == EntryMode::Linux64);
     for (i, entry) in table.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
@@ -130,10 +124,7 @@ mod tests {
         let gdt1: u64 = m.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(gdt1, gdt::gdt_entry(gdt::CODE64_FLAGS, 0, 0xfffff));
         let r = boot_regs(EntryMode::Linux64, 0x100_0000);
-        assert_eq!(
-            (r.rip, r.rsi, r.rsp),
-            (0x100_0000, ZERO_PAGE_START, BOOT_STACK_POINTER)
-        );
+        assert_eq!((r.rip, r.rsi, r.rsp), (0x100_0000, ZERO_PAGE_START, BOOT_STACK_POINTER));
     }
 
     #[test]

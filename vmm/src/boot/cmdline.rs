@@ -62,9 +62,7 @@ mod tests {
     #[test]
     fn default_when_absent() {
         assert_eq!(compose(None, &[]).unwrap(), DEFAULT_CMDLINE);
-        assert!(compose(None, &s(&["noxsave"]))
-            .unwrap()
-            .ends_with(" noxsave"));
+        assert!(compose(None, &s(&["noxsave"])).unwrap().ends_with(" noxsave"));
     }
 
     #[test]

@@ -20,10 +20,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("cannot open {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    Open { path: String, source: std::io::Error },
     #[error("{path} is neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})")]
     UnknownFormat {
         path: String,
@@ -38,11 +35,7 @@ pub enum LoaderError {
     #[error("the bzImage {0} has no 64-bit entry point")]
     No64BitEntry(String),
     #[error("the initrd ({size} bytes) does not fit between the kernel end ({kernel_end:#x}) and {top:#x}")]
-    InitrdTooLarge {
-        size: u64,
-        kernel_end: u64,
-        top: u64,
-    },
+    InitrdTooLarge { size: u64, kernel_end: u64, top: u64 },
     #[error("cannot read the initrd {path}: {source}")]
     Initrd {
         path: String,
@@ -63,10 +56,7 @@ pub struct LoadedKernel {
 
 /// Loads an ELF `vmlinux` (PVH entry when the note is present, otherwise
 /// the 64-bit boot protocol) or a bzImage.
-pub fn load_kernel<M: GuestMemoryBackend>(
-    mem: &M,
-    path: &Path,
-) -> Result<LoadedKernel, LoaderError> {
+pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let shown = path.display().to_string();
     let open = || {
         File::open(path).map_err(|source| LoaderError::Open {
@@ -88,23 +78,12 @@ pub fn load_kernel<M: GuestMemoryBackend>(
                 setup_header: None,
             });
         }
-        Err(
-            e @ linux_loader::loader::Error::Elf(
-                linux_loader::loader::elf::Error::InvalidElfMagicNumber,
-            ),
-        ) => e,
-        Err(source) => {
-            return Err(LoaderError::Elf {
-                path: shown,
-                source,
-            })
-        }
+        Err(e @ linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => e,
+        Err(source) => return Err(LoaderError::Elf { path: shown, source }),
     };
     match BzImage::load(mem, None, &mut open()?, highmem) {
         Ok(r) => {
-            let hdr = r
-                .setup_header
-                .ok_or_else(|| LoaderError::No64BitEntry(shown.clone()))?;
+            let hdr = r.setup_header.ok_or_else(|| LoaderError::No64BitEntry(shown.clone()))?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(LoaderError::No64BitEntry(shown));
             }
@@ -132,11 +111,7 @@ pub struct InitrdPlacement {
 
 /// Highest page-aligned address for `size` bytes below `top` and above `kernel_end`.
 pub fn place_initrd(size: u64, kernel_end: u64, top: u64) -> Result<InitrdPlacement, LoaderError> {
-    let too_large = || LoaderError::InitrdTooLarge {
-        size,
-        kernel_end,
-        top,
-    };
+    let too_large = || LoaderError::InitrdTooLarge { size, kernel_end, top };
     let addr = top.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
     if addr < kernel_end {
         return Err(too_large());
@@ -167,10 +142,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     let ram_top = (mem.last_addr().raw_value() + 1).min(MMIO_GAP_START);
     let placement = place_initrd(size, kernel_end, ram_top.min(max_addr.saturating_add(1)))?;
     mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, size as usize)
-        .map_err(|source| LoaderError::Initrd {
-            path: shown,
-            source,
-        })?;
+        .map_err(|source| LoaderError::Initrd { path: shown, source })?;
     Ok(placement)
 }
 
@@ -216,13 +188,8 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[0u8; 4096]).unwrap();
         let err = load_kernel(&m, f.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("neither an ELF vmlinux nor a bzImage"),
-            "{err}"
-        );
-        let err = load_kernel(&m, Path::new("/nonexistent"))
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("neither an ELF vmlinux nor a bzImage"), "{err}");
+        let err = load_kernel(&m, Path::new("/nonexistent")).unwrap_err().to_string();
         assert!(err.contains("cannot open"), "{err}");
     }
 }

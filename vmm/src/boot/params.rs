@@ -5,15 +5,13 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::loader::InitrdPlacement;
 use crate::arch::layout::{
-    ram_ranges, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, PVH_INFO_START,
-    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    ram_ranges, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
+    PVH_MODLIST_START, ZERO_PAGE_START,
 };
 
 pub const E820_RAM: u32 = 1;
@@ -82,10 +80,7 @@ pub fn write_linux_params<M: GuestMemoryBackend>(
         };
     }
     params.e820_entries = map.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<M>(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
-        mem,
-    )?;
+    LinuxBootConfigurator::write_bootparams::<M>(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)?;
     Ok(())
 }
 
@@ -138,10 +133,7 @@ mod tests {
     #[test]
     fn e820_small_guest() {
         let map = e820_map(128 << 20).unwrap();
-        assert_eq!(
-            map,
-            vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]
-        );
+        assert_eq!(map, vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]);
     }
 
     #[test]
@@ -175,10 +167,7 @@ mod tests {
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ hdr.cmdline_size }, 43);
-        assert_eq!(
-            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
-            (0x300_0000, 0x1234)
-        );
+        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x300_0000, 0x1234));
         assert_eq!(p.e820_entries, 2);
         let e1 = p.e820_table[1];
         assert_eq!(
@@ -198,21 +187,12 @@ mod tests {
         write_pvh_params(&mem, size, Some(initrd)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
-        assert_eq!(
-            (info.nr_modules, info.modlist_paddr),
-            (1, PVH_MODLIST_START)
-        );
-        assert_eq!(
-            (info.memmap_entries, info.cmdline_paddr),
-            (2, CMDLINE_START)
-        );
+        assert_eq!((info.nr_modules, info.modlist_paddr), (1, PVH_MODLIST_START));
+        assert_eq!((info.memmap_entries, info.cmdline_paddr), (2, CMDLINE_START));
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!((m.paddr, m.size), (0x300_0000, 0x1000));
         let e: hvm_memmap_table_entry = mem.read_obj(GuestAddress(PVH_MEMMAP_START + 24)).unwrap();
-        assert_eq!(
-            (e.addr, e.size, e.type_),
-            (HIMEM_START, size - HIMEM_START, E820_RAM)
-        );
+        assert_eq!((e.addr, e.size, e.type_), (HIMEM_START, size - HIMEM_START, E820_RAM));
     }
 
     #[test]

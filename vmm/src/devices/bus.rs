@@ -127,8 +127,7 @@ mod tests {
     #[test]
     fn unclaimed_accesses_are_counted_not_fatal() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder(vec![]))), 0x60, 1)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder(vec![]))), 0x60, 1).unwrap();
         let mut b = [0u8; 2];
         assert!(!bus.read(0x80, &mut b));
         assert_eq!(b, [0xff, 0xff]);
@@ -145,24 +144,15 @@ mod tests {
         bus.insert(d(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(d(), 0x10f, 1),
-            Err(BusError::Overlap {
-                base: 0x10f,
-                len: 1
-            })
+            Err(BusError::Overlap { base: 0x10f, len: 1 })
         );
         assert_eq!(
             bus.insert(d(), 0xf8, 0x10),
-            Err(BusError::Overlap {
-                base: 0xf8,
-                len: 0x10
-            })
+            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
         );
         assert!(bus.insert(d(), 0x110, 1).is_ok());
         assert!(bus.insert(d(), 0xff, 1).is_ok());
-        assert!(matches!(
-            bus.insert(d(), 0x200, 0),
-            Err(BusError::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(d(), 0x200, 0), Err(BusError::InvalidRange { .. })));
         assert!(matches!(
             bus.insert(d(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })

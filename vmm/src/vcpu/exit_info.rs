@@ -9,42 +9,18 @@ const KNOWN_GAPS: &[(&[u8], &str)] = &[
         &[0xcc],
         "int3: the guest kernel's int3 self-test; use the project's kernel patch",
     ),
-    (
-        &[0x9b],
-        "fwait: fpu__drop(); use the project's kernel patch",
-    ),
-    (
-        &[0x0f, 0x01, 0xca],
-        "clac: SMAP; clearcpuid=smap,smep (pvm template)",
-    ),
-    (
-        &[0x0f, 0x01, 0xcb],
-        "stac: SMAP; clearcpuid=smap,smep (pvm template)",
-    ),
-    (
-        &[0xf3, 0x0f, 0xb8],
-        "popcnt: clearcpuid=popcnt (pvm template)",
-    ),
-    (
-        &[0xf3, 0x48, 0x0f, 0xb8],
-        "popcnt: clearcpuid=popcnt (pvm template)",
-    ),
+    (&[0x9b], "fwait: fpu__drop(); use the project's kernel patch"),
+    (&[0x0f, 0x01, 0xca], "clac: SMAP; clearcpuid=smap,smep (pvm template)"),
+    (&[0x0f, 0x01, 0xcb], "stac: SMAP; clearcpuid=smap,smep (pvm template)"),
+    (&[0xf3, 0x0f, 0xb8], "popcnt: clearcpuid=popcnt (pvm template)"),
+    (&[0xf3, 0x48, 0x0f, 0xb8], "popcnt: clearcpuid=popcnt (pvm template)"),
     (
         &[0xdb, 0xe2],
         "fnclex: AMD FXSAVE-leak workaround; announce xsaveerptr (pvm template)",
     ),
-    (
-        &[0x0f, 0xae],
-        "fxsave/xsave/xrstor family: noxsave (pvm template)",
-    ),
-    (
-        &[0x48, 0x0f, 0xae],
-        "fxsave64/xrstor64: noxsave (pvm template)",
-    ),
-    (
-        &[0x48, 0x0f, 0xc7],
-        "cmpxchg16b: clearcpuid=cx16 (pvm template)",
-    ),
+    (&[0x0f, 0xae], "fxsave/xsave/xrstor family: noxsave (pvm template)"),
+    (&[0x48, 0x0f, 0xae], "fxsave64/xrstor64: noxsave (pvm template)"),
+    (&[0x48, 0x0f, 0xc7], "cmpxchg16b: clearcpuid=cx16 (pvm template)"),
     (
         &[0xf0, 0x48, 0x0f, 0xc7],
         "lock cmpxchg16b: clearcpuid=cx16 (pvm template)",
@@ -148,7 +124,10 @@ impl fmt::Display for VcpuStop {
                 )
             }
             VcpuStop::FailEntry { cpu, reason } => {
-                write!(f, "KVM could not enter the guest on vCPU {cpu}: hardware entry failure reason {reason:#x}")
+                write!(
+                    f,
+                    "KVM could not enter the guest on vCPU {cpu}: hardware entry failure reason {reason:#x}"
+                )
             }
             VcpuStop::RunFailed { cpu, error } => {
                 write!(f, "KVM_RUN failed on vCPU {cpu}: {error}")
@@ -191,9 +170,6 @@ mod tests {
             at: GuestLocation::default(),
         }
         .to_string();
-        assert!(
-            t.contains("triple fault on vCPU 1") && t.contains("unavailable"),
-            "{t}"
-        );
+        assert!(t.contains("triple fault on vCPU 1") && t.contains("unavailable"), "{t}");
     }
 }

@@ -6,9 +6,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -84,11 +82,7 @@ impl Vcpu {
         })
     }
 
-    fn ioctl<T>(
-        &self,
-        what: &'static str,
-        r: Result<T, kvm_ioctls::Error>,
-    ) -> Result<T, VcpuError> {
+    fn ioctl<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
         r.map_err(|source| VcpuError::Ioctl {
             cpu: self.index,
             what,
@@ -107,11 +101,7 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter(cpuid.as_mut_slice(), template, self.index, cpu_count);
-        for e in cpuid
-            .as_slice()
-            .iter()
-            .filter(|e| matches!(e.function, 1 | 7))
-        {
+        for e in cpuid.as_slice().iter().filter(|e| matches!(e.function, 1 | 7)) {
             debug!(
                 cpu = self.index,
                 "CPUID {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x} flags={:#x}",
@@ -130,11 +120,7 @@ impl Vcpu {
         let written = self.ioctl("MSRs", self.fd.set_msrs(&msrs))?;
         if written != msrs.as_slice().len() {
             // KVM stops at the first MSR it refuses; name it so it can be dropped.
-            let refused = msrs
-                .as_slice()
-                .get(written)
-                .map(|e| e.index)
-                .unwrap_or_default();
+            let refused = msrs.as_slice().get(written).map(|e| e.index).unwrap_or_default();
             warn!(
                 cpu = self.index,
                 "KVM accepted {written} of {} boot MSRs (refused {refused:#x})",
@@ -147,10 +133,7 @@ impl Vcpu {
         self.ioctl("LAPIC", self.fd.set_lapic(&lapic))?;
 
         if let Some(boot) = boot {
-            self.ioctl(
-                "registers",
-                self.fd.set_regs(&regs::boot_regs(boot.mode, boot.entry)),
-            )?;
+            self.ioctl("registers", self.fd.set_regs(&regs::boot_regs(boot.mode, boot.entry)))?;
             let mut sregs = self.ioctl("special registers (get)", self.fd.get_sregs())?;
             regs::setup_sregs(&self.memory, boot.mode, &mut sregs)?;
             self.ioctl("special registers", self.fd.set_sregs(&sregs))?;
@@ -161,11 +144,7 @@ impl Vcpu {
 
     /// Runs the vCPU on its own thread until it stops for good; the reason
     /// goes to `stops` and `stop_evt` wakes the main loop.
-    pub fn spawn(
-        mut self,
-        stops: Sender<VcpuStop>,
-        stop_evt: EventFd,
-    ) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(mut self, stops: Sender<VcpuStop>, stop_evt: EventFd) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -202,13 +181,9 @@ impl Vcpu {
                 Ok(VcpuExit::Hlt) => Ending::Stop(VcpuStop::Halted { cpu }),
                 Ok(VcpuExit::Shutdown) => Ending::TripleFault,
                 Ok(VcpuExit::InternalError) => Ending::InternalError,
-                Ok(VcpuExit::FailEntry(reason, _)) => {
-                    Ending::Stop(VcpuStop::FailEntry { cpu, reason })
-                }
+                Ok(VcpuExit::FailEntry(reason, _)) => Ending::Stop(VcpuStop::FailEntry { cpu, reason }),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
-                        Ending::Stop(VcpuStop::Reset)
-                    }
+                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Ending::Stop(VcpuStop::Reset),
                     KVM_SYSTEM_EVENT_CRASH => Ending::Stop(VcpuStop::GuestCrash { cpu }),
                     other => {
                         debug!(cpu, "ignoring system event {other}");

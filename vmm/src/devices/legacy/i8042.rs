@@ -53,10 +53,6 @@ mod tests {
         assert_eq!(evt.read().unwrap(), 1);
         let mut status = [0xaa];
         dev.read(4, &mut status);
-        assert_eq!(
-            status[0] & 0x02,
-            0,
-            "input buffer reads empty, so kb_wait finishes"
-        );
+        assert_eq!(status[0] & 0x02, 0, "input buffer reads empty, so kb_wait finishes");
     }
 }

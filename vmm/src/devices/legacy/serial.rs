@@ -78,10 +78,7 @@ mod tests {
     fn bytes_reach_the_output_and_raise_the_interrupt() {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let sink = Sink::default();
-        let mut s = SerialDevice::new(
-            EventFdTrigger(irq.try_clone().unwrap()),
-            Box::new(sink.clone()),
-        );
+        let mut s = SerialDevice::new(EventFdTrigger(irq.try_clone().unwrap()), Box::new(sink.clone()));
         s.write(1, &[0x02]); // IER: transmitter-empty interrupt on
         for b in b"hi" {
             s.write(0, &[*b]);

@@ -66,11 +66,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-    ) -> Self {
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
         MmioTransport {
             device,
             mem,
@@ -132,13 +128,11 @@ impl MmioTransport {
         if value & self.status != self.status {
             return self.needs_reset("driver cleared status bits without a reset");
         }
-        if added & status::FEATURES_OK != 0 {
-            if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-                // Leave FEATURES_OK unset: the driver reads it back and gives up.
-                warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
-                self.status = value & !status::FEATURES_OK;
-                return;
-            }
+        if added & status::FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // Leave FEATURES_OK unset: the driver reads it back and gives up.
+            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+            self.status = value & !status::FEATURES_OK;
+            return;
         }
         if added & status::DRIVER_OK != 0 {
             if value & status::FEATURES_OK == 0 {
@@ -156,11 +150,7 @@ impl MmioTransport {
                 return self.needs_reset(&format!("queue {i} has an invalid size or addresses"));
             }
         }
-        if let Err(e) = dev.activate(
-            self.mem.clone(),
-            self.interrupt.clone(),
-            self.acked_features,
-        ) {
+        if let Err(e) = dev.activate(self.mem.clone(), self.interrupt.clone(), self.acked_features) {
             self.needs_reset(&format!("activation failed: {e}"));
         }
     }
@@ -176,12 +166,8 @@ impl MmioTransport {
                 1 => (dev.avail_features() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => self
-                .with_selected_queue(dev, |q| q.max_size())
-                .map_or(0, u32::from),
-            reg::QUEUE_READY => self
-                .with_selected_queue(dev, |q| q.ready())
-                .map_or(0, u32::from),
+            reg::QUEUE_NUM_MAX => self.with_selected_queue(dev, |q| q.max_size()).map_or(0, u32::from),
+            reg::QUEUE_READY => self.with_selected_queue(dev, |q| q.ready()).map_or(0, u32::from),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -226,15 +212,41 @@ impl MmioTransport {
                     return self.needs_reset("queue written outside queue set-up");
                 }
                 let done = self.with_selected_queue(dev, |q| match offset {
-                    reg::QUEUE_NUM => q.set_size(value as u16),
-                    reg::QUEUE_READY => q.set_ready(value == 1),
-                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-                    reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-                    reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-                    reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-                    reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-                    _ => q.set_used_ring_address(None, Some(value)),
+                    // virtio-queue would keep the old size on a bad value; the
+                    // driver must learn that it broke the protocol instead.
+                    reg::QUEUE_NUM => u16::try_from(value).ok().and_then(|v| q.try_set_size(v).ok()).is_some(),
+                    reg::QUEUE_READY => {
+                        q.set_ready(value == 1);
+                        true
+                    }
+                    reg::QUEUE_DESC_LOW => {
+                        q.set_desc_table_address(Some(value), None);
+                        true
+                    }
+                    reg::QUEUE_DESC_HIGH => {
+                        q.set_desc_table_address(None, Some(value));
+                        true
+                    }
+                    reg::QUEUE_DRIVER_LOW => {
+                        q.set_avail_ring_address(Some(value), None);
+                        true
+                    }
+                    reg::QUEUE_DRIVER_HIGH => {
+                        q.set_avail_ring_address(None, Some(value));
+                        true
+                    }
+                    reg::QUEUE_DEVICE_LOW => {
+                        q.set_used_ring_address(Some(value), None);
+                        true
+                    }
+                    _ => {
+                        q.set_used_ring_address(None, Some(value));
+                        true
+                    }
                 });
+                if done == Some(false) {
+                    return self.needs_reset(&format!("invalid queue size {value}"));
+                }
                 if done.is_none() {
                     debug!("virtio-mmio: write to nonexistent queue {}", self.queue_sel);
                 }
@@ -262,7 +274,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32 bits wide and 32-bit aligned.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -283,9 +295,284 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_reg(&mut *dev, offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::guest_memory;
+    use crate::devices::virtio::ActivateError;
+    use event_manager::{EventOps, Events, MutEventSubscriber};
+    use virtio_queue::Queue;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct Dummy {
+        queues: Vec<Queue>,
+        events: Vec<EventFd>,
+        config: [u8; 8],
+        activated: Option<u64>,
+        resets: u32,
+    }
+
+    impl Dummy {
+        fn new() -> Self {
+            Dummy {
+                queues: vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()],
+                events: vec![EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+                config: *b"config!!",
+                activated: None,
+                resets: 0,
+            }
+        }
+    }
+
+    impl MutEventSubscriber for Dummy {
+        fn init(&mut self, _: &mut EventOps) {}
+        fn process(&mut self, _: Events, _: &mut EventOps) {}
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 0b101
+        }
+        fn queues(&self) -> &[Queue] {
+            &self.queues
+        }
+        fn queues_mut(&mut self) -> &mut [Queue] {
+            &mut self.queues
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if let Some(dst) = self.config.get_mut(offset as usize..offset as usize + data.len()) {
+                dst.copy_from_slice(data);
+            }
+        }
+        fn activate(&mut self, _: GuestMemoryMmap, _: Arc<Interrupt>, features: u64) -> Result<(), ActivateError> {
+            self.activated = Some(features);
+            Ok(())
+        }
+        fn is_activated(&self) -> bool {
+            self.activated.is_some()
+        }
+        fn reset(&mut self) {
+            self.activated = None;
+            self.resets += 1;
+        }
+    }
+
+    struct Rig {
+        t: MmioTransport,
+        dev: Arc<Mutex<Dummy>>,
+        irq: EventFd,
+    }
+
+    fn rig() -> Rig {
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(
+            dev.clone(),
+            guest_memory(),
+            Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+        );
+        Rig { t, dev, irq }
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Runs the driver side of negotiation up to FEATURES_OK with `features`.
+    fn negotiate(t: &mut MmioTransport, features: u64) {
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, features as u32);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, sel: u32, size: u32, base: u64) {
+        w(t, reg::QUEUE_SEL, sel);
+        w(t, reg::QUEUE_NUM, size);
+        w(t, reg::QUEUE_DESC_LOW, base as u32);
+        w(t, reg::QUEUE_DESC_HIGH, 0);
+        w(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        w(t, reg::QUEUE_DRIVER_HIGH, 0);
+        w(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        w(t, reg::QUEUE_DEVICE_HIGH, 0);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identification_registers() {
+        let mut x = rig();
+        assert_eq!(r(&mut x.t, reg::MAGIC), MMIO_MAGIC);
+        assert_eq!(r(&mut x.t, reg::VERSION), 2);
+        assert_eq!(r(&mut x.t, reg::DEVICE_ID), 42);
+        assert_eq!(r(&mut x.t, reg::VENDOR_ID), VENDOR_ID);
+        w(&mut x.t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 1);
+        w(&mut x.t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 0b101);
+        w(&mut x.t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn full_negotiation_activates_with_only_offered_features() {
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1 | 0b111 | (1 << 40));
+        assert_eq!(r(&mut x.t, reg::STATUS) & status::FEATURES_OK, status::FEATURES_OK);
+        w(&mut x.t, reg::QUEUE_SEL, 0);
+        assert_eq!(r(&mut x.t, reg::QUEUE_NUM_MAX), 16);
+        w(&mut x.t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut x.t, reg::QUEUE_NUM_MAX), 32);
+        w(&mut x.t, reg::QUEUE_SEL, 2);
+        assert_eq!(r(&mut x.t, reg::QUEUE_NUM_MAX), 0, "no third queue");
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        setup_queue(&mut x.t, 1, 32, 0x20000);
+        w(&mut x.t, reg::STATUS, OK);
+        assert_eq!(r(&mut x.t, reg::STATUS), OK);
+        assert_eq!(x.dev.lock().unwrap().activated, Some(VIRTIO_F_VERSION_1 | 0b101));
+    }
+
+    #[test]
+    fn driver_without_version_1_cannot_set_features_ok() {
+        let mut x = rig();
+        negotiate(&mut x.t, 0b1);
+        assert_eq!(r(&mut x.t, reg::STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn invalid_queue_marks_device_needing_reset() {
+        // A size that is not a power of two is refused when written.
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 3, 0x10000);
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        w(&mut x.t, reg::STATUS, OK);
+        assert!(x.dev.lock().unwrap().activated.is_none());
+        // A queue past the end of guest memory is refused at DRIVER_OK, and
+        // the driver is told through a configuration-change interrupt.
+        let mut y = rig();
+        negotiate(&mut y.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut y.t, 0, 16, 0xffff_0000);
+        w(&mut y.t, reg::STATUS, OK);
+        assert_ne!(r(&mut y.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(y.dev.lock().unwrap().activated.is_none());
+        assert_ne!(r(&mut y.t, reg::INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
+        assert!(y.irq.read().is_ok());
+    }
+
+    #[test]
+    fn protocol_violations_need_reset_but_never_panic() {
+        let mut x = rig();
+        // Queue set-up before FEATURES_OK.
+        w(&mut x.t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut x.t, reg::QUEUE_NUM, 8);
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // DRIVER_OK without FEATURES_OK.
+        let mut y = rig();
+        w(
+            &mut y.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_ne!(r(&mut y.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(y.dev.lock().unwrap().activated.is_none());
+        // Features after FEATURES_OK.
+        let mut z = rig();
+        negotiate(&mut z.t, VIRTIO_F_VERSION_1);
+        w(&mut z.t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_ne!(r(&mut z.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // Garbage everywhere.
+        let mut g = rig();
+        for off in (0..0x200u64).step_by(4) {
+            w(&mut g.t, off, 0xffff_ffff);
+            let _ = r(&mut g.t, off);
+        }
+    }
+
+    #[test]
+    fn reset_returns_to_the_initial_state() {
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        w(&mut x.t, reg::STATUS, OK);
+        w(&mut x.t, reg::STATUS, 0);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0);
+        let d = x.dev.lock().unwrap();
+        assert_eq!(d.resets, 1);
+        assert!(d.activated.is_none());
+        assert!(!d.queues[0].ready());
+    }
+
+    #[test]
+    fn config_space_and_generation() {
+        let mut x = rig();
+        let mut b = [0u8; 2];
+        x.t.read(CONFIG_OFFSET + 2, &mut b);
+        assert_eq!(&b, b"nf");
+        let gen0 = r(&mut x.t, reg::CONFIG_GENERATION);
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        w(&mut x.t, reg::STATUS, OK);
+        x.t.write(CONFIG_OFFSET, b"XY");
+        x.t.read(CONFIG_OFFSET, &mut b);
+        assert_eq!(&b, b"XY");
+        assert_ne!(r(&mut x.t, reg::CONFIG_GENERATION), gen0);
+        // Past the end of config space: zeros, no panic.
+        let mut big = [0xffu8; 8];
+        x.t.read(CONFIG_OFFSET + 0xe00, &mut big);
+        assert_eq!(big, [0; 8]);
+    }
+
+    #[test]
+    fn odd_accesses_and_notify_without_ioeventfd() {
+        let mut x = rig();
+        let mut b = [0xffu8; 2];
+        x.t.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0], "16-bit register read is refused");
+        x.t.write(reg::STATUS, &[1, 0]);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0, "16-bit register write is ignored");
+        w(&mut x.t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(x.dev.lock().unwrap().events[1].read().unwrap(), 1);
+        w(&mut x.t, reg::QUEUE_NOTIFY, 99);
+    }
+
+    #[test]
+    fn interrupt_ack_clears_status() {
+        let x = rig();
+        x.t.interrupt.trigger(super::super::INTERRUPT_USED_BUFFER);
+        let mut t = x.t;
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+        w(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
     }
 }

@@ -141,11 +141,7 @@ pub(crate) mod test_utils {
 
     /// A queue holding `chains`, each a list of (address, length, flags)
     /// linked with NEXT flags, placed one after another in the table.
-    pub fn queue_with_chains(
-        mem: &GuestMemoryMmap,
-        size: u16,
-        chains: &[Vec<(u64, u32, u16)>],
-    ) -> Queue {
+    pub fn queue_with_chains(mem: &GuestMemoryMmap, size: u16, chains: &[Vec<(u64, u32, u16)>]) -> Queue {
         let mock = MockSplitQueue::new(mem, size);
         let mut offset = 0u16;
         for parts in chains {

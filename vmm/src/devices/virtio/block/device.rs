@@ -10,12 +10,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::request::{
-    self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-};
+use super::request::{self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -42,10 +39,7 @@ pub struct BlockConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("cannot open the disk image {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    Open { path: String, source: std::io::Error },
     #[error("the disk image {0} is empty")]
     Empty(String),
     #[error("cannot create the queue event: {0}")]
@@ -107,8 +101,7 @@ impl Block {
             capacity_sectors,
             id,
             config_space,
-            queues: vec![Queue::new(QUEUE_SIZE)
-                .map_err(|e| BlockError::EventFd(std::io::Error::other(e.to_string())))?],
+            queues: vec![Queue::new(QUEUE_SIZE).map_err(|e| BlockError::EventFd(std::io::Error::other(e.to_string())))?],
             queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
             active: None,
         })
@@ -149,11 +142,7 @@ impl Block {
 /// Runs one descriptor chain and returns the bytes written to the guest
 /// (data plus status). A chain without room for a status byte cannot be
 /// answered and is returned with length 0.
-fn process_chain(
-    disk: &Disk<'_>,
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> u32 {
+fn process_chain(disk: &Disk<'_>, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
     let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => {
@@ -173,14 +162,7 @@ fn process_chain(
         Err(_) => (VIRTIO_BLK_S_IOERR, 0),
         Ok(header) => {
             let readable = reader.available_bytes();
-            match request::execute(
-                disk,
-                &header,
-                &mut reader,
-                readable,
-                &mut writer,
-                writable - 1,
-            ) {
+            match request::execute(disk, &header, &mut reader, readable, &mut writer, writable - 1) {
                 Ok(n) => (VIRTIO_BLK_S_OK, n),
                 Err(e) => {
                     debug!("virtio-blk: request failed: {e}");
@@ -364,10 +346,7 @@ mod tests {
         let chain = vec![(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, WRITE)];
         let r = rig_on(mem, img.path(), false, &[chain]);
         assert_eq!(status(&r), VIRTIO_BLK_S_OK);
-        assert_eq!(
-            &std::fs::read(img.path()).unwrap()[512..1024],
-            &[0x5a; 512][..]
-        );
+        assert_eq!(&std::fs::read(img.path()).unwrap()[512..1024], &[0x5a; 512][..]);
     }
 
     #[test]
@@ -405,11 +384,7 @@ mod tests {
         assert_eq!(used(&r, 1).len(), 0, "no status byte");
         assert_eq!(used(&r, 2).len(), 1, "short header: IOERR status only");
         assert_eq!(used(&r, 5).len(), 513);
-        assert_eq!(
-            status(&r),
-            VIRTIO_BLK_S_OK,
-            "the last, valid request succeeded"
-        );
+        assert_eq!(status(&r), VIRTIO_BLK_S_OK, "the last, valid request succeeded");
     }
 
     #[test]
@@ -426,27 +401,17 @@ mod tests {
         let mock = virtio_queue::mock::MockSplitQueue::new(&mem, 16);
         let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
         use virtio_queue::desc::{split::Descriptor as D, RawDescriptor as R};
-        mock.desc_table()
-            .store(0, R::from(D::new(HDR, 16, next, 1)))
-            .unwrap();
+        mock.desc_table().store(0, R::from(D::new(HDR, 16, next, 1))).unwrap();
         mock.desc_table()
             .store(1, R::from(D::new(STATUS, 1, next | WRITE, 0)))
             .unwrap();
-        mock.avail().ring().ref_at(0).unwrap().store(0u16.into());
-        mock.avail().idx().store(1u16.into());
+        mock.avail().ring().ref_at(0).unwrap().store(0u16);
+        mock.avail().idx().store(1u16);
         dev.queues[0] = mock.create_queue().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        dev.activate(
-            mem.clone(),
-            Arc::new(Interrupt::new(irq)),
-            VIRTIO_F_VERSION_1,
-        )
-        .unwrap();
-        assert_eq!(
-            dev.queues[0].next_used(),
-            1,
-            "the looping chain was returned"
-        );
+        dev.activate(mem.clone(), Arc::new(Interrupt::new(irq)), VIRTIO_F_VERSION_1)
+            .unwrap();
+        assert_eq!(dev.queues[0].next_used(), 1, "the looping chain was returned");
     }
 
     #[test]

@@ -3,4 +3,4 @@
 mod device;
 pub mod request;
 
-pub use device::{Block, BlockConfig};
+pub use device::{Block, BlockConfig, BlockError};

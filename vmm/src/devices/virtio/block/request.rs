@@ -56,11 +56,7 @@ pub enum RequestError {
     #[error("transfer of {0} bytes is larger than the limit")]
     TooLarge(usize),
     #[error("sectors {start}..+{count} reach past the end of the disk ({capacity} sectors)")]
-    OutOfRange {
-        start: u64,
-        count: u64,
-        capacity: u64,
-    },
+    OutOfRange { start: u64, count: u64, capacity: u64 },
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("request type {0} is not supported")]
@@ -95,7 +91,7 @@ pub fn check_range(sector: u64, len: usize, capacity: u64) -> Result<(), Request
     if len > MAX_REQUEST_BYTES {
         return Err(RequestError::TooLarge(len));
     }
-    if len as u64 % SECTOR_SIZE != 0 {
+    if !(len as u64).is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(len));
     }
     let count = len as u64 / SECTOR_SIZE;
@@ -129,9 +125,7 @@ pub fn execute<R: Read, W: Write>(
         VIRTIO_BLK_T_IN => {
             check_range(sector, writable_len, disk.capacity_sectors)?;
             let mut buf = vec![0u8; writable_len];
-            disk.file
-                .read_exact_at(&mut buf, sector * SECTOR_SIZE)
-                .map_err(io)?;
+            disk.file.read_exact_at(&mut buf, sector * SECTOR_SIZE).map_err(io)?;
             writer
                 .write_all(&buf)
                 .map_err(|e| RequestError::GuestBuffer(e.to_string()))?;
@@ -146,9 +140,7 @@ pub fn execute<R: Read, W: Write>(
             reader
                 .read_exact(&mut buf)
                 .map_err(|e| RequestError::GuestBuffer(e.to_string()))?;
-            disk.file
-                .write_all_at(&buf, sector * SECTOR_SIZE)
-                .map_err(io)?;
+            disk.file.write_all_at(&buf, sector * SECTOR_SIZE).map_err(io)?;
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -173,9 +165,7 @@ pub fn execute<R: Read, W: Write>(
                 return Err(RequestError::BadSegment);
             }
             let mut raw = [0u8; std::mem::size_of::<DiscardSegment>()];
-            reader
-                .read_exact(&mut raw)
-                .map_err(|_| RequestError::BadSegment)?;
+            reader.read_exact(&mut raw).map_err(|_| RequestError::BadSegment)?;
             let seg = DiscardSegment::from_slice(&raw).ok_or(RequestError::BadSegment)?;
             let start = seg.sector.to_native();
             let count = u64::from(seg.num_sectors.to_native());
@@ -200,14 +190,7 @@ pub fn execute<R: Read, W: Write>(
             };
             // SAFETY: fallocate on a file descriptor we own, with a range
             // checked to lie inside the file; it touches no user memory.
-            let r = unsafe {
-                libc::fallocate(
-                    disk.file.as_raw_fd(),
-                    mode,
-                    (start * SECTOR_SIZE) as i64,
-                    len as i64,
-                )
-            };
+            let r = unsafe { libc::fallocate(disk.file.as_raw_fd(), mode, (start * SECTOR_SIZE) as i64, len as i64) };
             if r != 0 {
                 return Err(io(std::io::Error::last_os_error()));
             }
@@ -224,9 +207,7 @@ mod tests {
 
     fn disk_file(sectors: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let data: Vec<u8> = (0..sectors * SECTOR_SIZE)
-            .map(|i| (i / SECTOR_SIZE) as u8)
-            .collect();
+        let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(f.path(), data).unwrap();
         f
     }
@@ -301,11 +282,7 @@ mod tests {
             read_only: true,
             id: &ID,
         };
-        for t in [
-            VIRTIO_BLK_T_OUT,
-            VIRTIO_BLK_T_DISCARD,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-        ] {
+        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
             let e = execute(
                 &d,
                 &hdr(t, 0),
@@ -342,12 +319,7 @@ mod tests {
             id: &ID,
         };
         let mut out = Vec::new();
-        let cases = [
-            (3u64, 1024usize),
-            (4, 512),
-            (u64::MAX, 512),
-            (u64::MAX / 512, 1024),
-        ];
+        let cases = [(3u64, 1024usize), (4, 512), (u64::MAX, 512), (u64::MAX / 512, 1024)];
         for (sector, len) in cases {
             let e = execute(
                 &d,
@@ -358,20 +330,9 @@ mod tests {
                 len,
             )
             .unwrap_err();
-            assert!(
-                matches!(e, RequestError::OutOfRange { .. }),
-                "{sector} {len}: {e}"
-            );
+            assert!(matches!(e, RequestError::OutOfRange { .. }), "{sector} {len}: {e}");
         }
-        let e = execute(
-            &d,
-            &hdr(VIRTIO_BLK_T_IN, 0),
-            &mut Cursor::new(vec![]),
-            0,
-            &mut out,
-            100,
-        )
-        .unwrap_err();
+        let e = execute(&d, &hdr(VIRTIO_BLK_T_IN, 0), &mut Cursor::new(vec![]), 0, &mut out, 100).unwrap_err();
         assert_eq!(e, RequestError::Unaligned(100));
         let e = execute(
             &d,
@@ -443,10 +404,7 @@ mod tests {
         .unwrap();
         let all = std::fs::read(f.path()).unwrap();
         assert!(all[1024..2048].iter().all(|b| *b == 0));
-        assert!(
-            all[2048..2560].iter().all(|b| *b == 4),
-            "neighbours untouched"
-        );
+        assert!(all[2048..2560].iter().all(|b| *b == 4), "neighbours untouched");
         assert_eq!(all.len(), 8 * 512, "size kept");
         let bad = DiscardSegment {
             sector: 7.into(),

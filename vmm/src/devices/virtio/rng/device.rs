@@ -185,23 +185,15 @@ mod tests {
     fn fills_writable_buffers() {
         let mem = guest_memory();
         let mock = MockSplitQueue::new(&mem, 16);
-        let descs = [RawDescriptor::from(SplitDescriptor::new(
-            0x10_0000, 4096, WRITE, 0,
-        ))];
+        let descs = [RawDescriptor::from(SplitDescriptor::new(0x10_0000, 4096, WRITE, 0))];
         mock.add_desc_chains(&descs, 0).unwrap();
         let (mut rng, irq) = activated(&mem, &mock);
-        assert!(
-            irq.read().unwrap() >= 1,
-            "activation served the pending request"
-        );
+        assert!(irq.read().unwrap() >= 1, "activation served the pending request");
         let used: VirtqUsedElem = mem.read_obj(mock.used_addr().unchecked_add(4)).unwrap();
         assert_eq!(used.len(), 4096);
         let mut out = vec![0u8; 4096];
         mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
-        assert!(
-            out.iter().filter(|b| **b != 0).count() > 3000,
-            "bytes look random"
-        );
+        assert!(out.iter().filter(|b| **b != 0).count() > 3000, "bytes look random");
         assert!(!rng.process_queue(), "nothing more to do");
     }
 
