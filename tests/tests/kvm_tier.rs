@@ -46,11 +46,11 @@ fn guest_enters_long_mode_and_reads_boot_params() {
 #[test]
 fn template_params_are_appended_to_the_users_cmdline() {
     require_kvm();
-    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm"]);
+    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm", "--no-rng"]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("cmdline: mine noxsave clearcpuid="), "{stdout}");
     assert!(stdout.contains(" bulkhead.no_int3_selftest\n"), "{stdout}");
-    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host"]);
+    let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host", "--no-rng"]);
     assert!(text(&out.stdout).contains("cmdline: mine\n"), "{}", text(&out.stdout));
 }
 
@@ -136,7 +136,7 @@ fn json_config_boots_and_flags_override_it() {
     let cfg = dir.path().join("vm.json");
     std::fs::write(
         &cfg,
-        format!(r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120}}"#),
+        format!(r#"{{"kernel":"{LONG_MODE}","cmdline":"from-json","mem_mib":32,"timeout_secs":120,"rng":false}}"#),
     )
     .unwrap();
     let out = run_vmm(["--config", cfg.to_str().unwrap(), "--cpu-template", "host"]);
@@ -163,4 +163,71 @@ fn several_vcpus_start_and_the_boot_cpu_runs() {
     let out = boot(SERIAL_RESET, &["--vcpus", "4"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("kvm-tier: hello"));
+}
+
+#[test]
+fn virtio_devices_are_announced_on_the_cmdline() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let disk_arg = format!("{},ro", disk.display());
+    let uds = dir.path().join("v.sock");
+    let vsock_arg = format!("3,{}", uds.display());
+    let out = boot(
+        LONG_MODE,
+        &[
+            "--cmdline",
+            "x",
+            "--cpu-template",
+            "host",
+            "--disk",
+            &disk_arg,
+            "--vsock",
+            &vsock_arg,
+        ],
+    );
+    let stdout = text(&out.stdout);
+    // Disk, vsock, rng: one MMIO page and one interrupt line each, in order.
+    assert!(
+        stdout.contains(
+            "cmdline: x virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7\n"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!uds.exists(), "the vsock socket was left behind");
+}
+
+#[test]
+fn termination_signal_stops_the_vmm_and_cleans_up() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut child = std::process::Command::new(bulkhead_tests::vmm_bin())
+        .args(["--kernel", SPIN, "--mem-mib", "32", "--timeout", "120", "--vsock"])
+        .arg(format!("3,{}", uds.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The socket appears once the devices exist; the guest then spins.
+    for _ in 0..600 {
+        if uds.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(uds.exists(), "the VMM never created its vsock socket");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    assert!(!uds.exists(), "the vsock socket was left behind");
 }

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -27,7 +27,9 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
 use crate::host::HostKind;
+use crate::signals::{self, TerminationSignals};
 use crate::vcpu::exit_info::VcpuStop;
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -80,6 +82,8 @@ fn event_loop_err(e: impl std::fmt::Display) -> VmmError {
 pub enum Stopped {
     Guest(VcpuStop),
     Timeout(u64),
+    /// SIGINT, SIGTERM or SIGHUP reached the VMM.
+    Signal(i32),
 }
 
 impl Stopped {
@@ -91,6 +95,7 @@ impl Stopped {
             Stopped::Guest(VcpuStop::InternalError { .. }) => 3,
             Stopped::Guest(VcpuStop::TripleFault { .. }) => 4,
             Stopped::Timeout(_) => 5,
+            Stopped::Signal(sig) => 128 + *sig as u8,
             Stopped::Guest(_) => 1,
         }
     }
@@ -107,6 +112,7 @@ impl std::fmt::Display for Stopped {
             Stopped::Timeout(secs) => {
                 write!(f, "the guest did not finish within the {secs} s timeout")
             }
+            Stopped::Signal(sig) => write!(f, "stopped by {}", signals::name(*sig)),
         }
     }
 }
@@ -143,26 +149,36 @@ impl BootPlan {
     }
 }
 
-/// Creates the configured virtio devices, puts them on the MMIO bus, and
-/// returns them as event-loop subscribers.
-fn create_virtio_devices(config: &VmConfig, vm: &Vm, devices: &mut DeviceManager) -> Result<Vec<Subscriber>, VmmError> {
-    let mut subscribers: Vec<Subscriber> = Vec::new();
+/// The VM's virtio devices, seen as event sources and as devices.
+#[derive(Default)]
+struct VirtioDevices {
+    subscribers: Vec<Subscriber>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+}
+
+impl VirtioDevices {
+    fn add<D: VirtioDevice + 'static>(&mut self, vm: &Vm, manager: &mut DeviceManager, dev: D) -> Result<(), VmmError> {
+        let dev = Arc::new(Mutex::new(dev));
+        manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
+        self.subscribers.push(dev.clone());
+        self.devices.push(dev);
+        Ok(())
+    }
+}
+
+/// Creates the configured virtio devices and puts them on the MMIO bus.
+fn create_virtio_devices(config: &VmConfig, vm: &Vm, manager: &mut DeviceManager) -> Result<VirtioDevices, VmmError> {
+    let mut all = VirtioDevices::default();
     for disk in &config.disks {
-        let dev = Arc::new(Mutex::new(Block::new(disk)?));
-        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
-        subscribers.push(dev);
+        all.add(vm, manager, Block::new(disk)?)?;
     }
     if let Some(v) = &config.vsock {
-        let dev = Arc::new(Mutex::new(Vsock::new(v)?));
-        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
-        subscribers.push(dev);
+        all.add(vm, manager, Vsock::new(v)?)?;
     }
     if config.rng {
-        let dev = Arc::new(Mutex::new(Rng::new().map_err(VmmError::Rng)?));
-        devices.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
-        subscribers.push(dev);
+        all.add(vm, manager, Rng::new().map_err(VmmError::Rng)?)?;
     }
-    Ok(subscribers)
+    Ok(all)
 }
 
 fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {
@@ -196,7 +212,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     let mem_size = u64::from(config.mem_mib) << 20;
     let vm = Vm::create(mem_size)?;
     let mut devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
-    let device_subscribers = create_virtio_devices(config, &vm, &mut devices)?;
+    let mut virtio = create_virtio_devices(config, &vm, &mut devices)?;
     let plan = BootPlan::new(config, host, devices.cmdline_entries())?;
     info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
 
@@ -257,7 +273,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     )?));
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(event_loop_err)?;
     events.add_subscriber(watcher.clone());
-    for sub in device_subscribers {
+    for sub in virtio.subscribers.drain(..) {
         events.add_subscriber(sub);
     }
 
@@ -275,6 +291,10 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
             break s;
         }
     };
+    // vCPU threads still hold the devices, so nothing is dropped yet.
+    for dev in &virtio.devices {
+        lock(dev).release_host_resources();
+    }
     devices.flush_serial();
     let outcome = RunOutcome {
         stopped,
@@ -288,6 +308,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
 
 /// The main loop's one subscriber: guest reset, vCPU stops, timeout.
 struct ExitWatcher {
+    signals: TerminationSignals,
     reset_evt: EventFd,
     stop_evt: EventFd,
     stops: Receiver<VcpuStop>,
@@ -312,6 +333,7 @@ impl ExitWatcher {
             None => None,
         };
         Ok(ExitWatcher {
+            signals: TerminationSignals::block().map_err(event_loop_err)?,
             reset_evt: devices
                 .reset_evt
                 .try_clone()
@@ -330,7 +352,11 @@ impl ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![self.reset_evt.as_raw_fd(), self.stop_evt.as_raw_fd()];
+        let mut fds = vec![
+            self.signals.as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+            self.stop_evt.as_raw_fd(),
+        ];
         if let Some((t, _)) = &self.timer {
             fds.push(t.as_raw_fd());
         }
@@ -343,7 +369,11 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.reset_evt.as_raw_fd() {
+        if fd == self.signals.as_raw_fd() {
+            if let Some(sig) = self.signals.read() {
+                self.settle(Stopped::Signal(sig));
+            }
+        } else if fd == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             self.settle(Stopped::Guest(VcpuStop::Reset));
         } else if fd == self.stop_evt.as_raw_fd() {

@@ -106,6 +106,9 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn is_activated(&self) -> bool;
     /// Stops processing and returns the device to its initial state.
     fn reset(&mut self);
+    /// Gives back host resources (sockets, files) when the VM ends; vCPU
+    /// threads may still hold the device, so `Drop` would come too late.
+    fn release_host_resources(&mut self) {}
 }
 
 /// Reads `data.len()` bytes at `offset` of a byte array (a config space),
