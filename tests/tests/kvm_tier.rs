@@ -205,7 +205,7 @@ fn termination_signal_stops_the_vmm_and_cleans_up() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
-    let mut child = std::process::Command::new(bulkhead_tests::vmm_bin())
+    let child = std::process::Command::new(bulkhead_tests::vmm_bin())
         .args(["--kernel", SPIN, "--mem-mib", "32", "--timeout", "120", "--vsock"])
         .arg(format!("3,{}", uds.display()))
         .stdout(std::process::Stdio::null())
