@@ -821,3 +821,89 @@ fn activation_needs_all_queues() {
         .unwrap_err();
     assert_eq!(err, crate::devices::virtio::ActivateError::BadQueue(1));
 }
+
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A benchmark, not a check: bytes per CPU-second through the device and
+/// its Unix-socket side, with this test playing both the guest driver (mock
+/// queues, 4 KiB rx buffers as Linux posts them, 64 KiB tx packets) and the
+/// host peer. The CPU time is the whole process's, so it includes both.
+///   cargo test --release -p bulkhead-vmm --lib vsock_throughput -- --ignored --nocapture
+#[test]
+#[ignore]
+fn vsock_throughput() {
+    const TOTAL: usize = 256 << 20;
+    // Host to guest.
+    let mut r = Rig::new();
+    let (mut s, host_port) = r.established(1024, u32::MAX / 2);
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0xabu8; 64 * 1024];
+    let (mut sent, mut got) = (0usize, 0usize);
+    let start = cpu_time();
+    // Keep 128 rx buffers posted, re-posting as many as come back.
+    let mut repost = 128;
+    while got < TOTAL {
+        while sent < TOTAL {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        r.post_rx(repost);
+        let packets = r.recv();
+        repost = packets.len();
+        got += packets
+            .iter()
+            .filter(|(h, _)| h.op == Op::Rw)
+            .map(|(_, d)| d.len())
+            .sum::<usize>();
+    }
+    let h2g = cpu_time() - start;
+    println!(
+        "vsock host->guest: {:.0} MiB/CPU-s ({} MiB)",
+        (got >> 20) as f64 / h2g.as_secs_f64(),
+        got >> 20
+    );
+    drop(s);
+
+    // Guest to host, staying inside the device's advertised credit.
+    let mut r = Rig::new();
+    let (mut s, host_port2) = r.established(1025, CONN_BUF_ALLOC);
+    let _ = host_port;
+    s.set_nonblocking(true).unwrap();
+    let payload = vec![0x5au8; 64 * 1024];
+    let (mut sent, mut got) = (0usize, 0usize);
+    let mut buf = vec![0u8; 256 * 1024];
+    let start = cpu_time();
+    while got < TOTAL {
+        // Two packets (128 KiB) in flight, then drain the host side.
+        for _ in 0..2 {
+            let mut h = gh(Op::Rw, 1025, host_port2);
+            h.len = payload.len() as u32;
+            h.fwd_cnt = 0;
+            r.queue_tx(&h, &payload);
+            sent += payload.len();
+        }
+        r.notify(1);
+        while got < sent {
+            match s.read(&mut buf) {
+                Ok(0) => panic!("host stream closed"),
+                Ok(n) => got += n,
+                Err(_) => r.pump(),
+            }
+        }
+        r.post_rx(8);
+        let _ = r.recv();
+    }
+    let g2h = cpu_time() - start;
+    println!(
+        "vsock guest->host: {:.0} MiB/CPU-s ({} MiB)",
+        (got >> 20) as f64 / g2h.as_secs_f64(),
+        got >> 20
+    );
+}
