@@ -75,6 +75,19 @@ impl Interrupt {
     }
 }
 
+/// What an activated device works with: guest memory and its interrupt.
+pub struct ActiveState {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl ActiveState {
+    /// Tells the driver that buffers came back in a used ring.
+    pub fn signal_used(&self) {
+        self.interrupt.trigger(INTERRUPT_USED_BUFFER);
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ActivateError {
     #[error("queue {0} is not ready or not valid in guest memory")]

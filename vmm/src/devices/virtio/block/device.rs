@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -46,11 +46,6 @@ pub enum BlockError {
     EventFd(std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-}
-
 pub struct Block {
     file: File,
     read_only: bool,
@@ -59,7 +54,7 @@ pub struct Block {
     config_space: [u8; CONFIG_LEN],
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
-    active: Option<Active>,
+    active: Option<ActiveState>,
 }
 
 impl Block {
@@ -134,7 +129,7 @@ impl Block {
 
     fn signal(&self) {
         if let Some(a) = &self.active {
-            a.interrupt.trigger(INTERRUPT_USED_BUFFER);
+            a.signal_used();
         }
     }
 }
@@ -211,7 +206,7 @@ impl VirtioDevice for Block {
         if !self.queues[0].ready() {
             return Err(ActivateError::BadQueue(0));
         }
-        self.active = Some(Active { mem, interrupt });
+        self.active = Some(ActiveState { mem, interrupt });
         if self.process_queue() {
             self.signal();
         }

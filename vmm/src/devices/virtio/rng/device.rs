@@ -7,24 +7,17 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_RNG, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes handed out per request at most, so one request cannot make the
 /// event loop spend long in getrandom.
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-}
-
 pub struct Rng {
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
-    active: Option<Active>,
+    active: Option<ActiveState>,
 }
 
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -119,7 +112,7 @@ impl VirtioDevice for Rng {
         if !self.queues[0].ready() {
             return Err(ActivateError::BadQueue(0));
         }
-        self.active = Some(Active { mem, interrupt });
+        self.active = Some(ActiveState { mem, interrupt });
         // Requests may have been queued before the driver's first notification.
         if self.process_queue() {
             self.signal();
@@ -137,7 +130,7 @@ impl VirtioDevice for Rng {
 impl Rng {
     fn signal(&self) {
         if let Some(a) = &self.active {
-            a.interrupt.trigger(INTERRUPT_USED_BUFFER);
+            a.signal_used();
         }
     }
 }

@@ -12,7 +12,7 @@ use super::muxer::Muxer;
 use super::packet::{parse_header, Op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD};
 use super::{VsockConfig, VsockError};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -20,11 +20,6 @@ pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
 pub const EVQ: usize = 2;
 const NUM_QUEUES: usize = 3;
-
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-}
 
 pub struct Vsock {
     /// `struct virtio_vsock_config`: the guest CID as le64.
@@ -34,7 +29,7 @@ pub struct Vsock {
     /// Wakes the event loop when state changed outside it (activation,
     /// reset), so that fd registrations are brought up to date.
     kick: EventFd,
-    active: Option<Active>,
+    active: Option<ActiveState>,
     muxer: Muxer,
     tx_payload: Vec<u8>,
     rx_payload: Vec<u8>,
@@ -197,7 +192,7 @@ impl Vsock {
 
     fn signal(&self) {
         if let Some(a) = &self.active {
-            a.interrupt.trigger(INTERRUPT_USED_BUFFER);
+            a.signal_used();
         }
     }
 
@@ -271,7 +266,7 @@ impl VirtioDevice for Vsock {
         if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
             return Err(ActivateError::BadQueue(i));
         }
-        self.active = Some(Active { mem, interrupt });
+        self.active = Some(ActiveState { mem, interrupt });
         // Host connections may have queued REQUESTs before the driver came.
         let notify = self.process_tx() | self.process_rx();
         if notify {
