@@ -153,7 +153,20 @@ impl BootPlan {
 #[derive(Default)]
 struct VirtioDevices {
     subscribers: Vec<Subscriber>,
-    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    devices: ReleaseOnDrop,
+}
+
+/// Gives the devices' host resources back on every way out of `run`: vCPU
+/// threads keep the devices alive, so their own `Drop` would come too late.
+#[derive(Default)]
+struct ReleaseOnDrop(Vec<Arc<Mutex<dyn VirtioDevice>>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        for dev in &self.0 {
+            lock(dev).release_host_resources();
+        }
+    }
 }
 
 impl VirtioDevices {
@@ -161,7 +174,7 @@ impl VirtioDevices {
         let dev = Arc::new(Mutex::new(dev));
         manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
         self.subscribers.push(dev.clone());
-        self.devices.push(dev);
+        self.devices.0.push(dev);
         Ok(())
     }
 }
@@ -203,6 +216,9 @@ fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {
 /// Validates `config`, boots the VM and blocks until it ends.
 pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     config.validate()?;
+    // Before anything that leaves state behind (the vsock socket): from here
+    // on a termination signal ends the run through the normal exit path.
+    let signals = TerminationSignals::block().map_err(event_loop_err)?;
     let host = HostKind::detect();
     if host == HostKind::NoKvm {
         return Err(VmmError::NoKvm(
@@ -266,6 +282,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     let (stop_tx, stop_rx) = channel();
     let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(event_loop_err)?;
     let watcher = Arc::new(Mutex::new(ExitWatcher::new(
+        signals,
         &devices,
         stop_evt.try_clone().map_err(event_loop_err)?,
         stop_rx,
@@ -291,10 +308,6 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
             break s;
         }
     };
-    // vCPU threads still hold the devices, so nothing is dropped yet.
-    for dev in &virtio.devices {
-        lock(dev).release_host_resources();
-    }
     devices.flush_serial();
     let outcome = RunOutcome {
         stopped,
@@ -318,6 +331,7 @@ struct ExitWatcher {
 
 impl ExitWatcher {
     fn new(
+        signals: TerminationSignals,
         devices: &DeviceManager,
         stop_evt: EventFd,
         stops: Receiver<VcpuStop>,
@@ -333,7 +347,7 @@ impl ExitWatcher {
             None => None,
         };
         Ok(ExitWatcher {
-            signals: TerminationSignals::block().map_err(event_loop_err)?,
+            signals,
             reset_evt: devices
                 .reset_evt
                 .try_clone()

@@ -149,7 +149,14 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let stop = self.run_loop();
+                // Test and debug builds unwind; the main loop must still hear.
+                let stop =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop())).unwrap_or_else(|_| {
+                        VcpuStop::RunFailed {
+                            cpu: index,
+                            error: "the vCPU thread panicked".into(),
+                        }
+                    });
                 debug!(cpu = index, "vCPU stopped: {stop}");
                 // The main loop may already be gone; nothing is left to tell.
                 let _ = stops.send(stop);

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
@@ -92,13 +92,15 @@ impl MmioTransport {
         dev.queues_mut().get_mut(self.queue_sel as usize).map(f)
     }
 
-    /// Queue set-up is only legal between FEATURES_OK and DRIVER_OK.
+    /// Queues may change until DRIVER_OK. (Linux also writes QueueReady=0
+    /// after a reset, when tearing queues down, so status 0 is allowed.)
     fn queue_setup_allowed(&self) -> bool {
-        self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
+        self.status & status::DRIVER_OK == 0
     }
 
     fn needs_reset(&mut self, why: &str) {
-        warn!("virtio-mmio: {why}; device needs reset");
+        // Guest-triggered, so not above debug: a guest must not flood the log.
+        debug!("virtio-mmio: {why}; device needs reset");
         self.status |= status::DEVICE_NEEDS_RESET;
         if self.status & status::DRIVER_OK != 0 {
             self.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
@@ -130,8 +132,8 @@ impl MmioTransport {
         }
         if added & status::FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
             // Leave FEATURES_OK unset: the driver reads it back and gives up.
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
-            self.status = value & !status::FEATURES_OK;
+            debug!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+            self.status = value & !(status::FEATURES_OK | status::DRIVER_OK);
             return;
         }
         if added & status::DRIVER_OK != 0 {
@@ -267,6 +269,12 @@ impl MmioTransport {
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The guest's interrupt handler must not wait for the device's
+        // event-loop work; the interrupt state has its own lock-free home.
+        if offset == reg::INTERRUPT_STATUS && data.len() == 4 {
+            data.copy_from_slice(&self.interrupt.status().to_le_bytes());
+            return;
+        }
         let device = self.device.clone();
         let mut dev = lock(&device);
         if offset >= CONFIG_OFFSET {
@@ -283,6 +291,12 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == reg::INTERRUPT_ACK {
+            if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+                self.interrupt.ack(u32::from_le_bytes(bytes));
+            }
+            return;
+        }
         let device = self.device.clone();
         let mut dev = lock(&device);
         if offset >= CONFIG_OFFSET {
@@ -493,8 +507,10 @@ mod tests {
     #[test]
     fn protocol_violations_need_reset_but_never_panic() {
         let mut x = rig();
-        // Queue set-up before FEATURES_OK.
-        w(&mut x.t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        // Queue changes once the device runs.
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        w(&mut x.t, reg::STATUS, OK);
         w(&mut x.t, reg::QUEUE_NUM, 8);
         assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         // DRIVER_OK without FEATURES_OK.
@@ -531,6 +547,42 @@ mod tests {
         assert_eq!(d.resets, 1);
         assert!(d.activated.is_none());
         assert!(!d.queues[0].ready());
+    }
+
+    #[test]
+    fn linux_queue_teardown_after_reset_is_accepted() {
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        w(&mut x.t, reg::STATUS, OK);
+        // virtio_reset_device(), then del_vqs: QueueSel + QueueReady=0 at status 0.
+        w(&mut x.t, reg::STATUS, 0);
+        w(&mut x.t, reg::QUEUE_SEL, 0);
+        w(&mut x.t, reg::QUEUE_READY, 0);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0);
+        assert_eq!(r(&mut x.t, reg::QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn interrupt_registers_do_not_wait_for_the_device() {
+        let x = rig();
+        let held = x.dev.lock().unwrap();
+        x.t.interrupt.trigger(super::super::INTERRUPT_USED_BUFFER);
+        let mut t = x.t;
+        // The device lock is held (as during queue processing) and yet:
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+        w(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        drop(held);
+    }
+
+    #[test]
+    fn features_ok_and_driver_ok_together_without_version_1() {
+        let mut x = rig();
+        w(&mut x.t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut x.t, reg::STATUS, OK);
+        assert_eq!(r(&mut x.t, reg::STATUS) & (status::FEATURES_OK | status::DRIVER_OK), 0);
+        assert!(x.dev.lock().unwrap().activated.is_none());
     }
 
     #[test]

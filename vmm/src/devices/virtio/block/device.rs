@@ -1,5 +1,5 @@
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,8 +70,10 @@ impl Block {
             .open(&cfg.path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let len = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
         // A trailing partial sector is not addressable.
-        let capacity_sectors = meta.len() / SECTOR_SIZE;
+        let capacity_sectors = len / SECTOR_SIZE;
         if capacity_sectors == 0 {
             return Err(BlockError::Empty(shown));
         }
@@ -116,13 +118,24 @@ impl Block {
         };
         let queue = &mut self.queues[0];
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // A guest that keeps refilling the ring must not keep the event loop
+        // here: serve one ring's worth, then come back through the eventfd.
+        let mut budget = queue.size();
+        while budget > 0 {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             let len = process_chain(&disk, mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("virtio-blk: cannot return a buffer: {e}");
+                debug!("virtio-blk: cannot return a buffer: {e}");
             }
             used_any = true;
+        }
+        if budget == 0 {
+            // Possibly more waiting: a spurious wake-up costs nothing.
+            let _ = self.queue_events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -407,6 +420,17 @@ mod tests {
         dev.activate(mem.clone(), Arc::new(Interrupt::new(irq)), VIRTIO_F_VERSION_1)
             .unwrap();
         assert_eq!(dev.queues[0].next_used(), 1, "the looping chain was returned");
+    }
+
+    #[test]
+    fn a_full_ring_is_served_once_then_the_queue_event_is_rearmed() {
+        let img = image(4);
+        // One-descriptor chains, so that the 64-entry ring fills up.
+        let chains: Vec<Chain> = (0..64).map(|_| vec![(HDR, 16, 0)]).collect();
+        let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
+        assert_eq!(r.dev.queues[0].next_used(), 64);
+        // The budget (one ring) ran out, so the event loop will come back.
+        assert_eq!(r.dev.queue_events[0].read().unwrap(), 1);
     }
 
     #[test]

@@ -169,8 +169,10 @@ pub fn execute<R: Read, W: Write>(
             let seg = DiscardSegment::from_slice(&raw).ok_or(RequestError::BadSegment)?;
             let start = seg.sector.to_native();
             let count = u64::from(seg.num_sectors.to_native());
-            if seg.flags.to_native() & !1 != 0 {
-                return Err(RequestError::BadSegment);
+            // Only write-zeroes may ask to unmap (bit 0); other flags are unknown.
+            let flags = seg.flags.to_native();
+            if flags & !1 != 0 || (t == VIRTIO_BLK_T_DISCARD && flags != 0) {
+                return Err(RequestError::Unsupported(t));
             }
             let len = count * SECTOR_SIZE;
             match start.checked_add(count) {
@@ -192,7 +194,11 @@ pub fn execute<R: Read, W: Write>(
             // checked to lie inside the file; it touches no user memory.
             let r = unsafe { libc::fallocate(disk.file.as_raw_fd(), mode, (start * SECTOR_SIZE) as i64, len as i64) };
             if r != 0 {
-                return Err(io(std::io::Error::last_os_error()));
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    return Err(RequestError::Unsupported(t));
+                }
+                return Err(io(e));
             }
             Ok(0)
         }
@@ -372,6 +378,54 @@ mod tests {
         assert_eq!(&out, &ID);
         let e = execute(&d, &hdr(99, 0), &mut Cursor::new(vec![]), 0, &mut out, 0).unwrap_err();
         assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn discard_flags_follow_the_spec() {
+        let f = disk_file(8);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        let d = Disk {
+            file: &file,
+            capacity_sectors: 8,
+            read_only: false,
+            id: &ID,
+        };
+        // Unmap is only meaningful for write-zeroes; unknown flags are unsupported.
+        for (t, flags) in [(VIRTIO_BLK_T_DISCARD, 1u32), (VIRTIO_BLK_T_WRITE_ZEROES, 2)] {
+            let seg = DiscardSegment {
+                sector: 0.into(),
+                num_sectors: 1.into(),
+                flags: flags.into(),
+            };
+            let e = execute(
+                &d,
+                &hdr(t, 0),
+                &mut Cursor::new(seg.as_slice().to_vec()),
+                16,
+                &mut Vec::new(),
+                0,
+            )
+            .unwrap_err();
+            assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP, "type {t} flags {flags}");
+        }
+        let seg = DiscardSegment {
+            sector: 0.into(),
+            num_sectors: 1.into(),
+            flags: 1.into(),
+        };
+        execute(
+            &d,
+            &hdr(VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            &mut Cursor::new(seg.as_slice().to_vec()),
+            16,
+            &mut Vec::new(),
+            0,
+        )
+        .unwrap();
     }
 
     #[test]

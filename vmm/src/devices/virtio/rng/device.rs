@@ -2,7 +2,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::warn;
+use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -57,7 +57,14 @@ impl Rng {
         let queue = &mut self.queues[0];
         let mut used_any = false;
         let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // A guest that keeps refilling the ring must not keep the event loop
+        // here: serve one ring's worth, then come back through the eventfd.
+        let mut budget = queue.size();
+        while budget > 0 {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             let written = match chain.writer(mem) {
                 Ok(mut writer) => {
@@ -71,14 +78,18 @@ impl Rng {
                     }
                 }
                 Err(e) => {
-                    warn!("virtio-rng: malformed descriptor chain: {e}");
+                    debug!("virtio-rng: malformed descriptor chain: {e}");
                     0
                 }
             };
             if let Err(e) = queue.add_used(mem, head, written) {
-                warn!("virtio-rng: cannot return a buffer: {e}");
+                debug!("virtio-rng: cannot return a buffer: {e}");
             }
             used_any = true;
+        }
+        if budget == 0 {
+            // Possibly more waiting: a spurious wake-up costs nothing.
+            let _ = self.queue_events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }

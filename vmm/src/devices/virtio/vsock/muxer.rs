@@ -218,7 +218,7 @@ impl Muxer {
         };
         self.by_fd.remove(&fd);
         // Still counted while pending, so the limit was checked at accept.
-        let local_port = self.alloc_port();
+        let local_port = self.alloc_port(port);
         let key = ConnKey {
             local_port,
             peer_port: port,
@@ -235,12 +235,19 @@ impl Muxer {
         }
     }
 
-    fn alloc_port(&mut self) -> u32 {
+    /// A free local port for a connection to guest port `peer`: not handed
+    /// out already, and not the local end of a guest-initiated connection
+    /// from that same guest port (the two would share a key).
+    fn alloc_port(&mut self, peer: u32) -> u32 {
         // At most max_connections ports are taken, so this ends quickly.
         loop {
             let p = self.next_port;
             self.next_port = if p >= u32::MAX - 1 { FIRST_HOST_PORT } else { p + 1 };
-            if self.host_ports.insert(p) {
+            let key = ConnKey {
+                local_port: p,
+                peer_port: peer,
+            };
+            if !self.conns.contains_key(&key) && self.host_ports.insert(p) {
                 return p;
             }
         }
