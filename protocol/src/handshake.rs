@@ -1,0 +1,88 @@
+//! The first exchange on the request stream: each side sends a [`Hello`],
+//! and a peer speaking another protocol version is refused with a message
+//! that says which versions met, so a stale guest image is found at once.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change to the messages that an older peer would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_NAME: &str = "bulkhead-agent";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: String,
+    pub version: u32,
+    /// The sender's build, for the error message only.
+    pub software: String,
+}
+
+impl Hello {
+    pub fn ours(software: &str) -> Hello {
+        Hello {
+            protocol: PROTOCOL_NAME.into(),
+            version: PROTOCOL_VERSION,
+            software: software.chars().take(64).collect(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("the peer speaks {0:?}, not {PROTOCOL_NAME}")]
+    WrongProtocol(String),
+    #[error(
+        "protocol version mismatch: the peer ({software}) speaks version {theirs}, this side speaks version {ours}; \
+         use a guest image built with the same Bulkhead release"
+    )]
+    Version { ours: u32, theirs: u32, software: String },
+}
+
+/// Accepts the peer's hello or says why not.
+pub fn check(peer: &Hello) -> Result<(), HandshakeError> {
+    if peer.protocol != PROTOCOL_NAME {
+        return Err(HandshakeError::WrongProtocol(peer.protocol.chars().take(64).collect()));
+    }
+    if peer.version != PROTOCOL_VERSION {
+        return Err(HandshakeError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: peer.version,
+            software: peer.software.chars().take(64).collect(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_version_is_accepted() {
+        check(&Hello::ours("bulkhead 0.1.0")).unwrap();
+    }
+
+    #[test]
+    fn mismatch_is_refused_with_both_versions() {
+        let peer = Hello {
+            version: PROTOCOL_VERSION + 1,
+            ..Hello::ours("agent 9.9")
+        };
+        let e = check(&peer).unwrap_err().to_string();
+        assert!(e.contains(&format!("version {}", PROTOCOL_VERSION + 1)), "{e}");
+        assert!(e.contains(&format!("speaks version {PROTOCOL_VERSION}")), "{e}");
+        assert!(e.contains("agent 9.9"), "{e}");
+        let other = Hello {
+            protocol: "kata-agent".into(),
+            ..Hello::ours("x")
+        };
+        assert!(matches!(check(&other), Err(HandshakeError::WrongProtocol(_))));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<Hello, _> =
+            serde_json::from_str(r#"{"protocol":"bulkhead-agent","version":1,"software":"x","extra":1}"#);
+        assert!(r.is_err());
+    }
+}

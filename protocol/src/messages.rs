@@ -1,0 +1,779 @@
+//! Requests, responses, and the OCI runtime-spec subset they carry. Every
+//! message is checked by [`Request::validate`] before the agent acts on it:
+//! identifiers, paths, counts and sizes are bounded, so a hostile or buggy
+//! host cannot make the agent do something surprising.
+
+use serde::{Deserialize, Serialize};
+
+pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ARGS_BYTES: usize = 128 * 1024;
+pub const MAX_ENV_ENTRIES: usize = 4096;
+pub const MAX_LIST_ENTRIES: usize = 256;
+pub const MAX_PATH_LEN: usize = 4096;
+pub const MAX_ADDITIONAL_GIDS: usize = 64;
+
+/// Mount types a container may ask for; block-device roots come separately.
+pub const MOUNT_TYPES: &[&str] = &["tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup2", "bind"];
+
+/// Rlimits by their OCI names.
+pub const RLIMITS: &[&str] = &[
+    "RLIMIT_AS",
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_DATA",
+    "RLIMIT_FSIZE",
+    "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_NOFILE",
+    "RLIMIT_NPROC",
+    "RLIMIT_RSS",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_STACK",
+];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    #[serde(default)]
+    pub effective: Vec<String>,
+    #[serde(default)]
+    pub inheritable: Vec<String>,
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    #[serde(default)]
+    pub ambient: Vec<String>,
+}
+
+/// The OCI `process` object, as far as a sandbox honours it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default = "root_dir")]
+    pub cwd: String,
+    #[serde(default)]
+    pub user: User,
+    #[serde(default)]
+    pub terminal: bool,
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+}
+
+fn root_dir() -> String {
+    "/".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// The container's root: a guest block device, mounted read-only under an
+/// overlay whose writable layer lives in the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Root {
+    /// `/dev/vdX`.
+    pub device: String,
+    /// `ext4` or `erofs`.
+    pub fstype: String,
+}
+
+/// Where the container's stdio streams connect: vsock ports on the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdioPorts {
+    pub stdin: Option<u32>,
+    pub stdout: Option<u32>,
+    pub stderr: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContainer {
+    pub id: String,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub root: Root,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
+    pub process: Process,
+    #[serde(default)]
+    pub stdio: StdioPorts,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Create {
+        container: CreateContainer,
+    },
+    Start {
+        container_id: String,
+    },
+    Exec {
+        container_id: String,
+        exec_id: String,
+        process: Process,
+        stdio: StdioPorts,
+    },
+    /// `exec_id: None` is the container's init; `all` signals every process.
+    Signal {
+        container_id: String,
+        exec_id: Option<String>,
+        signal: i32,
+        all: bool,
+    },
+    Wait {
+        container_id: String,
+        exec_id: Option<String>,
+    },
+    ResizeTty {
+        container_id: String,
+        exec_id: Option<String>,
+        rows: u16,
+        cols: u16,
+    },
+    CloseStdin {
+        container_id: String,
+        exec_id: Option<String>,
+    },
+    Stats {
+        container_id: String,
+    },
+    ListProcesses {
+        container_id: String,
+    },
+    /// Blocks until a container is killed for running out of memory.
+    NextOomEvent,
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    pub cpu_usage_usec: u64,
+    pub memory_current_bytes: u64,
+    pub memory_max_bytes: Option<u64>,
+    pub pids_current: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Invalid,
+    NotFound,
+    AlreadyExists,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Ok,
+    Started {
+        pid: u32,
+    },
+    /// The exit status as a shell reports it: the code, or 128 + signal.
+    Exited {
+        status: i32,
+    },
+    Stats {
+        stats: Stats,
+    },
+    Processes {
+        pids: Vec<u32>,
+    },
+    Oom {
+        container_id: String,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// The shell convention for a wait status: the exit code, or 128 + the
+/// signal that killed the process.
+pub fn exit_status(code: Option<i32>, signal: Option<i32>) -> i32 {
+    match (code, signal) {
+        (Some(c), _) => c & 0xff,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 255,
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {field}: {reason}")]
+pub struct ValidationError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(invalid(field, format!("must be 1 to {MAX_ID_LEN} characters")));
+    }
+    if id.starts_with('.') || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+        return Err(invalid(field, "only letters, digits, '_', '.', '-' (not leading '.')"));
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.contains('\0') {
+        return Err(invalid(field, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// An absolute path without `..` components.
+fn check_path(field: &str, p: &str) -> Result<(), ValidationError> {
+    check_text(field, p)?;
+    if !p.starts_with('/') || p.len() > MAX_PATH_LEN {
+        return Err(invalid(
+            field,
+            format!("{p:?} is not an absolute path of at most {MAX_PATH_LEN} bytes"),
+        ));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(invalid(field, format!("{p:?} contains '..'")));
+    }
+    Ok(())
+}
+
+fn check_count<T>(field: &str, v: &[T], max: usize) -> Result<(), ValidationError> {
+    if v.len() > max {
+        return Err(invalid(field, format!("{} entries; at most {max}", v.len())));
+    }
+    Ok(())
+}
+
+fn check_optional_id(field: &str, id: &Option<String>) -> Result<(), ValidationError> {
+    id.as_deref().map_or(Ok(()), |i| check_id(field, i))
+}
+
+impl Process {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.args.is_empty() {
+            return Err(invalid("process.args", "empty"));
+        }
+        let bytes: usize = self.args.iter().map(|a| a.len() + 1).sum();
+        if bytes > MAX_ARGS_BYTES {
+            return Err(invalid(
+                "process.args",
+                format!("{bytes} bytes; at most {MAX_ARGS_BYTES}"),
+            ));
+        }
+        for a in &self.args {
+            check_text("process.args", a)?;
+        }
+        check_count("process.env", &self.env, MAX_ENV_ENTRIES)?;
+        for e in &self.env {
+            check_text("process.env", e)?;
+            match e.split_once('=') {
+                Some((k, _)) if !k.is_empty() => {}
+                _ => return Err(invalid("process.env", format!("{e:?} is not KEY=VALUE"))),
+            }
+        }
+        check_path("process.cwd", &self.cwd)?;
+        check_count(
+            "process.user.additional_gids",
+            &self.user.additional_gids,
+            MAX_ADDITIONAL_GIDS,
+        )?;
+        check_count("process.rlimits", &self.rlimits, RLIMITS.len())?;
+        for r in &self.rlimits {
+            if !RLIMITS.contains(&r.kind.as_str()) {
+                return Err(invalid("process.rlimits", format!("unknown rlimit {:?}", r.kind)));
+            }
+            if r.soft > r.hard {
+                return Err(invalid(
+                    "process.rlimits",
+                    format!("{}: soft limit above hard limit", r.kind),
+                ));
+            }
+        }
+        if let Some(c) = &self.capabilities {
+            for set in [&c.bounding, &c.effective, &c.inheritable, &c.permitted, &c.ambient] {
+                check_count("process.capabilities", set, 64)?;
+                for cap in set.iter() {
+                    let name = cap.strip_prefix("CAP_").unwrap_or("");
+                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+                        return Err(invalid(
+                            "process.capabilities",
+                            format!("{cap:?} is not a capability name"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CreateContainer {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_id("id", &self.id)?;
+        if let Some(h) = &self.hostname {
+            if h.is_empty() || h.len() > 64 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+                return Err(invalid("hostname", format!("{h:?} is not a valid host name")));
+            }
+        }
+        check_path("root.device", &self.root.device)?;
+        if !self.root.device.starts_with("/dev/vd") {
+            return Err(invalid("root.device", "must be a virtio block device (/dev/vdX)"));
+        }
+        if !["ext4", "erofs"].contains(&self.root.fstype.as_str()) {
+            return Err(invalid(
+                "root.fstype",
+                format!("{:?}: only ext4 and erofs", self.root.fstype),
+            ));
+        }
+        check_count("mounts", &self.mounts, MAX_LIST_ENTRIES)?;
+        for m in &self.mounts {
+            check_path("mounts.destination", &m.destination)?;
+            if !MOUNT_TYPES.contains(&m.kind.as_str()) {
+                return Err(invalid(
+                    "mounts.type",
+                    format!("{:?} is not one of {MOUNT_TYPES:?}", m.kind),
+                ));
+            }
+            check_text("mounts.source", &m.source)?;
+            check_count("mounts.options", &m.options, 64)?;
+            for o in &m.options {
+                check_text("mounts.options", o)?;
+            }
+        }
+        check_count("masked_paths", &self.masked_paths, MAX_LIST_ENTRIES)?;
+        check_count("readonly_paths", &self.readonly_paths, MAX_LIST_ENTRIES)?;
+        for p in self.masked_paths.iter().chain(&self.readonly_paths) {
+            check_path("masked_paths/readonly_paths", p)?;
+        }
+        self.process.validate()
+    }
+}
+
+impl Request {
+    /// Checks every field before the agent acts on the request.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Request::Create { container } => container.validate(),
+            Request::Start { container_id }
+            | Request::Stats { container_id }
+            | Request::ListProcesses { container_id } => check_id("container_id", container_id),
+            Request::Exec {
+                container_id,
+                exec_id,
+                process,
+                ..
+            } => {
+                check_id("container_id", container_id)?;
+                check_id("exec_id", exec_id)?;
+                process.validate()
+            }
+            Request::Signal {
+                container_id,
+                exec_id,
+                signal,
+                ..
+            } => {
+                check_id("container_id", container_id)?;
+                check_optional_id("exec_id", exec_id)?;
+                if !(1..=64).contains(signal) {
+                    return Err(invalid("signal", format!("{signal} is not a signal number")));
+                }
+                Ok(())
+            }
+            Request::Wait { container_id, exec_id }
+            | Request::CloseStdin { container_id, exec_id }
+            | Request::ResizeTty {
+                container_id, exec_id, ..
+            } => {
+                check_id("container_id", container_id)?;
+                check_optional_id("exec_id", exec_id)
+            }
+            Request::NextOomEvent | Request::Shutdown => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process() -> Process {
+        Process {
+            args: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            rlimits: vec![Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 1024,
+                hard: 4096,
+            }],
+            capabilities: Some(Capabilities {
+                bounding: vec!["CAP_CHOWN".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn create() -> CreateContainer {
+        CreateContainer {
+            id: "ctr-1".into(),
+            hostname: Some("sandbox".into()),
+            root: Root {
+                device: "/dev/vdb".into(),
+                fstype: "ext4".into(),
+            },
+            mounts: vec![Mount {
+                destination: "/proc".into(),
+                kind: "proc".into(),
+                source: "proc".into(),
+                options: vec![],
+            }],
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            process: process(),
+            stdio: StdioPorts {
+                stdin: None,
+                stdout: Some(2000),
+                stderr: Some(2001),
+            },
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_validate() {
+        let reqs = vec![
+            Request::Create { container: create() },
+            Request::Start {
+                container_id: "ctr-1".into(),
+            },
+            Request::Exec {
+                container_id: "ctr-1".into(),
+                exec_id: "e1".into(),
+                process: process(),
+                stdio: StdioPorts::default(),
+            },
+            Request::Signal {
+                container_id: "ctr-1".into(),
+                exec_id: None,
+                signal: 9,
+                all: true,
+            },
+            Request::Wait {
+                container_id: "ctr-1".into(),
+                exec_id: Some("e1".into()),
+            },
+            Request::ResizeTty {
+                container_id: "ctr-1".into(),
+                exec_id: None,
+                rows: 24,
+                cols: 80,
+            },
+            Request::NextOomEvent,
+            Request::Shutdown,
+        ];
+        for r in reqs {
+            r.validate().unwrap();
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r, "{json}");
+        }
+        let wire = serde_json::to_string(&Request::Shutdown).unwrap();
+        assert_eq!(wire, r#"{"op":"shutdown"}"#);
+    }
+
+    #[test]
+    fn unknown_ops_and_fields_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"start","container_id":"a","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Process>(r#"{"args":["a"],"oomScoreAdj":5}"#).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_field() {
+        let cases: Vec<(CreateContainer, &str)> = vec![
+            (
+                CreateContainer {
+                    id: "../x".into(),
+                    ..create()
+                },
+                "id",
+            ),
+            (
+                CreateContainer {
+                    id: "".into(),
+                    ..create()
+                },
+                "id",
+            ),
+            (
+                CreateContainer {
+                    id: "a".repeat(65),
+                    ..create()
+                },
+                "id",
+            ),
+            (
+                CreateContainer {
+                    hostname: Some("bad host".into()),
+                    ..create()
+                },
+                "hostname",
+            ),
+            (
+                CreateContainer {
+                    root: Root {
+                        device: "/etc/shadow".into(),
+                        fstype: "ext4".into(),
+                    },
+                    ..create()
+                },
+                "root.device",
+            ),
+            (
+                CreateContainer {
+                    root: Root {
+                        device: "/dev/vdb".into(),
+                        fstype: "nfs".into(),
+                    },
+                    ..create()
+                },
+                "root.fstype",
+            ),
+            (
+                CreateContainer {
+                    mounts: vec![Mount {
+                        destination: "/x/../../etc".into(),
+                        kind: "tmpfs".into(),
+                        source: "".into(),
+                        options: vec![],
+                    }],
+                    ..create()
+                },
+                "mounts.destination",
+            ),
+            (
+                CreateContainer {
+                    mounts: vec![Mount {
+                        destination: "/x".into(),
+                        kind: "nfs".into(),
+                        source: "".into(),
+                        options: vec![],
+                    }],
+                    ..create()
+                },
+                "mounts.type",
+            ),
+            (
+                CreateContainer {
+                    masked_paths: vec!["relative".into()],
+                    ..create()
+                },
+                "masked_paths",
+            ),
+            (
+                CreateContainer {
+                    readonly_paths: vec!["/a".into(); MAX_LIST_ENTRIES + 1],
+                    ..create()
+                },
+                "readonly_paths",
+            ),
+        ];
+        for (c, field) in cases {
+            let e = c.validate().unwrap_err();
+            assert!(e.field.starts_with(field), "{field}: {e}");
+        }
+        let pcases: Vec<(Process, &str)> = vec![
+            (
+                Process {
+                    args: vec![],
+                    ..process()
+                },
+                "process.args",
+            ),
+            (
+                Process {
+                    args: vec!["a\0b".into()],
+                    ..process()
+                },
+                "process.args",
+            ),
+            (
+                Process {
+                    args: vec!["x".repeat(MAX_ARGS_BYTES)],
+                    ..process()
+                },
+                "process.args",
+            ),
+            (
+                Process {
+                    env: vec!["NOEQUALS".into()],
+                    ..process()
+                },
+                "process.env",
+            ),
+            (
+                Process {
+                    env: vec!["=v".into()],
+                    ..process()
+                },
+                "process.env",
+            ),
+            (
+                Process {
+                    cwd: "tmp".into(),
+                    ..process()
+                },
+                "process.cwd",
+            ),
+            (
+                Process {
+                    rlimits: vec![Rlimit {
+                        kind: "RLIMIT_BOGUS".into(),
+                        soft: 1,
+                        hard: 1,
+                    }],
+                    ..process()
+                },
+                "process.rlimits",
+            ),
+            (
+                Process {
+                    rlimits: vec![Rlimit {
+                        kind: "RLIMIT_NOFILE".into(),
+                        soft: 2,
+                        hard: 1,
+                    }],
+                    ..process()
+                },
+                "process.rlimits",
+            ),
+            (
+                Process {
+                    capabilities: Some(Capabilities {
+                        effective: vec!["chown".into()],
+                        ..Default::default()
+                    }),
+                    ..process()
+                },
+                "process.capabilities",
+            ),
+            (
+                Process {
+                    user: User {
+                        uid: 0,
+                        gid: 0,
+                        additional_gids: vec![1; 65],
+                    },
+                    ..process()
+                },
+                "process.user",
+            ),
+        ];
+        for (p, field) in pcases {
+            let e = p.validate().unwrap_err();
+            assert!(e.field.starts_with(field), "{field}: {e}");
+        }
+        let sig = Request::Signal {
+            container_id: "a".into(),
+            exec_id: None,
+            signal: 0,
+            all: false,
+        };
+        assert_eq!(sig.validate().unwrap_err().field, "signal");
+        let ex = Request::Exec {
+            container_id: "a".into(),
+            exec_id: "../e".into(),
+            process: process(),
+            stdio: StdioPorts::default(),
+        };
+        assert_eq!(ex.validate().unwrap_err().field, "exec_id");
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        for r in [
+            Response::Ok,
+            Response::Started { pid: 42 },
+            Response::Exited { status: 137 },
+            Response::Stats {
+                stats: Stats {
+                    cpu_usage_usec: 1,
+                    memory_current_bytes: 2,
+                    memory_max_bytes: None,
+                    pids_current: 3,
+                },
+            },
+            Response::Processes { pids: vec![1, 2] },
+            Response::Oom {
+                container_id: "c".into(),
+            },
+            Response::Error {
+                kind: ErrorKind::NotFound,
+                message: "no such container".into(),
+            },
+        ] {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), r, "{json}");
+        }
+    }
+
+    #[test]
+    fn exit_status_convention() {
+        assert_eq!(exit_status(Some(3), None), 3);
+        assert_eq!(exit_status(None, Some(9)), 137);
+        assert_eq!(exit_status(Some(256 + 7), None), 7);
+    }
+}
