@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::{debug, warn};
@@ -40,7 +41,13 @@ struct PendingStream {
     stream: UnixStream,
     line: Vec<u8>,
     registered: Option<EventSet>,
+    accepted: Instant,
 }
+
+/// A host process has this long to send its `CONNECT` line once other
+/// connections need the slot; a client that connects and stays silent
+/// must not hold connection slots forever.
+pub const PENDING_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Removes the listening socket's file on drop, if it is still ours.
 struct SocketFile {
@@ -71,6 +78,7 @@ pub struct Muxer {
     listener: UnixListener,
     socket_file: SocketFile,
     max_connections: usize,
+    pending_deadline: Duration,
     conns: HashMap<ConnKey, Connection>,
     pending: HashMap<RawFd, PendingStream>,
     by_fd: HashMap<RawFd, Owner>,
@@ -119,6 +127,7 @@ impl Muxer {
             listener,
             socket_file,
             max_connections: MAX_CONNECTIONS,
+            pending_deadline: PENDING_DEADLINE,
             conns: HashMap::new(),
             pending: HashMap::new(),
             by_fd: HashMap::new(),
@@ -138,6 +147,11 @@ impl Muxer {
     #[cfg(test)]
     pub fn set_max_connections(&mut self, n: usize) {
         self.max_connections = n;
+    }
+
+    #[cfg(test)]
+    pub fn set_pending_deadline(&mut self, d: Duration) {
+        self.pending_deadline = d;
     }
 
     #[cfg(test)]
@@ -172,6 +186,9 @@ impl Muxer {
                 }
             };
             if self.live() >= self.max_connections {
+                self.evict_stale_pending();
+            }
+            if self.live() >= self.max_connections {
                 warn!(
                     "vsock: {} connections open; closing a new host connection",
                     self.max_connections
@@ -189,6 +206,7 @@ impl Muxer {
                     stream,
                     line: Vec::new(),
                     registered: None,
+                    accepted: Instant::now(),
                 },
             );
             self.by_fd.insert(fd, Owner::Pending);
@@ -226,6 +244,25 @@ impl Muxer {
         debug!("vsock: host connects to guest port {port} from {local_port}");
         let conn = Connection::new_local(p.stream, key, self.guest_cid, p.registered);
         self.insert(conn);
+    }
+
+    /// Closes host streams that never sent their CONNECT line in time.
+    fn evict_stale_pending(&mut self) {
+        let stale: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.accepted.elapsed() >= self.pending_deadline)
+            .map(|(fd, _)| *fd)
+            .collect();
+        if !stale.is_empty() {
+            warn!(
+                "vsock: closing {} host connections that sent no CONNECT line",
+                stale.len()
+            );
+        }
+        for fd in stale {
+            self.drop_pending(fd);
+        }
     }
 
     fn drop_pending(&mut self, fd: RawFd) {

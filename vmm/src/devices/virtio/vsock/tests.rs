@@ -766,6 +766,25 @@ fn connection_limit() {
 }
 
 #[test]
+fn silent_host_connections_give_way_when_slots_run_out() {
+    let mut r = Rig::with_limit(2);
+    // Two host processes connect and never send their CONNECT line.
+    let mut silent: Vec<UnixStream> = (0..2).map(|_| UnixStream::connect(&r.uds).unwrap()).collect();
+    r.pump();
+    // Within the deadline they keep their slots.
+    let mut early = r.host_connect(90);
+    assert_closed(&mut early);
+    // Past it, a new connection evicts them instead of being refused.
+    r.dev().muxer_mut().set_pending_deadline(Duration::ZERO);
+    let _late = r.host_connect(91);
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_closed(s);
+    }
+    assert_eq!(r.conns(), 1, "the new connection took a slot");
+}
+
+#[test]
 fn reset_closes_everything_and_the_loop_stays_sound() {
     let mut r = Rig::new();
     let (mut host, _) = r.established(90, CONN_BUF_ALLOC);
