@@ -213,38 +213,22 @@ impl MmioTransport {
                 if !self.queue_setup_allowed() {
                     return self.needs_reset("queue written outside queue set-up");
                 }
-                let done = self.with_selected_queue(dev, |q| match offset {
-                    // virtio-queue would keep the old size on a bad value; the
-                    // driver must learn that it broke the protocol instead.
-                    reg::QUEUE_NUM => u16::try_from(value).ok().and_then(|v| q.try_set_size(v).ok()).is_some(),
-                    reg::QUEUE_READY => {
-                        q.set_ready(value == 1);
-                        true
+                let done = self.with_selected_queue(dev, |q| {
+                    match offset {
+                        // virtio-queue would keep the old size on a bad value;
+                        // the driver must learn that it broke the protocol.
+                        reg::QUEUE_NUM => {
+                            return u16::try_from(value).ok().and_then(|v| q.try_set_size(v).ok()).is_some()
+                        }
+                        reg::QUEUE_READY => q.set_ready(value == 1),
+                        reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                        reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+                        reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+                        reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+                        reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+                        _ => q.set_used_ring_address(None, Some(value)),
                     }
-                    reg::QUEUE_DESC_LOW => {
-                        q.set_desc_table_address(Some(value), None);
-                        true
-                    }
-                    reg::QUEUE_DESC_HIGH => {
-                        q.set_desc_table_address(None, Some(value));
-                        true
-                    }
-                    reg::QUEUE_DRIVER_LOW => {
-                        q.set_avail_ring_address(Some(value), None);
-                        true
-                    }
-                    reg::QUEUE_DRIVER_HIGH => {
-                        q.set_avail_ring_address(None, Some(value));
-                        true
-                    }
-                    reg::QUEUE_DEVICE_LOW => {
-                        q.set_used_ring_address(Some(value), None);
-                        true
-                    }
-                    _ => {
-                        q.set_used_ring_address(None, Some(value));
-                        true
-                    }
+                    true
                 });
                 if done == Some(false) {
                     return self.needs_reset(&format!("invalid queue size {value}"));
