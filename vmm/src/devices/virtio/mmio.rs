@@ -304,14 +304,13 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::guest_memory;
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{ActivateError, QueueSet};
     use event_manager::{EventOps, Events, MutEventSubscriber};
     use virtio_queue::Queue;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Dummy {
-        queues: Vec<Queue>,
-        events: Vec<EventFd>,
+        q: QueueSet,
         config: [u8; 8],
         activated: Option<u64>,
         resets: u32,
@@ -320,8 +319,10 @@ mod tests {
     impl Dummy {
         fn new() -> Self {
             Dummy {
-                queues: vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()],
-                events: vec![EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+                q: QueueSet {
+                    queues: vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()],
+                    events: vec![EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+                },
                 config: *b"config!!",
                 activated: None,
                 resets: 0,
@@ -341,14 +342,11 @@ mod tests {
         fn avail_features(&self) -> u64 {
             VIRTIO_F_VERSION_1 | 0b101
         }
-        fn queues(&self) -> &[Queue] {
-            &self.queues
+        fn queue_set(&self) -> &QueueSet {
+            &self.q
         }
-        fn queues_mut(&mut self) -> &mut [Queue] {
-            &mut self.queues
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.events
+        fn queue_set_mut(&mut self) -> &mut QueueSet {
+            &mut self.q
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&self.config, offset, data);
@@ -530,7 +528,7 @@ mod tests {
         let d = x.dev.lock().unwrap();
         assert_eq!(d.resets, 1);
         assert!(d.activated.is_none());
-        assert!(!d.queues[0].ready());
+        assert!(!d.q.queues[0].ready());
     }
 
     #[test]
@@ -598,7 +596,7 @@ mod tests {
         x.t.write(reg::STATUS, &[1, 0]);
         assert_eq!(r(&mut x.t, reg::STATUS), 0, "16-bit register write is ignored");
         w(&mut x.t, reg::QUEUE_NOTIFY, 1);
-        assert_eq!(x.dev.lock().unwrap().events[1].read().unwrap(), 1);
+        assert_eq!(x.dev.lock().unwrap().q.events[1].read().unwrap(), 1);
         w(&mut x.t, reg::QUEUE_NOTIFY, 99);
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -75,6 +75,36 @@ impl Interrupt {
     }
 }
 
+/// A device's queues and the eventfds that the driver's notifications
+/// for them arrive on (KVM ioeventfds), one each.
+pub struct QueueSet {
+    pub queues: Vec<Queue>,
+    pub events: Vec<EventFd>,
+}
+
+impl QueueSet {
+    pub fn new(count: usize, max_size: u16) -> std::io::Result<Self> {
+        let mut set = QueueSet {
+            queues: Vec::with_capacity(count),
+            events: Vec::with_capacity(count),
+        };
+        for _ in 0..count {
+            set.queues
+                .push(Queue::new(max_size).map_err(|e| std::io::Error::other(e.to_string()))?);
+            set.events.push(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?);
+        }
+        Ok(set)
+    }
+
+    /// Our devices have no optional queues: every one must be ready.
+    pub fn check_ready(&self) -> Result<(), ActivateError> {
+        match self.queues.iter().position(|q| !q.ready()) {
+            Some(i) => Err(ActivateError::BadQueue(i)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What an activated device works with: guest memory and its interrupt.
 pub struct ActiveState {
     pub mem: GuestMemoryMmap,
@@ -101,11 +131,19 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn device_type(&self) -> u32;
     /// Features the device offers (VIRTIO_F_VERSION_1 included).
     fn avail_features(&self) -> u64;
+    fn queue_set(&self) -> &QueueSet;
+    fn queue_set_mut(&mut self) -> &mut QueueSet;
     /// The queues, as the transport configures them before activation.
-    fn queues(&self) -> &[Queue];
-    fn queues_mut(&mut self) -> &mut [Queue];
+    fn queues(&self) -> &[Queue] {
+        &self.queue_set().queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queue_set_mut().queues
+    }
     /// Eventfds signalled when the driver notifies a queue, one per queue.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_set().events
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Most devices have no writable configuration.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

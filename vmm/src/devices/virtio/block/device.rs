@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -42,8 +41,8 @@ pub enum BlockError {
     Open { path: String, source: std::io::Error },
     #[error("the disk image {0} is empty")]
     Empty(String),
-    #[error("cannot create the queue event: {0}")]
-    EventFd(std::io::Error),
+    #[error("cannot create the queues: {0}")]
+    Queues(std::io::Error),
 }
 
 pub struct Block {
@@ -52,8 +51,7 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; DISK_ID_BYTES],
     config_space: [u8; CONFIG_LEN],
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
+    q: QueueSet,
     active: Option<ActiveState>,
 }
 
@@ -98,8 +96,7 @@ impl Block {
             capacity_sectors,
             id,
             config_space,
-            queues: vec![Queue::new(QUEUE_SIZE).map_err(|e| BlockError::EventFd(std::io::Error::other(e.to_string())))?],
-            queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            q: QueueSet::new(1, QUEUE_SIZE).map_err(BlockError::Queues)?,
             active: None,
         })
     }
@@ -116,7 +113,7 @@ impl Block {
             read_only: self.read_only,
             id: &self.id,
         };
-        let queue = &mut self.queues[0];
+        let queue = &mut self.q.queues[0];
         let mut used_any = false;
         // A guest that keeps refilling the ring must not keep the event loop
         // here: serve one ring's worth, then come back through the eventfd.
@@ -135,7 +132,7 @@ impl Block {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.queue_events[0].write(1);
+            let _ = self.q.events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -198,14 +195,11 @@ impl VirtioDevice for Block {
         }
         f
     }
-    fn queues(&self) -> &[Queue] {
-        &self.queues
+    fn queue_set(&self) -> &QueueSet {
+        &self.q
     }
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn queue_set_mut(&mut self) -> &mut QueueSet {
+        &mut self.q
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
@@ -216,9 +210,7 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         _features: u64,
     ) -> Result<(), ActivateError> {
-        if !self.queues[0].ready() {
-            return Err(ActivateError::BadQueue(0));
-        }
+        self.q.check_ready()?;
         self.active = Some(ActiveState { mem, interrupt });
         if self.process_queue() {
             self.signal();
@@ -235,13 +227,13 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.q.events[0], EventSet::IN)) {
             warn!("virtio-blk: cannot watch the queue event: {e}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_events[0].read();
+        let _ = self.q.events[0].read();
         if self.process_queue() {
             self.signal();
         }
@@ -255,6 +247,7 @@ mod tests {
     use crate::devices::virtio::test_utils::{guest_memory, queue_with_chains, WRITE};
     use virtio_queue::desc::split::VirtqUsedElem;
     use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
@@ -298,7 +291,7 @@ mod tests {
             read_only: ro,
         })
         .unwrap();
-        dev.queues[0] = queue_with_chains(&mem, 64, chains);
+        dev.q.queues[0] = queue_with_chains(&mem, 64, chains);
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.activate(
             mem.clone(),
@@ -310,7 +303,7 @@ mod tests {
     }
 
     fn used(r: &Rig, i: u64) -> VirtqUsedElem {
-        let used_ring = r.dev.queues[0].used_ring();
+        let used_ring = r.dev.q.queues[0].used_ring();
         r.mem
             .read_obj(GuestAddress(used_ring).unchecked_add(4 + 8 * i))
             .unwrap()
@@ -384,7 +377,7 @@ mod tests {
         ];
         let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
         assert_eq!(
-            r.dev.queues[0].next_used(),
+            r.dev.q.queues[0].next_used(),
             chains.len() as u16,
             "every chain was returned"
         );
@@ -415,11 +408,11 @@ mod tests {
             .unwrap();
         mock.avail().ring().ref_at(0).unwrap().store(0u16);
         mock.avail().idx().store(1u16);
-        dev.queues[0] = mock.create_queue().unwrap();
+        dev.q.queues[0] = mock.create_queue().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.activate(mem.clone(), Arc::new(Interrupt::new(irq)), VIRTIO_F_VERSION_1)
             .unwrap();
-        assert_eq!(dev.queues[0].next_used(), 1, "the looping chain was returned");
+        assert_eq!(dev.q.queues[0].next_used(), 1, "the looping chain was returned");
     }
 
     #[test]
@@ -428,9 +421,9 @@ mod tests {
         // One-descriptor chains, so that the 64-entry ring fills up.
         let chains: Vec<Chain> = (0..64).map(|_| vec![(HDR, 16, 0)]).collect();
         let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
-        assert_eq!(r.dev.queues[0].next_used(), 64);
+        assert_eq!(r.dev.q.queues[0].next_used(), 64);
         // The budget (one ring) ran out, so the event loop will come back.
-        assert_eq!(r.dev.queue_events[0].read().unwrap(), 1);
+        assert_eq!(r.dev.q.events[0].read().unwrap(), 1);
     }
 
     #[test]

@@ -3,11 +3,12 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::virtio::{ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes handed out per request at most, so one request cannot make the
@@ -15,8 +16,7 @@ const QUEUE_SIZE: u16 = 256;
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
 pub struct Rng {
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
+    q: QueueSet,
     active: Option<ActiveState>,
 }
 
@@ -42,8 +42,7 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
         Ok(Rng {
-            queues: vec![Queue::new(QUEUE_SIZE).map_err(|e| std::io::Error::other(e.to_string()))?],
-            queue_events: vec![EventFd::new(EFD_NONBLOCK)?],
+            q: QueueSet::new(1, QUEUE_SIZE)?,
             active: None,
         })
     }
@@ -54,7 +53,7 @@ impl Rng {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.queues[0];
+        let queue = &mut self.q.queues[0];
         let mut used_any = false;
         let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
         // A guest that keeps refilling the ring must not keep the event loop
@@ -89,7 +88,7 @@ impl Rng {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.queue_events[0].write(1);
+            let _ = self.q.events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -102,14 +101,11 @@ impl VirtioDevice for Rng {
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn queues(&self) -> &[Queue] {
-        &self.queues
+    fn queue_set(&self) -> &QueueSet {
+        &self.q
     }
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn queue_set_mut(&mut self) -> &mut QueueSet {
+        &mut self.q
     }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -120,9 +116,7 @@ impl VirtioDevice for Rng {
         interrupt: Arc<Interrupt>,
         _features: u64,
     ) -> Result<(), ActivateError> {
-        if !self.queues[0].ready() {
-            return Err(ActivateError::BadQueue(0));
-        }
+        self.q.check_ready()?;
         self.active = Some(ActiveState { mem, interrupt });
         // Requests may have been queued before the driver's first notification.
         if self.process_queue() {
@@ -148,13 +142,13 @@ impl Rng {
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.q.events[0], EventSet::IN)) {
             warn!("virtio-rng: cannot watch the queue event: {e}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_events[0].read();
+        let _ = self.q.events[0].read();
         if self.process_queue() {
             self.signal();
         }
@@ -169,12 +163,13 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use crate::devices::virtio::test_utils::WRITE;
 
     fn activated(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>) -> (Rng, EventFd) {
         let mut rng = Rng::new().unwrap();
-        rng.queues[0] = mock.create_queue().unwrap();
+        rng.q.queues[0] = mock.create_queue().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         rng.activate(
             mem.clone(),

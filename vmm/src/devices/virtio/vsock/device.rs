@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -12,7 +12,7 @@ use super::muxer::Muxer;
 use super::packet::{parse_header, Op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD};
 use super::{VsockConfig, VsockError};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveState, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -24,8 +24,7 @@ const NUM_QUEUES: usize = 3;
 pub struct Vsock {
     /// `struct virtio_vsock_config`: the guest CID as le64.
     config_space: [u8; 8],
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
+    q: QueueSet,
     /// Wakes the event loop when state changed outside it (activation,
     /// reset), so that fd registrations are brought up to date.
     kick: EventFd,
@@ -48,19 +47,12 @@ impl Vsock {
         if cfg.guest_cid <= 2 || cfg.guest_cid == u32::MAX {
             return Err(VsockError::ReservedCid(cfg.guest_cid));
         }
-        let queue_err = |e: virtio_queue::Error| VsockError::Queue(e.to_string());
-        let mut queues = Vec::with_capacity(NUM_QUEUES);
-        let mut queue_events = Vec::with_capacity(NUM_QUEUES);
-        for _ in 0..NUM_QUEUES {
-            queues.push(Queue::new(QUEUE_SIZE).map_err(queue_err)?);
-            queue_events.push(EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?);
-        }
+        let q = QueueSet::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string()))?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let muxer = Muxer::new(cfg.guest_cid, &cfg.uds_path)?;
         Ok(Vsock {
             config_space: u64::from(cfg.guest_cid).to_le_bytes(),
-            queues,
-            queue_events,
+            q,
             kick,
             active: None,
             muxer,
@@ -75,7 +67,7 @@ impl Vsock {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.queues[TXQ];
+        let queue = &mut self.q.queues[TXQ];
         let mut used_any = false;
         // A guest that keeps refilling the ring must not keep the event loop
         // here: serve one ring's worth, then come back through the eventfd.
@@ -104,7 +96,7 @@ impl Vsock {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.queue_events[TXQ].write(1);
+            let _ = self.q.events[TXQ].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -116,7 +108,7 @@ impl Vsock {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.queues[RXQ];
+        let queue = &mut self.q.queues[RXQ];
         let mut used_any = false;
         while self.muxer.has_rx_work() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -178,14 +170,14 @@ impl Vsock {
     /// registrations (`process` does that with its `EventOps`).
     fn dispatch(&mut self, fd: RawFd, set: EventSet) {
         let mut notify = false;
-        if fd == self.queue_events[RXQ].as_raw_fd() {
-            let _ = self.queue_events[RXQ].read();
-        } else if fd == self.queue_events[TXQ].as_raw_fd() {
-            let _ = self.queue_events[TXQ].read();
+        if fd == self.q.events[RXQ].as_raw_fd() {
+            let _ = self.q.events[RXQ].read();
+        } else if fd == self.q.events[TXQ].as_raw_fd() {
+            let _ = self.q.events[TXQ].read();
             notify |= self.process_tx();
-        } else if fd == self.queue_events[EVQ].as_raw_fd() {
+        } else if fd == self.q.events[EVQ].as_raw_fd() {
             // No events are sent yet; nothing to take from the guest.
-            let _ = self.queue_events[EVQ].read();
+            let _ = self.q.events[EVQ].read();
             return;
         } else if fd == self.kick.as_raw_fd() {
             let _ = self.kick.read();
@@ -256,14 +248,11 @@ impl VirtioDevice for Vsock {
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn queues(&self) -> &[Queue] {
-        &self.queues
+    fn queue_set(&self) -> &QueueSet {
+        &self.q
     }
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn queue_set_mut(&mut self) -> &mut QueueSet {
+        &mut self.q
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
@@ -274,9 +263,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         _features: u64,
     ) -> Result<(), ActivateError> {
-        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
+        self.q.check_ready()?;
         self.active = Some(ActiveState { mem, interrupt });
         // Host connections may have queued REQUESTs before the driver came.
         let notify = self.process_tx() | self.process_rx();
@@ -304,7 +291,8 @@ impl VirtioDevice for Vsock {
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         let fds = self
-            .queue_events
+            .q
+            .events
             .iter()
             .map(AsRawFd::as_raw_fd)
             .chain([self.kick.as_raw_fd(), self.muxer.listener().as_raw_fd()]);
