@@ -12,6 +12,7 @@
 //! unknown fields; the frames are small and rare (one per operation), so
 //! its cost does not matter next to a VM exit.
 
+pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod messages;

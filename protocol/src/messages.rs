@@ -125,6 +125,23 @@ pub struct StdioPorts {
     pub stderr: Option<u32>,
 }
 
+/// cgroup v2 limits for the container; `None` leaves a limit unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `memory.max`, in bytes.
+    #[serde(default)]
+    pub memory_max_bytes: Option<u64>,
+    /// `pids.max`.
+    #[serde(default)]
+    pub pids_max: Option<u64>,
+    /// `cpu.max`: quota and period in microseconds.
+    #[serde(default)]
+    pub cpu_quota_usec: Option<u64>,
+    #[serde(default)]
+    pub cpu_period_usec: Option<u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateContainer {
@@ -141,6 +158,8 @@ pub struct CreateContainer {
     pub process: Process,
     #[serde(default)]
     pub stdio: StdioPorts,
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,6 +417,29 @@ impl CreateContainer {
         for p in self.masked_paths.iter().chain(&self.readonly_paths) {
             check_path("masked_paths/readonly_paths", p)?;
         }
+        let r = &self.resources;
+        if r.memory_max_bytes.is_some_and(|m| m < 1 << 20) {
+            return Err(invalid("resources.memory_max_bytes", "below 1 MiB"));
+        }
+        if r.pids_max == Some(0) {
+            return Err(invalid("resources.pids_max", "must be at least 1"));
+        }
+        match (r.cpu_quota_usec, r.cpu_period_usec) {
+            (None, None) => {}
+            (Some(q), Some(p)) if (1000..=1_000_000).contains(&p) && q >= 1000 => {}
+            _ => {
+                return Err(invalid(
+                    "resources.cpu_quota_usec",
+                    "quota (at least 1000) and period (1000 to 1000000) go together",
+                ))
+            }
+        }
+        if self.process.terminal && self.stdio.stdin.is_some() {
+            return Err(invalid(
+                "stdio.stdin",
+                "a terminal uses one stream, the stdout port, for both directions",
+            ));
+        }
         self.process.validate()
     }
 }
@@ -414,10 +456,16 @@ impl Request {
                 container_id,
                 exec_id,
                 process,
-                ..
+                stdio,
             } => {
                 check_id("container_id", container_id)?;
                 check_id("exec_id", exec_id)?;
+                if process.terminal && stdio.stdin.is_some() {
+                    return Err(invalid(
+                        "stdio.stdin",
+                        "a terminal uses one stream, the stdout port, for both directions",
+                    ));
+                }
                 process.validate()
             }
             Request::Signal {
@@ -489,6 +537,12 @@ mod tests {
                 stdin: None,
                 stdout: Some(2000),
                 stderr: Some(2001),
+            },
+            resources: Resources {
+                memory_max_bytes: Some(64 << 20),
+                pids_max: Some(100),
+                cpu_quota_usec: None,
+                cpu_period_usec: None,
             },
         }
     }
