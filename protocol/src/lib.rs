@@ -13,6 +13,7 @@
 //! its cost does not matter next to a VM exit.
 
 pub mod client;
+pub mod defaults;
 pub mod frame;
 pub mod handshake;
 pub mod messages;
