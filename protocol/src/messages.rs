@@ -69,7 +69,7 @@ pub struct Capabilities {
 }
 
 /// The OCI `process` object, as far as a sandbox honours it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Process {
     pub args: Vec<String>,
@@ -91,6 +91,23 @@ pub struct Process {
 
 fn root_dir() -> String {
     "/".into()
+}
+
+impl Default for Process {
+    /// What serde fills in for absent fields, so `..Default::default()`
+    /// and a sparse JSON request mean the same process.
+    fn default() -> Self {
+        Process {
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: root_dir(),
+            user: User::default(),
+            terminal: false,
+            rlimits: Vec::new(),
+            no_new_privileges: false,
+            capabilities: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
