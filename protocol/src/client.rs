@@ -97,6 +97,7 @@ pub fn op_name(req: &Request) -> &'static str {
         Request::CloseStdin { .. } => "close_stdin",
         Request::Stats { .. } => "stats",
         Request::ListProcesses { .. } => "list_processes",
+        Request::Delete { .. } => "delete",
         Request::NextOomEvent => "next_oom_event",
         Request::Shutdown => "shutdown",
     }

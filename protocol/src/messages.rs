@@ -221,6 +221,10 @@ pub enum Request {
     ListProcesses {
         container_id: String,
     },
+    /// Forgets a stopped container: its mounts, cgroup and status go.
+    Delete {
+        container_id: String,
+    },
     /// Blocks until a container is killed for running out of memory.
     NextOomEvent,
     Shutdown,
@@ -467,6 +471,7 @@ impl Request {
         match self {
             Request::Create { container } => container.validate(),
             Request::Start { container_id }
+            | Request::Delete { container_id }
             | Request::Stats { container_id }
             | Request::ListProcesses { container_id } => check_id("container_id", container_id),
             Request::Exec {
