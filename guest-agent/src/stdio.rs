@@ -1,0 +1,178 @@
+//! A process's stdio: pipes (or a pty) on the process side, host streams on
+//! the other, and one copying thread per direction.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Mutex};
+
+use bulkhead_protocol::messages::StdioPorts;
+
+use crate::transport::{shutdown_write, Transport};
+
+/// The host can close stdin early (`close_stdin`) while a thread copies
+/// into it; both go through this slot.
+pub type StdinSlot = Arc<Mutex<Option<File>>>;
+
+/// What the agent keeps of a process's stdio after it starts.
+#[derive(Default)]
+pub struct Handles {
+    pub stdin: Option<StdinSlot>,
+    pub tty: Option<Arc<File>>,
+}
+
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new and ours.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+fn dev_null() -> io::Result<File> {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")
+}
+
+/// Copies until EOF or an error on either side.
+fn pump(mut from: impl Read, mut to: impl Write) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A pty master reads EIO once the last slave holder is gone.
+            Err(_) => return,
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ())
+}
+
+/// Output: process pipe -> host stream, then EOF to the host.
+fn spawn_output(name: &str, pipe: File, stream: File) -> io::Result<()> {
+    spawn(name, move || {
+        pump(&pipe, &stream);
+        shutdown_write(&stream);
+    })
+}
+
+/// Connects the streams and makes pipes for a non-terminal process.
+/// Returns the child's three descriptors; copying starts at once.
+pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Handles)> {
+    let mut handles = Handles::default();
+    let stdin_child = match ports.stdin {
+        Some(port) => {
+            let stream = t.connect(port)?;
+            let (r, w) = pipe()?;
+            let slot: StdinSlot = Arc::new(Mutex::new(Some(w)));
+            handles.stdin = Some(slot.clone());
+            spawn("stdin", move || copy_stdin(stream, slot))?;
+            OwnedFd::from(r)
+        }
+        None => OwnedFd::from(dev_null()?),
+    };
+    let out = |port: Option<u32>, name: &str| -> io::Result<OwnedFd> {
+        match port {
+            Some(port) => {
+                let stream = t.connect(port)?;
+                let (r, w) = pipe()?;
+                spawn_output(name, r, stream)?;
+                Ok(OwnedFd::from(w))
+            }
+            None => Ok(OwnedFd::from(dev_null()?)),
+        }
+    };
+    let stdout_child = out(ports.stdout, "stdout")?;
+    let stderr_child = out(ports.stderr, "stderr")?;
+    Ok(([stdin_child, stdout_child, stderr_child], handles))
+}
+
+fn copy_stdin(mut stream: File, slot: StdinSlot) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut guard = match slot.lock() {
+            Ok(g) => g,
+            Err(_) => break,
+        };
+        let written = guard.as_mut().is_some_and(|w| w.write_all(&buf[..n]).is_ok());
+        if !written {
+            break;
+        }
+    }
+    if let Ok(mut g) = slot.lock() {
+        g.take();
+    }
+}
+
+/// Connects the terminal's one stream to a pty master, both directions.
+pub fn terminal(t: &Transport, ports: &StdioPorts, master: File) -> io::Result<Handles> {
+    let port = ports
+        .stdout
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a terminal needs the stdout port"))?;
+    let stream = t.connect(port)?;
+    let master = Arc::new(master);
+    let (m_out, s_out) = (master.clone(), stream.try_clone()?);
+    spawn("tty-out", move || {
+        pump(&*m_out, &s_out);
+        shutdown_write(&s_out);
+    })?;
+    let m_in = master.clone();
+    spawn("tty-in", move || pump(&stream, &*m_in))?;
+    Ok(Handles {
+        stdin: None,
+        tty: Some(master),
+    })
+}
+
+pub fn resize(master: &File, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens a pty in the container's devpts through the init's root.
+pub fn open_container_pty(init_pid: i32) -> io::Result<(File, OwnedFd)> {
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(format!("/proc/{init_pid}/root/dev/pts/ptmx"))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: ioctls on the master just opened with documented arguments.
+    unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let slave = libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if slave < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((master, OwnedFd::from_raw_fd(slave)))
+    }
+}

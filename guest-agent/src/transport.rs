@@ -1,0 +1,125 @@
+//! Where requests come from and stdio goes to: vsock in the VM; Unix
+//! sockets in the debug-only listener mode the agent tier uses.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use bulkhead_protocol::AGENT_PORT;
+
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Vsock,
+    #[cfg(debug_assertions)]
+    Unix(std::path::PathBuf),
+}
+
+pub enum Listener {
+    Vsock(OwnedFd),
+    #[cfg(debug_assertions)]
+    Unix(std::os::unix::net::UnixListener),
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; zero is valid for every field.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    a
+}
+
+fn vsock_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+impl Transport {
+    pub fn listen(&self) -> io::Result<Listener> {
+        match self {
+            Transport::Vsock => {
+                let fd = vsock_socket()?;
+                let addr = vsock_addr(libc::VMADDR_CID_ANY, AGENT_PORT);
+                use std::os::fd::AsRawFd;
+                // SAFETY: addr is a sockaddr_vm of ADDR_LEN bytes.
+                check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) })?;
+                // SAFETY: listen on our socket.
+                check(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
+                Ok(Listener::Vsock(fd))
+            }
+            #[cfg(debug_assertions)]
+            Transport::Unix(dir) => {
+                let path = dir.join("agent.sock");
+                let _ = std::fs::remove_file(&path);
+                Ok(Listener::Unix(std::os::unix::net::UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// Connects a stdio stream to the host's listener for `port`.
+    pub fn connect(&self, port: u32) -> io::Result<File> {
+        match self {
+            Transport::Vsock => {
+                let fd = vsock_socket()?;
+                let addr = vsock_addr(libc::VMADDR_CID_HOST, port);
+                use std::os::fd::AsRawFd;
+                // SAFETY: as in listen.
+                check(unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) })?;
+                Ok(File::from(fd))
+            }
+            #[cfg(debug_assertions)]
+            Transport::Unix(dir) => {
+                let s = std::os::unix::net::UnixStream::connect(dir.join(format!("agent.sock_{port}")))?;
+                Ok(File::from(OwnedFd::from(s)))
+            }
+        }
+    }
+}
+
+impl Listener {
+    pub fn accept(&self) -> io::Result<File> {
+        match self {
+            Listener::Vsock(fd) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: accept4 without an address; returns a new fd or -1.
+                let c = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
+                if c < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: c is new and ours.
+                Ok(File::from(unsafe { OwnedFd::from_raw_fd(c) }))
+            }
+            #[cfg(debug_assertions)]
+            Listener::Unix(l) => Ok(File::from(OwnedFd::from(l.accept()?.0))),
+        }
+    }
+}
+
+/// Half-closes a stream's write side, so the host reads EOF.
+pub fn shutdown_write(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a socket we hold.
+    unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
+}
