@@ -163,7 +163,14 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    let args = Args::parse();
+    // The kernel hands init every command-line word it does not know
+    // (`nomodule`, say): as the guest's PID 1, take no arguments at all.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        // SAFETY: getpid has no side effects.
+        Err(_) if unsafe { libc::getpid() } == 1 => Args::parse_from(["bulkhead-agent"]),
+        Err(e) => e.exit(),
+    };
     // SAFETY: getpid has no side effects.
     let pid1 = unsafe { libc::getpid() } == 1 && {
         #[cfg(debug_assertions)]

@@ -15,7 +15,7 @@ fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Mount
 }
 
 /// `/proc`, a small `/dev` (the agent fills in the standard nodes), ptys,
-/// shared memory, POSIX queues, and a read-only `/sys`.
+/// shared memory, POSIX queues, and a read-only `/sys` and cgroup.
 pub fn mounts() -> Vec<Mount> {
     vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
@@ -29,6 +29,8 @@ pub fn mounts() -> Vec<Mount> {
         mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
         mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
         mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        // The container's own cgroup (it has a cgroup namespace), read-only.
+        mount("/sys/fs/cgroup", "cgroup2", "cgroup", &["nosuid", "noexec", "nodev", "ro"]),
     ]
 }
 

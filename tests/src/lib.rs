@@ -2,6 +2,7 @@
 //! KVM (a tier that cannot run fails with the reason; it never passes
 //! silently), and run the VMM with its output captured.
 
+pub mod agent;
 pub mod initramfs;
 
 use std::path::{Path, PathBuf};
