@@ -163,15 +163,25 @@ fn ptr(c: &CString) -> *const c_char {
     c.as_ptr()
 }
 
-fn mkdirs(dirs: &[CString]) {
+/// Creates each directory of a mount target, refusing symlinks on the way:
+/// the image is untrusted, and a link like `proc -> /run` would otherwise
+/// put a container mount over the agent's own directories.
+fn mkdirs(dirs: &[CString], ctl: RawFd) {
     for d in dirs {
-        // SAFETY: a NUL-terminated path; EEXIST is expected and ignored.
-        unsafe { libc::mkdir(ptr(d), 0o755) };
+        // SAFETY: NUL-terminated paths; stat fills a zeroed struct.
+        unsafe {
+            libc::mkdir(ptr(d), 0o755);
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::lstat(ptr(d), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                record(ctl, TAG_ERROR, Stage::Mount as u8, libc::ELOOP);
+                libc::_exit(127);
+            }
+        }
     }
 }
 
 fn apply_mount(m: &MountStep, ctl: RawFd) {
-    mkdirs(&m.mkdirs);
+    mkdirs(&m.mkdirs, ctl);
     if let Some(file) = &m.create_file {
         // SAFETY: creates an empty file to bind a file onto.
         let fd = unsafe { libc::open(ptr(file), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };

@@ -15,6 +15,8 @@ use crate::caps::{self, CapSets};
 pub enum PlanError {
     #[error("{0} contains a NUL byte")]
     Nul(String),
+    #[error("process.args is empty")]
+    NoArgs,
     #[error("unknown mount option {0:?}")]
     MountOption(String),
     #[error("capabilities: {0}")]
@@ -77,7 +79,7 @@ impl ExecPlan {
     pub fn new(p: &Process) -> Result<ExecPlan, PlanError> {
         let argv: Vec<CString> = p.args.iter().map(|a| cstr(a, "args")).collect::<Result<_, _>>()?;
         let envp: Vec<CString> = p.env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?;
-        let arg0 = &p.args[0];
+        let arg0 = p.args.first().ok_or(PlanError::NoArgs)?;
         let exec_candidates = if arg0.contains('/') {
             vec![cstr(arg0, "args")?]
         } else {
