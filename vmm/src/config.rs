@@ -100,6 +100,9 @@ pub struct VmConfig {
     /// virtio-rng, fed from the host's getrandom.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// The control API's Unix socket (HTTP with JSON bodies).
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -180,6 +183,7 @@ impl VmConfig {
             disks: Vec::new(),
             vsock: None,
             rng: true,
+            api_socket: None,
         }
     }
 
@@ -271,20 +275,30 @@ impl VmConfig {
                     format!("guest CID {} is reserved (use 3 to {})", v.guest_cid, u32::MAX - 1),
                 ));
             }
-            if v.uds_path.exists() {
-                return Err(invalid("vsock", format!("{} already exists", v.uds_path.display())));
-            }
-            match v.uds_path.parent() {
-                Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
-                _ => {
-                    return Err(invalid(
-                        "vsock",
-                        format!("the directory of {} does not exist", v.uds_path.display()),
-                    ))
-                }
+            check_socket_path("vsock", &v.uds_path)?;
+        }
+        if let Some(api) = &self.api_socket {
+            check_socket_path("api_socket", api)?;
+            if self.vsock.as_ref().is_some_and(|v| v.uds_path == *api) {
+                return Err(invalid("api_socket", "the vsock device already uses this path"));
             }
         }
         Ok(())
+    }
+}
+
+/// A socket path the VMM will create: it must not exist (not even as a
+/// stale socket, which may belong to another VMM), in a directory that does.
+fn check_socket_path(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(invalid(field, format!("{} already exists", path.display())));
+    }
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => Ok(()),
+        _ => Err(invalid(
+            field,
+            format!("the directory of {} does not exist", path.display()),
+        )),
     }
 }
 
@@ -501,6 +515,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("disks[0]"), "{err}");
+    }
+
+    #[test]
+    fn api_socket_is_validated_and_read_from_json() {
+        let k = kernel_file();
+        let dir = tempfile::tempdir().unwrap();
+        let ok = VmConfig {
+            api_socket: Some(dir.path().join("api.sock")),
+            ..VmConfig::new(k.path())
+        };
+        ok.validate().unwrap();
+        for (path, says) in [
+            (k.path().to_path_buf(), "already exists"),
+            (dir.path().join("none/api.sock"), "does not exist"),
+        ] {
+            let c = VmConfig {
+                api_socket: Some(path),
+                ..ok.clone()
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("`api_socket`") && err.contains(says), "{err}");
+        }
+        let clash = VmConfig {
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.path().join("api.sock"),
+            }),
+            ..ok.clone()
+        };
+        assert!(clash
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("vsock device already uses"));
+        let c = VmConfig::from_json(r#"{"kernel":"/k","api_socket":"/run/a.sock"}"#, Path::new("c.json")).unwrap();
+        assert_eq!(c.api_socket, Some(PathBuf::from("/run/a.sock")));
     }
 
     #[test]

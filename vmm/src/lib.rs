@@ -1,11 +1,13 @@
 //! Bulkhead's virtual machine monitor: one KVM microVM per sandbox.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod host;
 pub mod signals;
+pub mod socket_file;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

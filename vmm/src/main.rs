@@ -50,9 +50,13 @@ struct Args {
     /// Leave out the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
+    /// Serve the control API (HTTP/1.1, JSON bodies) on this Unix socket;
+    /// the path must not exist. Removed when the VMM exits.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// JSON file with the same settings (field names: kernel, initrd,
     /// cmdline, vcpus, mem_mib, serial, cpu_template, timeout_secs, disks,
-    /// vsock, rng);
+    /// vsock, rng, api_socket);
     /// flags given on the command line override it.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -104,6 +108,9 @@ impl Args {
         }
         if self.no_rng {
             config.rng = false;
+        }
+        if self.api_sock.is_some() {
+            config.api_socket = self.api_sock;
         }
         Ok(config)
     }

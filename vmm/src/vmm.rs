@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::{ApiContext, ApiError, ApiListener};
 use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::layout::{CMDLINE_START, MMIO_GAP_START};
 use crate::arch::mptable::{self, MpTableError};
@@ -30,6 +31,7 @@ use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::host::HostKind;
 use crate::signals::{self, TerminationSignals};
+use crate::vcpu::control::{self, ControlError, VcpuControl};
 use crate::vcpu::exit_info::VcpuStop;
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -68,6 +70,10 @@ pub enum VmmError {
     Vsock(#[from] VsockError),
     #[error("cannot create the entropy device: {0}")]
     Rng(std::io::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    VcpuControl(#[from] ControlError),
 }
 
 /// Every event source of the main loop: the exit watcher and the devices.
@@ -225,6 +231,9 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
             "/dev/kvm is missing or not accessible (load kvm_intel, kvm_amd or kvm_pvm, and check permissions)",
         ));
     }
+    // Bound now so that a bad path fails before booting; served once the
+    // vCPUs run. Dropping it (any way out of here) removes the socket file.
+    let api_listener = config.api_socket.as_deref().map(ApiListener::bind).transpose()?;
     let mem_size = u64::from(config.mem_mib) << 20;
     let vm = Vm::create(mem_size)?;
     let mut devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
@@ -294,13 +303,24 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         events.add_subscriber(sub);
     }
 
+    control::install_kick_handler()?;
+    let vcpu_control = Arc::new(VcpuControl::new(config.vcpus));
     for vcpu in vcpus {
         let evt = stop_evt.try_clone().map_err(event_loop_err)?;
         // Threads are detached: the process ends with the VM, and a vCPU
-        // blocked in KVM_RUN cannot be joined anyway.
-        vcpu.spawn(stop_tx.clone(), evt)?;
+        // blocked in KVM_RUN (or parked by a pause) cannot be joined anyway.
+        vcpu.spawn(vcpu_control.clone(), stop_tx.clone(), evt)?;
     }
     drop(stop_tx);
+    let _api = match api_listener {
+        Some(l) => Some(l.serve(ApiContext {
+            control: vcpu_control,
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            started: Instant::now(),
+        })?),
+        None => None,
+    };
 
     let stopped = loop {
         events.run().map_err(event_loop_err)?;

@@ -1,5 +1,6 @@
 //! vCPU set-up and the per-vCPU run loop (one thread each).
 
+pub mod control;
 pub mod exit_info;
 
 use std::sync::mpsc::Sender;
@@ -16,6 +17,7 @@ use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::arch::{cpuid, interrupts, msr};
 use crate::devices::bus::Bus;
+use control::{ExitCounters, ExitKind, VcpuControl};
 use exit_info::{GuestLocation, VcpuStop};
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -143,20 +145,29 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until it stops for good; the reason
-    /// goes to `stops` and `stop_evt` wakes the main loop.
-    pub fn spawn(mut self, stops: Sender<VcpuStop>, stop_evt: EventFd) -> Result<JoinHandle<()>, VcpuError> {
+    /// goes to `stops` and `stop_evt` wakes the main loop. `control` pauses
+    /// and resumes it and holds its exit counters.
+    pub fn spawn(
+        mut self,
+        control: Arc<VcpuControl>,
+        stops: Sender<VcpuStop>,
+        stop_evt: EventFd,
+    ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+                control.enter(index, immediate_exit);
                 // Test and debug builds unwind; the main loop must still hear.
-                let stop =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop())).unwrap_or_else(|_| {
-                        VcpuStop::RunFailed {
-                            cpu: index,
-                            error: "the vCPU thread panicked".into(),
-                        }
+                let stop = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&control)))
+                    .unwrap_or_else(|_| VcpuStop::RunFailed {
+                        cpu: index,
+                        error: "the vCPU thread panicked".into(),
                     });
+                // Withdraw the kvm_run pointer before the VcpuFd unmaps it.
+                control.leave(index);
+                drop(self);
                 debug!(cpu = index, "vCPU stopped: {stop}");
                 // The main loop may already be gone; nothing is left to tell.
                 let _ = stops.send(stop);
@@ -165,10 +176,18 @@ impl Vcpu {
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    fn run_loop(&mut self) -> VcpuStop {
+    fn run_loop(&mut self, control: &VcpuControl) -> VcpuStop {
         let cpu = self.index;
+        let counters: &ExitCounters = control.counters(cpu);
         loop {
-            let ending = match self.fd.run() {
+            let result = self.fd.run();
+            counters.count(match &result {
+                Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => ExitKind::Io,
+                Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => ExitKind::Mmio,
+                Ok(VcpuExit::Hlt) => ExitKind::Hlt,
+                _ => ExitKind::Other,
+            });
+            let ending = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     self.pio.write(u64::from(port), data);
                     continue;
@@ -201,7 +220,13 @@ impl Vcpu {
                     debug!(cpu, "ignoring exit {other:?}");
                     continue;
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // A kick (or immediate_exit) for a pause: park here, where
+                // no exit is half handled.
+                Err(e) if e.errno() == libc::EINTR => {
+                    control.interrupted(cpu);
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(e) => Ending::Stop(VcpuStop::RunFailed {
                     cpu,
                     error: e.to_string(),

@@ -9,9 +9,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
@@ -21,6 +20,7 @@ use super::connection::{ConnKey, Connection, Verdict};
 use super::packet::{Op, PacketHeader, HOST_CID};
 use super::unix::{connect_nonblocking, read_connect_line, LineRead};
 use super::VsockError;
+use crate::socket_file::SocketFile;
 
 /// Live connections at most, host streams still sending their CONNECT line
 /// included.
@@ -48,30 +48,6 @@ struct PendingStream {
 /// connections need the slot; a client that connects and stays silent
 /// must not hold connection slots forever.
 pub const PENDING_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Removes the listening socket's file on drop, if it is still ours.
-struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketFile {
-    /// Removes the socket file if it is still the one we bound.
-    fn remove(&self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if m.dev() == self.dev && m.ino() == self.ino {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
 
 pub struct Muxer {
     guest_cid: u64,
@@ -107,20 +83,14 @@ impl Muxer {
 
     pub fn new(guest_cid: u32, uds_path: &Path) -> Result<Self, VsockError> {
         let shown = uds_path.display().to_string();
-        if std::fs::symlink_metadata(uds_path).is_ok() {
-            return Err(VsockError::PathExists(shown));
-        }
         let bind_err = |source| VsockError::Bind {
             path: shown.clone(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
-        let meta = std::fs::symlink_metadata(uds_path).map_err(bind_err)?;
-        let socket_file = SocketFile {
-            path: uds_path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
+        let (listener, socket_file) = SocketFile::bind(uds_path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => VsockError::PathExists(shown.clone()),
+            _ => bind_err(e),
+        })?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(Muxer {
             guest_cid: u64::from(guest_cid),
@@ -415,7 +385,7 @@ impl Muxer {
             self.reply_rst(hdr);
             return;
         }
-        let mut path = self.socket_file.path.as_os_str().to_owned();
+        let mut path = self.socket_file.path().as_os_str().to_owned();
         path.push(format!("_{}", hdr.dst_port));
         match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => {

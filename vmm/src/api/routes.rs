@@ -1,0 +1,293 @@
+//! The control API's endpoints: what each request does and answers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::http::{Request, Response};
+use crate::vcpu::control::{ExitCounts, VcpuControl};
+
+/// How long a pause or resume may take before it is undone and reported;
+/// parking takes microseconds, so this only catches a wedged vCPU thread.
+pub const STATE_CHANGE_WITHIN: Duration = Duration::from_secs(10);
+
+/// What the endpoints see of the VM.
+pub struct ApiContext {
+    pub control: Arc<VcpuControl>,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// When the vCPUs were started.
+    pub started: Instant,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VmInfo {
+    pub state: RunState,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub version: &'static str,
+}
+
+/// The body of `PATCH /vm`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateChange {
+    pub state: TargetState,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub enum TargetState {
+    Paused,
+    Resumed,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Metrics {
+    pub uptime_ms: u64,
+    pub paused: bool,
+    /// KVM_RUN returns by kind, summed over the vCPUs; `other` includes
+    /// interruptions for pauses.
+    pub vcpu_exits: ExitCounts,
+    /// The VMM's resident set (guest memory it has touched included);
+    /// `null` where /proc cannot say.
+    pub rss_bytes: Option<u64>,
+}
+
+/// Answers one request. Errors that leave the connection in step (unknown
+/// path, wrong method, a bad JSON body) keep it open.
+pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
+    let method = req.method.as_str();
+    match req.target.as_str() {
+        "/" => match method {
+            "GET" => Response::json(200, &vm_info(ctx)),
+            _ => not_allowed("GET"),
+        },
+        "/vm" => match method {
+            "PATCH" => patch_vm(ctx, req),
+            _ => not_allowed("PATCH"),
+        },
+        "/metrics" => match method {
+            "GET" => Response::json(200, &metrics(ctx)),
+            _ => not_allowed("GET"),
+        },
+        "/snapshot/create" => match method {
+            "PUT" => Response::fault(501, "snapshots are not implemented yet"),
+            _ => not_allowed("PUT"),
+        },
+        other => Response::fault(404, format!("no resource at {other}")),
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response {
+    Response {
+        allow: Some(allow),
+        ..Response::fault(405, format!("this resource only takes {allow}"))
+    }
+}
+
+pub fn vm_info(ctx: &ApiContext) -> VmInfo {
+    VmInfo {
+        state: if ctx.control.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        },
+        vcpus: ctx.vcpus,
+        mem_mib: ctx.mem_mib,
+        version: env!("CARGO_PKG_VERSION"),
+    }
+}
+
+/// Pauses or resumes. Both are idempotent: pausing a paused VM (or resuming
+/// a running one) answers 204 as well, so a client can retry safely.
+fn patch_vm(ctx: &ApiContext, req: &Request) -> Response {
+    if req.content_length.is_none() {
+        // Whatever body follows is unframed: the connection is out of step.
+        return Response {
+            close: true,
+            ..Response::fault(411, "PATCH /vm needs a JSON body and its Content-Length")
+        };
+    }
+    let change: VmStateChange = match parse_json(&req.body) {
+        Ok(c) => c,
+        Err(message) => return Response::fault(400, message),
+    };
+    let result = match change.state {
+        TargetState::Paused => ctx.control.pause(STATE_CHANGE_WITHIN),
+        TargetState::Resumed => ctx.control.resume(STATE_CHANGE_WITHIN),
+    };
+    match result {
+        Ok(()) => {
+            info!("VM {:?} through the API", change.state);
+            Response::no_content()
+        }
+        Err(e) => {
+            warn!("{e}");
+            Response::fault(500, e.to_string())
+        }
+    }
+}
+
+/// A body that must be a JSON object (serde would take a struct from an
+/// array too); the message says what is wrong with it.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not UTF-8: {e}"))?;
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("invalid body (a JSON object is expected): {e}"))?;
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| format!("invalid body: {e}"))
+}
+
+pub fn metrics(ctx: &ApiContext) -> Metrics {
+    Metrics {
+        uptime_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        paused: ctx.control.is_paused(),
+        vcpu_exits: ctx.control.exit_counts(),
+        rss_bytes: own_rss(),
+    }
+}
+
+/// Resident pages from /proc/self/statm (its second field), in bytes.
+fn own_rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::http::{parse, Parsed};
+
+    fn ctx() -> ApiContext {
+        ApiContext {
+            // No vCPUs: pausing succeeds at once.
+            control: Arc::new(VcpuControl::new(0)),
+            vcpus: 2,
+            mem_mib: 64,
+            started: Instant::now(),
+        }
+    }
+
+    fn call(ctx: &ApiContext, raw: &str) -> (Response, serde_json::Value) {
+        let Ok(Parsed::Complete(req, _)) = parse(raw.as_bytes()) else {
+            panic!("not a request: {raw:?}");
+        };
+        let resp = handle(ctx, &req);
+        let body = resp
+            .body
+            .as_deref()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .unwrap_or(serde_json::Value::Null);
+        (resp, body)
+    }
+
+    fn patch(ctx: &ApiContext, body: &[u8]) -> (Response, serde_json::Value) {
+        let mut raw = format!("PATCH /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        raw.extend_from_slice(body);
+        let Ok(Parsed::Complete(req, _)) = parse(&raw) else {
+            panic!("not a request");
+        };
+        let resp = handle(ctx, &req);
+        let json = resp
+            .body
+            .as_deref()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .unwrap_or(serde_json::Value::Null);
+        (resp, json)
+    }
+
+    #[test]
+    fn info_reports_state_and_shape() {
+        let ctx = ctx();
+        let (r, body) = call(&ctx, "GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(body["state"], "Running");
+        assert_eq!(body["vcpus"], 2);
+        assert_eq!(body["mem_mib"], 64);
+        assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn pause_and_resume_are_idempotent() {
+        let ctx = ctx();
+        for _ in 0..2 {
+            assert_eq!(patch(&ctx, br#"{"state":"Paused"}"#).0.status, 204);
+            assert_eq!(call(&ctx, "GET / HTTP/1.1\r\n\r\n").1["state"], "Paused");
+            assert_eq!(call(&ctx, "GET /metrics HTTP/1.1\r\n\r\n").1["paused"], true);
+        }
+        for _ in 0..2 {
+            assert_eq!(patch(&ctx, br#"{"state":"Resumed"}"#).0.status, 204);
+            assert_eq!(call(&ctx, "GET / HTTP/1.1\r\n\r\n").1["state"], "Running");
+        }
+    }
+
+    #[test]
+    fn bad_patch_bodies_are_refused_with_a_reason() {
+        let ctx = ctx();
+        let cases: [(&[u8], &str); 5] = [
+            (br#"{"state":"Paused","force":true}"#, "unknown field `force`"),
+            (br#"{"state":"Stopped"}"#, "unknown variant `Stopped`"),
+            (b"{\"state\":\"Paus\xffed\"}", "not UTF-8"),
+            (b"", "EOF"),
+            (br#"["Paused"]"#, "invalid body"),
+        ];
+        for (body, says) in cases {
+            let (r, json) = patch(&ctx, body);
+            assert_eq!(r.status, 400, "{body:?}");
+            assert!(!r.close, "the connection stays in step");
+            let msg = json["fault_message"].as_str().unwrap();
+            assert!(msg.contains(says), "{body:?}: {msg}");
+        }
+        assert!(!ctx.control.is_paused());
+        let (r, json) = call(&ctx, "PATCH /vm HTTP/1.1\r\n\r\n");
+        assert_eq!(r.status, 411);
+        assert!(r.close);
+        assert!(json["fault_message"].as_str().unwrap().contains("Content-Length"));
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods() {
+        let ctx = ctx();
+        let (r, json) = call(&ctx, "GET /nope HTTP/1.1\r\n\r\n");
+        assert_eq!(r.status, 404);
+        assert!(json["fault_message"].as_str().unwrap().contains("/nope"));
+        for (raw, allow) in [
+            ("DELETE / HTTP/1.1\r\n\r\n", "GET"),
+            ("GET /vm HTTP/1.1\r\n\r\n", "PATCH"),
+            ("POST /metrics HTTP/1.1\r\n\r\n", "GET"),
+            ("GET /snapshot/create HTTP/1.1\r\n\r\n", "PUT"),
+        ] {
+            let (r, _) = call(&ctx, raw);
+            assert_eq!((r.status, r.allow), (405, Some(allow)), "{raw}");
+        }
+    }
+
+    #[test]
+    fn snapshots_are_not_implemented_yet() {
+        let (r, json) = call(&ctx(), "PUT /snapshot/create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!(r.status, 501);
+        assert_eq!(json["fault_message"], "snapshots are not implemented yet");
+    }
+
+    #[test]
+    fn metrics_have_every_field() {
+        let (r, json) = call(&ctx(), "GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert!(json["uptime_ms"].is_u64());
+        assert_eq!(json["paused"], false);
+        for kind in ["io", "mmio", "hlt", "other"] {
+            assert_eq!(json["vcpu_exits"][kind], 0, "{kind}");
+        }
+        assert!(json["rss_bytes"].as_u64().unwrap() > 0);
+    }
+}
