@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 pub use bulkhead_vmm::host::HostKind;
 
 /// The workspace's target directory.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),

@@ -1,0 +1,157 @@
+//! `bulkhead`: run a command in a microVM sandbox, or check this host.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use bulkhead::host_check;
+use bulkhead::paths::ArtifactFlags;
+use bulkhead::process::ProcessFlags;
+use bulkhead::run::{self, RunOptions};
+use bulkhead::{default_rootfs, initramfs, sandbox};
+
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead", version, about = "Run commands in KVM microVM sandboxes.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a sandbox, run CMD in it, and exit with CMD's exit status
+    /// (125 when the sandbox itself failed).
+    Run(RunArgs),
+    /// Say whether this host can run sandboxes, and why not.
+    Check(ArtifactArgs),
+    /// Write the guest's initramfs around the agent binary (used by
+    /// scripts/setup).
+    #[command(hide = true)]
+    BuildInitramfs {
+        #[arg(long, value_name = "PATH")]
+        agent: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ArtifactArgs {
+    /// Guest kernel (default: $BULKHEAD_KERNEL, else vmlinux next to bulkhead).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs with the agent (default: $BULKHEAD_INITRAMFS, else
+    /// initramfs.cpio next to bulkhead).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// The VMM binary (default: $BULKHEAD_VMM, else bulkhead-vmm next to bulkhead).
+    #[arg(long, value_name = "PATH", hide = true)]
+    vmm: Option<PathBuf>,
+}
+
+impl From<ArtifactArgs> for ArtifactFlags {
+    fn from(a: ArtifactArgs) -> Self {
+        ArtifactFlags {
+            kernel: a.kernel,
+            initramfs: a.initramfs,
+            vmm: a.vmm,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    artifacts: ArtifactArgs,
+    /// Root filesystem: a directory (imaged and cached) or an ext4/erofs
+    /// image (default: a small busybox system built in).
+    #[arg(long, value_name = "DIR|IMAGE")]
+    rootfs: Option<PathBuf>,
+    /// vCPUs.
+    #[arg(long, value_name = "N", default_value_t = sandbox::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = sandbox::DEFAULT_MEM_MIB,
+          value_parser = clap::value_parser!(u32).range(64..=262_144))]
+    memory: u32,
+    /// Set an environment variable (KEY=VALUE), or pass the host's (KEY).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User: UID or UID:GID.
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// Give the command a terminal.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Forward stdin (otherwise the command reads /dev/null).
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// The sandbox's host name.
+    #[arg(long, value_name = "NAME", default_value = default_rootfs::HOSTNAME)]
+    hostname: String,
+    /// No progress messages.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Keep the guest console log at PATH.
+    #[arg(long, value_name = "PATH")]
+    keep_console: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(a) => run::run(run_options(a)),
+        Command::Check(a) => {
+            let report = host_check::diagnose(&a.into());
+            print!("{}", report.render());
+            i32::from(!report.can_run())
+        }
+        Command::BuildInitramfs { agent, out } => match build_initramfs(&agent, &out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("bulkhead: error: {e:#}");
+                1
+            }
+        },
+    };
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+}
+
+fn run_options(a: RunArgs) -> RunOptions {
+    RunOptions {
+        artifacts: a.artifacts.into(),
+        rootfs: a.rootfs,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        process: ProcessFlags {
+            args: a.command,
+            env: a.env,
+            workdir: a.workdir,
+            user: a.user,
+            tty: a.tty,
+            hostname: a.hostname,
+        },
+        interactive: a.interactive,
+        quiet: a.quiet,
+        keep_console: a.keep_console,
+    }
+}
+
+fn build_initramfs(agent: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    initramfs::build_agent_initramfs(agent, out).with_context(|| format!("building {}", out.display()))
+}

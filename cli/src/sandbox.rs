@@ -1,0 +1,599 @@
+//! One booted sandbox: its run directory, its VMM process and the way to
+//! its agent. `bulkhead run` drives one interactively; the boot tier uses
+//! the same type to boot once and run several processes. Dropping a
+//! `Sandbox` kills the VMM and removes the run directory; [`Sandbox::shutdown`]
+//! asks the guest to stop first.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bulkhead_protocol::client::{Client, ClientError};
+use bulkhead_protocol::defaults;
+use bulkhead_protocol::messages::{CreateContainer, Process, Request, Root, ValidationError};
+
+use crate::agent_conn::{self, ConnError, WaitError};
+use crate::paths::Artifacts;
+use crate::rootfs::RootfsImage;
+use crate::rundir::{self, RunDir, RunDirError};
+use crate::stdio::{self, StdioError, StdioListeners, StdioPlan, StdioStreams};
+use crate::util;
+use crate::vm::{self, VmError, VmSpec, VmmProcess};
+
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEM_MIB: u32 = 256;
+/// How long a guest gets to stop after `Shutdown` before the VMM is killed.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The guest device the root image is attached as (the first `--disk`).
+pub const ROOT_DEVICE: &str = "/dev/vda";
+const FIRST_STDIO_PORT: u32 = 1025;
+/// The agent connects the stdio streams before it answers; this only
+/// covers the VMM relaying the connections.
+const STDIO_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// After `exited`, output still in flight drains within this.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const CONSOLE_LINES: usize = 20;
+/// One connection attempt while booting: the VMM holds a connection
+/// unanswered until the guest's vsock driver is up.
+const BOOT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub type AgentClient = Client<UnixStream>;
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    pub artifacts: Artifacts,
+    pub rootfs: RootfsImage,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Where run directories go; `None`: [`rundir::default_root`].
+    pub runtime_root: Option<PathBuf>,
+    /// Give up waiting for the agent after this long; `None`: wait as
+    /// long as the VMM lives.
+    pub boot_timeout: Option<Duration>,
+    /// Copy the guest console here when the sandbox goes away.
+    pub keep_console: Option<PathBuf>,
+}
+
+impl SandboxConfig {
+    pub fn new(artifacts: Artifacts, rootfs: RootfsImage) -> Self {
+        SandboxConfig {
+            artifacts,
+            rootfs,
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: DEFAULT_MEM_MIB,
+            runtime_root: None,
+            boot_timeout: None,
+            keep_console: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("guest agent: {0}")]
+    Conn(#[from] ConnError),
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("the sandbox's VM stopped: {reason}{}", render_logs(.console, .vmm_log))]
+    VmStopped {
+        reason: String,
+        console: Vec<String>,
+        vmm_log: Vec<String>,
+    },
+    #[error("the guest agent did not answer within {} s{}", .after.as_secs(), render_logs(.console, &[]))]
+    BootTimeout { after: Duration, console: Vec<String> },
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn render_logs(console: &[String], vmm_log: &[String]) -> String {
+    let mut s = String::new();
+    for (title, lines) in [("last console lines", console), ("VMM log", vmm_log)] {
+        if !lines.is_empty() {
+            s.push_str(&format!("\n{title}:"));
+            for l in lines {
+                s.push_str("\n  ");
+                s.push_str(l);
+            }
+        }
+    }
+    s
+}
+
+/// What a boot watcher sees every retry (about every 100 ms).
+pub struct BootProgress<'a> {
+    pub elapsed: Duration,
+    console: &'a Path,
+}
+
+impl BootProgress<'_> {
+    /// The guest console's last line so far (the kernel's log, mostly).
+    pub fn last_console_line(&self) -> Option<String> {
+        util::tail_lines(self.console, 1).pop()
+    }
+}
+
+/// A finished process's exit status and output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessOutput {
+    /// As a shell reports it: the code, or 128 + the signal.
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    /// Empty for a terminal process (its output is all on stdout).
+    pub stderr: Vec<u8>,
+}
+
+impl ProcessOutput {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Copies the console out of the run directory before it is removed.
+struct ConsoleKeeper {
+    from: PathBuf,
+    to: Option<PathBuf>,
+}
+
+impl Drop for ConsoleKeeper {
+    fn drop(&mut self) {
+        if let Some(to) = &self.to {
+            if let Err(e) = std::fs::copy(&self.from, to) {
+                tracing::warn!("cannot keep the console log as {}: {e}", to.display());
+            }
+        }
+    }
+}
+
+pub struct Sandbox {
+    // Dropped in this order: the agent stream, the VMM (killed), the
+    // console copy, the run directory.
+    first_client: Mutex<Option<AgentClient>>,
+    vmm: Mutex<VmmProcess>,
+    _console_keeper: ConsoleKeeper,
+    dir: RunDir,
+    vsock: PathBuf,
+    console: PathBuf,
+    vmm_log: PathBuf,
+    rootfs: RootfsImage,
+    next_port: AtomicU32,
+    next_id: AtomicU32,
+}
+
+// The boot tier shares one sandbox between test threads.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Sandbox>();
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stopped(status: ExitStatus, console: &Path, vmm_log: &Path) -> SandboxError {
+    SandboxError::VmStopped {
+        reason: vm::describe_exit(status),
+        console: util::tail_lines(console, CONSOLE_LINES),
+        vmm_log: util::tail_lines(vmm_log, 10),
+    }
+}
+
+impl Sandbox {
+    /// Boots and waits for the agent.
+    pub fn boot(cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        Self::boot_with(cfg, |_| Ok(()))
+    }
+
+    /// Boots; `watch` is called while waiting for the agent and may end
+    /// the wait with a reason ([`SandboxError::Aborted`]).
+    pub fn boot_with(
+        cfg: &SandboxConfig,
+        mut watch: impl FnMut(&BootProgress) -> Result<(), String>,
+    ) -> Result<Sandbox, SandboxError> {
+        let root = cfg.runtime_root.clone().unwrap_or_else(rundir::default_root);
+        let dir = RunDir::create(&root)?;
+        let vsock = dir.path().join("v.sock");
+        let console = dir.path().join("console.log");
+        let vmm_log = dir.path().join("vmm.log");
+        let keeper = ConsoleKeeper {
+            from: console.clone(),
+            to: cfg.keep_console.clone(),
+        };
+        let spec = VmSpec {
+            vmm: cfg.artifacts.vmm.clone(),
+            kernel: cfg.artifacts.kernel.clone(),
+            initrd: cfg.artifacts.initramfs.clone(),
+            vcpus: cfg.vcpus,
+            mem_mib: cfg.mem_mib,
+            disk: cfg.rootfs.path.clone(),
+            vsock_uds: vsock.clone(),
+            console: console.clone(),
+            log: vmm_log.clone(),
+        };
+        let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
+        let waited = agent_conn::wait_for_agent(&vsock, BOOT_ATTEMPT_TIMEOUT, |elapsed| {
+            if let Some(status) = lock(&vmm).try_status()? {
+                return Err(stopped(status, &console, &vmm_log));
+            }
+            if let Some(limit) = cfg.boot_timeout.filter(|l| elapsed >= *l) {
+                return Err(SandboxError::BootTimeout {
+                    after: limit,
+                    console: util::tail_lines(&console, CONSOLE_LINES),
+                });
+            }
+            watch(&BootProgress {
+                elapsed,
+                console: &console,
+            })
+            .map_err(SandboxError::Aborted)
+        });
+        let client = match waited {
+            Ok(c) => c,
+            Err(WaitError::Check(e)) => return Err(e),
+            Err(WaitError::Conn(e)) => {
+                // A refused handshake is the agent's word; anything else
+                // may be the VMM going away.
+                let status = lock(&vmm).wait_timeout(Duration::from_secs(2))?;
+                return Err(match status {
+                    Some(s) => stopped(s, &console, &vmm_log),
+                    None => e.into(),
+                });
+            }
+        };
+        tracing::debug!("agent reached through {}", vsock.display());
+        Ok(Sandbox {
+            first_client: Mutex::new(Some(client)),
+            vmm,
+            _console_keeper: keeper,
+            dir,
+            vsock,
+            console,
+            vmm_log,
+            rootfs: cfg.rootfs.clone(),
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            next_id: AtomicU32::new(1),
+        })
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The VMM's vsock socket (`<run dir>/v.sock`).
+    pub fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
+    pub fn console_path(&self) -> &Path {
+        &self.console
+    }
+
+    pub fn console_tail(&self, n: usize) -> Vec<String> {
+        util::tail_lines(&self.console, n)
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        lock(&self.vmm).pid()
+    }
+
+    /// The VMM's exit status once it has ended.
+    pub fn vmm_exit(&self) -> Result<Option<ExitStatus>, SandboxError> {
+        Ok(lock(&self.vmm).try_status()?)
+    }
+
+    /// When an operation fails because the VM went away, says so (with
+    /// the console) instead of "connection reset".
+    pub fn explain(&self, e: impl Into<SandboxError>) -> SandboxError {
+        let e = e.into();
+        let transport = matches!(
+            e,
+            SandboxError::Agent(ClientError::Frame(_)) | SandboxError::Conn(_) | SandboxError::Stdio(_)
+        );
+        if transport {
+            if let Ok(Some(status)) = lock(&self.vmm).wait_timeout(Duration::from_secs(2)) {
+                return stopped(status, &self.console, &self.vmm_log);
+            }
+        }
+        e
+    }
+
+    /// A request stream to the agent (each caller may hold its own; a
+    /// blocking `wait` holds only its stream).
+    pub fn client(&self) -> Result<AgentClient, SandboxError> {
+        if let Some(c) = lock(&self.first_client).take() {
+            return Ok(c);
+        }
+        agent_conn::connect_agent(&self.vsock).map_err(|e| self.explain(e))
+    }
+
+    /// A fresh vsock port for a stdio stream.
+    pub fn next_port(&self) -> u32 {
+        self.next_port.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Listeners for a process's stdio, named in its request.
+    pub fn stdio_listeners(&self, plan: StdioPlan) -> Result<StdioListeners, SandboxError> {
+        Ok(StdioListeners::bind(&self.vsock, plan, || self.next_port())?)
+    }
+
+    /// A container over this sandbox's root image with the usual defaults
+    /// (see [`container_spec`]).
+    pub fn container(&self, id: &str, process: Process) -> CreateContainer {
+        container_spec(id, process, &self.rootfs)
+    }
+
+    /// Sends `req` (a `Create` or `Exec`, whose stdio this sets) while
+    /// accepting the streams the agent opens for it; returns the answer
+    /// and the streams.
+    fn call_with_stdio(
+        &self,
+        client: &mut AgentClient,
+        mut req: Request,
+        plan: StdioPlan,
+    ) -> Result<(bulkhead_protocol::messages::Response, StdioStreams), SandboxError> {
+        let listeners = self.stdio_listeners(plan)?;
+        match &mut req {
+            Request::Create { container } => container.stdio = listeners.ports(),
+            Request::Exec { stdio, .. } => *stdio = listeners.ports(),
+            _ => {}
+        }
+        req.validate()?;
+        let pending = listeners.accept_in_background();
+        // On failure `pending` is dropped, which stops the accepting.
+        let answer = client.call(&req).map_err(|e| self.explain(e))?;
+        let streams = pending.finish(STDIO_ACCEPT_TIMEOUT).map_err(|e| self.explain(e))?;
+        Ok((answer, streams))
+    }
+
+    /// `Create`; the process waits for [`Sandbox::start`].
+    pub fn create(
+        &self,
+        client: &mut AgentClient,
+        container: CreateContainer,
+        plan: StdioPlan,
+    ) -> Result<StdioStreams, SandboxError> {
+        let req = Request::Create { container };
+        let (answer, streams) = self.call_with_stdio(client, req, plan)?;
+        match answer {
+            bulkhead_protocol::messages::Response::Ok => Ok(streams),
+            got => Err(ClientError::Unexpected {
+                op: "create".into(),
+                got: Box::new(got),
+            }
+            .into()),
+        }
+    }
+
+    /// `Start`, returning the process's pid in the guest.
+    pub fn start(&self, client: &mut AgentClient, container_id: &str) -> Result<u32, SandboxError> {
+        client
+            .call_started(&Request::Start {
+                container_id: container_id.into(),
+            })
+            .map_err(|e| self.explain(e))
+    }
+
+    /// `Exec`: the process starts at once; returns its pid and streams.
+    pub fn exec_start(
+        &self,
+        client: &mut AgentClient,
+        container_id: &str,
+        exec_id: &str,
+        process: Process,
+        plan: StdioPlan,
+    ) -> Result<(u32, StdioStreams), SandboxError> {
+        let req = Request::Exec {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process,
+            stdio: Default::default(),
+        };
+        let (answer, streams) = self.call_with_stdio(client, req, plan)?;
+        match answer {
+            bulkhead_protocol::messages::Response::Started { pid } => Ok((pid, streams)),
+            got => Err(ClientError::Unexpected {
+                op: "exec".into(),
+                got: Box::new(got),
+            }
+            .into()),
+        }
+    }
+
+    /// Creates, starts and waits for a container, feeding it `stdin` (none:
+    /// it reads /dev/null) and collecting its output.
+    pub fn run_container(
+        &self,
+        container: CreateContainer,
+        stdin: Option<&[u8]>,
+    ) -> Result<ProcessOutput, SandboxError> {
+        let plan = StdioPlan {
+            stdin: stdin.is_some(),
+            tty: container.process.terminal,
+        };
+        let id = container.id.clone();
+        let mut c = self.client()?;
+        let streams = self.create(&mut c, container, plan)?;
+        let io = Collector::start(streams, stdin)?;
+        self.start(&mut c, &id)?;
+        let status = c.wait(&id, None).map_err(|e| self.explain(e))?;
+        io.finish(status)
+    }
+
+    /// [`Sandbox::run_container`] with a new container of default settings
+    /// (ids `run-1`, `run-2`, ...).
+    pub fn run_process(&self, process: Process, stdin: Option<&[u8]>) -> Result<ProcessOutput, SandboxError> {
+        let id = self.next_id("run");
+        self.run_container(self.container(&id, process), stdin)
+    }
+
+    /// Runs `process` in the existing container `container_id` to its end
+    /// (exec ids `exec-1`, ...).
+    pub fn exec(
+        &self,
+        container_id: &str,
+        process: Process,
+        stdin: Option<&[u8]>,
+    ) -> Result<ProcessOutput, SandboxError> {
+        let exec_id = self.next_id("exec");
+        let plan = StdioPlan {
+            stdin: stdin.is_some(),
+            tty: process.terminal,
+        };
+        let mut c = self.client()?;
+        let (_pid, streams) = self.exec_start(&mut c, container_id, &exec_id, process, plan)?;
+        let io = Collector::start(streams, stdin)?;
+        let status = c.wait(container_id, Some(&exec_id)).map_err(|e| self.explain(e))?;
+        io.finish(status)
+    }
+
+    /// Asks the guest to stop (best effort), waits up to
+    /// [`SHUTDOWN_TIMEOUT`] for the VMM, kills it past that, and removes
+    /// the run directory. Returns the VMM's exit status.
+    pub fn shutdown(self) -> Result<ExitStatus, SandboxError> {
+        lock(&self.first_client).take();
+        if lock(&self.vmm).try_status()?.is_none() {
+            let asked = agent_conn::connect_agent_bounded(&self.vsock, Duration::from_secs(10))
+                .map_err(SandboxError::from)
+                .and_then(|mut c| Ok(c.call_ok(&Request::Shutdown)?));
+            if let Err(e) = asked {
+                tracing::debug!("shutdown request: {e}");
+            }
+        }
+        let mut vmm = lock(&self.vmm);
+        match vmm.wait_timeout(SHUTDOWN_TIMEOUT)? {
+            Some(s) => Ok(s),
+            None => {
+                tracing::warn!(
+                    "the VM did not stop within {} s; killing it",
+                    SHUTDOWN_TIMEOUT.as_secs()
+                );
+                Ok(vmm.kill()?)
+            }
+        }
+    }
+}
+
+/// A container over the root image `rootfs` (attached as [`ROOT_DEVICE`])
+/// with the usual defaults: mounts, masked and read-only paths from
+/// `bulkhead_protocol::defaults`, no resource limits; stdio is filled in
+/// when it is sent.
+pub fn container_spec(id: &str, process: Process, rootfs: &RootfsImage) -> CreateContainer {
+    CreateContainer {
+        id: id.into(),
+        hostname: None,
+        root: Root {
+            device: ROOT_DEVICE.into(),
+            fstype: rootfs.fstype.as_str().into(),
+        },
+        mounts: defaults::mounts(),
+        masked_paths: defaults::masked_paths(),
+        readonly_paths: defaults::readonly_paths(),
+        process,
+        stdio: Default::default(),
+        resources: Default::default(),
+    }
+}
+
+/// Feeds stdin and collects stdout/stderr of one process on threads.
+struct Collector {
+    rx: mpsc::Receiver<(&'static str, io::Result<Vec<u8>>)>,
+    expected: usize,
+}
+
+impl Collector {
+    fn start(streams: StdioStreams, stdin: Option<&[u8]>) -> Result<Collector, SandboxError> {
+        let (tx, rx) = mpsc::channel();
+        let mut expected = 0;
+        // A terminal's one stream carries stdin too.
+        let input_to = match (&streams.stdin, &streams.stdout) {
+            (Some(s), _) => Some(s.try_clone()?),
+            (None, Some(s)) if stdin.is_some() => Some(s.try_clone()?),
+            _ => None,
+        };
+        if let (Some(to), Some(bytes)) = (input_to, stdin) {
+            stdio::copy_in(io::Cursor::new(bytes.to_vec()), to)?;
+        }
+        for (name, s) in [("stdout", streams.stdout), ("stderr", streams.stderr)] {
+            if let Some(s) = s {
+                let tx = tx.clone();
+                let h = stdio::collect(s)?;
+                expected += 1;
+                std::thread::Builder::new()
+                    .name(format!("join-{name}"))
+                    .spawn(move || {
+                        let r = h.join().unwrap_or_else(|_| Err(io::Error::other("collector panicked")));
+                        let _ = tx.send((name, r));
+                    })?;
+            }
+        }
+        Ok(Collector { rx, expected })
+    }
+
+    fn finish(self, status: i32) -> Result<ProcessOutput, SandboxError> {
+        let mut out = ProcessOutput {
+            status,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        };
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        for _ in 0..self.expected {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (name, r) = self
+                .rx
+                .recv_timeout(left)
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the process's output did not end"))?;
+            let bytes = r?;
+            match name {
+                "stdout" => out.stdout = bytes,
+                _ => out.stderr = bytes,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopped_message_shows_the_console() {
+        let e = SandboxError::VmStopped {
+            reason: "VMM error (exit status 1)".into(),
+            console: vec!["[0.1] Linux version 6.1".into(), "Kernel panic".into()],
+            vmm_log: vec![],
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the sandbox's VM stopped: VMM error (exit status 1)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last console lines:\n  [0.1] Linux version 6.1\n  Kernel panic"),
+            "{text}"
+        );
+        assert!(!text.contains("VMM log"), "{text}");
+    }
+}

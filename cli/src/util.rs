@@ -1,0 +1,114 @@
+//! Small helpers the other modules share: random names and a temporary
+//! directory that removes itself.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// `n` random bytes from the kernel, as lowercase hex.
+pub fn random_hex(n: usize) -> io::Result<String> {
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        // SAFETY: getrandom writes at most `n - filled` bytes into the
+        // unfilled tail of `buf`, which is that long.
+        let r = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += r as usize;
+    }
+    Ok(hex(&buf))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A directory removed (with its contents) when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<parent>/<prefix><random>` with mode 0700.
+    pub fn new_in(parent: &Path, prefix: &str) -> io::Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = parent.join(format!("{prefix}{}", random_hex(8)?));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::debug!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The last `n` lines of a text file (lossy UTF-8); empty when unreadable.
+/// Reads only the file's tail, so a long console log costs little.
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL_BYTES: u64 = 64 * 1024;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<String> = text
+        .lines()
+        .skip(usize::from(start > 0)) // the first line may be cut
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let keep = lines.len().saturating_sub(n);
+    lines.drain(..keep);
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_names_differ_and_temp_dirs_go_away() {
+        let a = random_hex(8).unwrap();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, random_hex(8).unwrap());
+        let parent = tempfile::tempdir().unwrap();
+        let path = {
+            let t = TempDir::new_in(parent.path(), "x-").unwrap();
+            std::fs::write(t.path().join("f"), b"1").unwrap();
+            t.path().to_path_buf()
+        };
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, "a\nb\r\n\nc\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), ["b", "c"]);
+        assert!(tail_lines(&d.path().join("missing"), 2).is_empty());
+    }
+}
