@@ -4,7 +4,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["serial_reset", "long_mode", "triple_fault", "int3", "spin", "serial_loop"];
+const GUESTS: &[&str] = &[
+    "serial_reset",
+    "long_mode",
+    "triple_fault",
+    "int3",
+    "spin",
+    "serial_loop",
+];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

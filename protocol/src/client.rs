@@ -14,7 +14,11 @@ pub enum ClientError {
     #[error("agent handshake: {0}")]
     Handshake(#[from] HandshakeError),
     #[error("agent refused {op}: {message} ({kind:?})")]
-    Agent { op: String, kind: ErrorKind, message: String },
+    Agent {
+        op: String,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error("agent answered {op} with an unexpected {got:?}")]
     Unexpected { op: String, got: Box<Response> },
 }
@@ -128,7 +132,11 @@ mod tests {
         });
         let mut c = Client::handshake(host, "test").unwrap();
         assert_eq!(c.wait("c", None).unwrap(), 3);
-        let e = c.call_ok(&Request::Start { container_id: "x".into() }).unwrap_err();
+        let e = c
+            .call_ok(&Request::Start {
+                container_id: "x".into(),
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("refused start: no container x"), "{e}");
         t.join().unwrap();
     }
