@@ -1,0 +1,286 @@
+//! Boot tier for the agent and `bulkhead run`: real VMs with the project's
+//! kernel and the agent's initramfs. Boots are slow on PVM hosts, so the
+//! checks share one sandbox wherever the protocol allows (several
+//! containers and execs in one VM), and the CLI itself boots twice.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bulkhead::paths::Artifacts;
+use bulkhead::rootfs::{self, ImageCache};
+use bulkhead::sandbox::{Sandbox, SandboxConfig};
+use bulkhead_protocol::messages::{Process, Request, Resources, Response};
+use bulkhead_tests::{kernel, require_kvm, target_dir, vmm_bin};
+
+/// The static agent built for the guest (scripts/test builds it).
+fn guest_agent() -> PathBuf {
+    let p = std::env::var_os("BULKHEAD_GUEST_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent"));
+    assert!(
+        p.is_file(),
+        "{} is missing: build the static agent (scripts/build-guest, run by scripts/test)",
+        p.display()
+    );
+    p
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    artifacts: Artifacts,
+    cache: ImageCache,
+    runtime: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        require_kvm();
+        let dir = tempfile::tempdir().unwrap();
+        let initramfs = dir.path().join("initramfs.cpio");
+        bulkhead::initramfs::build_agent_initramfs(&guest_agent(), &initramfs).unwrap();
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).unwrap();
+        Fixture {
+            artifacts: Artifacts {
+                kernel: kernel(),
+                initramfs,
+                vmm: vmm_bin(),
+            },
+            cache: ImageCache::new(dir.path().join("cache")),
+            runtime,
+            _dir: dir,
+        }
+    })
+}
+
+fn bulkhead_bin() -> PathBuf {
+    let p = target_dir().join("debug/bulkhead");
+    assert!(p.is_file(), "{} is missing: cargo build -p bulkhead", p.display());
+    p
+}
+
+/// `bulkhead` with the shared artifacts and cache, and a runtime directory
+/// of the calling test's own, so tests running at once see only their runs.
+fn cli(runtime: &Path) -> Command {
+    let f = fixture();
+    let mut c = Command::new(bulkhead_bin());
+    c.env("BULKHEAD_KERNEL", &f.artifacts.kernel)
+        .env("BULKHEAD_INITRAMFS", &f.artifacts.initramfs)
+        .env("BULKHEAD_VMM", &f.artifacts.vmm)
+        .env("XDG_CACHE_HOME", f.cache.dir().parent().unwrap().join("xdg-cache"))
+        .env("XDG_RUNTIME_DIR", runtime);
+    c
+}
+
+fn runtime_dir(name: &str) -> PathBuf {
+    let d = fixture().runtime.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Nothing of a finished run is left: no run directory, no VMM.
+fn assert_nothing_left(runtime: &Path) {
+    let left: Vec<_> = std::fs::read_dir(runtime.join("bulkhead"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run directories left behind: {left:?}");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ours = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains("bulkhead-vmm") && l.contains(&*runtime.to_string_lossy()))
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(ours.is_empty(), "VMMs left running: {ours:?}");
+}
+
+#[test]
+fn run_echo_hello() {
+    let rt = runtime_dir("echo");
+    let out = cli(&rt).args(["run", "--", "echo", "hello"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n", "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("booting"), "no progress shown: {stderr}");
+    assert_nothing_left(&rt);
+}
+
+/// stdin reaches the workload, and Ctrl-C (SIGINT to `bulkhead`) reaches a
+/// workload that traps it; its exit code comes back.
+#[test]
+fn run_forwards_stdin_and_sigint() {
+    let script = "read line; echo got:$line; trap 'echo INT; exit 9' INT; echo ready; while :; do sleep 1; done";
+    let rt = runtime_dir("sigint");
+    let mut child = cli(&rt)
+        .args(["run", "-q", "-i", "--", "sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line == "ready" {
+            break;
+        }
+    }
+    assert_eq!(seen, ["got:abc", "ready"]);
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(rest, ["INT"], "stderr: {err}");
+    assert_eq!(status.code(), Some(9), "stderr: {err}");
+    assert_nothing_left(&rt);
+}
+
+fn sh(script: &str) -> Process {
+    Process {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// One VM, many checks: exit codes, kill -9, stdin, exec into a running
+/// container, a read-only root, an OOM kill with its event, stats, TTY.
+#[test]
+fn one_sandbox_many_containers() {
+    let f = fixture();
+    let image = bulkhead::default_rootfs::default_image(&f.cache, &mut |_| {}).unwrap();
+    let before = sha256(&image.path);
+    let mut cfg = SandboxConfig::new(f.artifacts.clone(), image.clone());
+    cfg.runtime_root = Some(f.runtime.join("lib"));
+    cfg.boot_timeout = Some(Duration::from_secs(600));
+    let t0 = std::time::Instant::now();
+    // Progress on stderr: on a PVM host each step takes seconds.
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+    let sb = Sandbox::boot(&cfg).unwrap();
+    step("agent ready");
+
+    let out = sb.run_process(sh("echo out; echo err >&2; exit 3"), None).unwrap();
+    assert_eq!(
+        (out.status, out.stdout_text().as_str(), out.stderr_text().as_str()),
+        (3, "out\n", "err\n")
+    );
+
+    step("exit code");
+    let out = sb.run_process(sh("cat; echo; echo done"), Some(b"ping")).unwrap();
+    assert_eq!((out.status, out.stdout_text().as_str()), (0, "ping\ndone\n"));
+
+    step("stdin");
+    // The overlay takes writes; the next container starts from the image.
+    let out = sb.run_process(sh("echo x > /bin/new && cat /bin/new"), None).unwrap();
+    assert_eq!(
+        (out.status, out.stdout_text().as_str()),
+        (0, "x\n"),
+        "{}",
+        out.stderr_text()
+    );
+    let out = sb.run_process(sh("test -e /bin/new; echo $?"), None).unwrap();
+    assert_eq!(out.stdout_text(), "1\n");
+
+    step("overlay");
+    let out = sb
+        .run_process(
+            Process {
+                terminal: true,
+                ..sh("tty")
+            },
+            None,
+        )
+        .unwrap();
+    assert!(out.stdout_text().starts_with("/dev/pts/"), "{out:?}");
+
+    step("tty");
+    // A long-running container: exec into it, stats, then kill -9.
+    let mut c = sb.client().unwrap();
+    let mut spec = sb.container("long", sh("echo started; exec sleep 100000"));
+    spec.hostname = Some("long-box".into());
+    let _streams = sb.create(&mut c, spec, Default::default()).unwrap();
+    sb.start(&mut c, "long").unwrap();
+    // The exec shares the container's UTS and PID namespaces: its hostname,
+    // and its `ps` shows the workload (under the container's small init).
+    let ex = sb.exec("long", sh("hostname; ps -o pid,args"), None).unwrap();
+    assert_eq!(ex.status, 0, "{}", ex.stderr_text());
+    let text = ex.stdout_text();
+    assert!(text.starts_with("long-box\n"), "{text}");
+    assert!(
+        text.contains("sleep 100000") && text.contains("bulkhead-init"),
+        "{text}"
+    );
+    step("exec");
+    match c
+        .call(&Request::Stats {
+            container_id: "long".into(),
+        })
+        .unwrap()
+    {
+        Response::Stats { stats } => {
+            assert!(stats.pids_current >= 2, "{stats:?}");
+            assert!(stats.memory_current_bytes > 0, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.call_ok(&Request::Signal {
+        container_id: "long".into(),
+        exec_id: None,
+        signal: libc::SIGKILL,
+        all: false,
+    })
+    .unwrap();
+    assert_eq!(c.wait("long", None).unwrap(), 137);
+
+    step("kill -9");
+    // OOM: an 8 MiB limit and a string that doubles until it breaks it.
+    // The memory comes from page faults alone: pushing bytes through pipes
+    // costs minutes of emulated kernel copies and reclaim on a PVM host.
+    let mut oom_client = sb.client().unwrap();
+    let waiter = std::thread::spawn(move || oom_client.call(&Request::NextOomEvent).unwrap());
+    let hog = Process {
+        args: vec!["awk".into(), "BEGIN { s = \"x\"; while (1) s = s s }".into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    let mut spec = sb.container("hog", hog);
+    spec.resources = Resources {
+        memory_max_bytes: Some(8 << 20),
+        ..Default::default()
+    };
+    let out = sb.run_container(spec, None).unwrap();
+    assert_eq!(out.status, 137, "{out:?}");
+    assert_eq!(
+        waiter.join().unwrap(),
+        Response::Oom {
+            container_id: "hog".into()
+        }
+    );
+
+    step("oom");
+    let status = sb.shutdown().unwrap();
+    assert!(status.success(), "VMM after shutdown: {status}");
+    assert_eq!(sha256(&image.path), before, "the read-only root image changed");
+    assert_eq!(rootfs::detect_image(&image.path).unwrap(), image.fstype);
+    let left: Vec<_> = std::fs::read_dir(f.runtime.join("lib"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run directories left behind: {left:?}");
+}
