@@ -671,12 +671,25 @@ impl Agent {
             R::Stats { container_id } => self.stats(container_id).map(|stats| Response::Stats { stats }),
             R::ListProcesses { container_id } => self.processes(container_id).map(|pids| Response::Processes { pids }),
             R::Delete { container_id } => self.delete(container_id).map(|()| Response::Ok),
+            R::Reseed { entropy, realtime_ns } => self.reseed(entropy, *realtime_ns).map(|()| Response::Ok),
             R::NextOomEvent => Ok(Response::Oom {
                 container_id: self.oom.next(),
             }),
             R::Shutdown => Ok(Response::Ok),
         };
         r.unwrap_or_else(|e| e.response())
+    }
+
+    /// Fresh entropy and the wall clock; the clock only in a guest, never
+    /// on a host running the debug listener.
+    pub fn reseed(&self, entropy: &str, realtime_ns: u64) -> Result<(), OpError> {
+        let seed = crate::reseed::decode_hex(entropy).ok_or_else(|| OpError::Invalid("entropy is not hex".into()))?;
+        crate::reseed::mix_entropy(&seed).map_err(failed("reseeding the random pool"))?;
+        if self.cfg.transport.is_guest() {
+            crate::reseed::set_realtime(realtime_ns).map_err(failed("setting the clock"))?;
+        }
+        tracing::info!("reseeded; clock set");
+        Ok(())
     }
 
     fn cgroup_events(&self, id: &str) -> PathBuf {

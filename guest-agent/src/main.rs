@@ -9,6 +9,7 @@ mod ctl;
 mod init;
 mod oom;
 mod plan;
+mod reseed;
 mod server;
 mod stdio;
 mod transport;

@@ -50,6 +50,11 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
 impl Transport {
+    /// True inside a VM; false for the debug listener on a host.
+    pub fn is_guest(&self) -> bool {
+        matches!(self, Transport::Vsock)
+    }
+
     pub fn listen(&self) -> io::Result<Listener> {
         match self {
             Transport::Vsock => {

@@ -102,6 +102,7 @@ pub fn op_name(req: &Request) -> &'static str {
         Request::Stats { .. } => "stats",
         Request::ListProcesses { .. } => "list_processes",
         Request::Delete { .. } => "delete",
+        Request::Reseed { .. } => "reseed",
         Request::NextOomEvent => "next_oom_event",
         Request::Shutdown => "shutdown",
     }

@@ -11,6 +11,9 @@ pub const MAX_ENV_ENTRIES: usize = 4096;
 pub const MAX_LIST_ENTRIES: usize = 256;
 pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_ADDITIONAL_GIDS: usize = 64;
+/// A reseed carries at least a full 256-bit seed.
+pub const MIN_ENTROPY_BYTES: usize = 32;
+pub const MAX_ENTROPY_BYTES: usize = 256;
 
 /// Mount types a container may ask for; block-device roots come separately.
 pub const MOUNT_TYPES: &[&str] = &["tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup2", "bind"];
@@ -220,6 +223,13 @@ pub enum Request {
     },
     ListProcesses {
         container_id: String,
+    },
+    /// Makes a guest restored from a snapshot unique before it runs
+    /// anything: mixes fresh host entropy (hex) into the guest's random
+    /// pool and forces a reseed, then sets the wall clock.
+    Reseed {
+        entropy: String,
+        realtime_ns: u64,
     },
     /// Forgets a stopped container: its mounts, cgroup and status go.
     Delete {
@@ -511,6 +521,19 @@ impl Request {
                 check_id("container_id", container_id)?;
                 check_optional_id("exec_id", exec_id)
             }
+            Request::Reseed { entropy, .. } => {
+                let n = entropy.len();
+                if !(MIN_ENTROPY_BYTES * 2..=MAX_ENTROPY_BYTES * 2).contains(&n)
+                    || n % 2 != 0
+                    || !entropy.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(invalid(
+                        "entropy",
+                        format!("must be {MIN_ENTROPY_BYTES} to {MAX_ENTROPY_BYTES} bytes as hex"),
+                    ));
+                }
+                Ok(())
+            }
             Request::NextOomEvent | Request::Shutdown => Ok(()),
         }
     }
@@ -567,6 +590,19 @@ mod tests {
                 cpu_period_usec: None,
             },
         }
+    }
+
+    #[test]
+    fn reseed_wants_enough_hex_entropy() {
+        let r = |e: &str| Request::Reseed {
+            entropy: e.into(),
+            realtime_ns: 1,
+        };
+        r(&"ab".repeat(32)).validate().unwrap();
+        assert!(r(&"ab".repeat(31)).validate().is_err(), "too little");
+        assert!(r(&"ab".repeat(257)).validate().is_err(), "too much");
+        assert!(r(&"zz".repeat(32)).validate().is_err(), "not hex");
+        assert!(r(&format!("{}a", "ab".repeat(32))).validate().is_err(), "odd length");
     }
 
     #[test]
