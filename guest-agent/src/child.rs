@@ -44,60 +44,41 @@ pub enum Stage {
     Setns,
 }
 
+/// Each stage with the words the agent's error message uses for it.
+const STAGES: [(Stage, &str); 21] = [
+    (Stage::Cgroup, "joining the container's cgroup"),
+    (Stage::Namespaces, "creating namespaces"),
+    (Stage::Propagation, "making mounts private"),
+    (Stage::Mount, "mounting"),
+    (Stage::Devices, "creating /dev nodes"),
+    (Stage::Hostname, "setting the hostname"),
+    (Stage::PivotRoot, "entering the root filesystem"),
+    (Stage::MaskedPaths, "masking paths"),
+    (Stage::ReadonlyPaths, "making paths read-only"),
+    (Stage::Terminal, "opening a terminal (is devpts mounted at /dev/pts?)"),
+    (Stage::Clone, "starting the process"),
+    (Stage::Stdio, "connecting stdio"),
+    (Stage::Cwd, "changing to the working directory"),
+    (Stage::Rlimit, "setting rlimits"),
+    (Stage::Capabilities, "setting capabilities"),
+    (Stage::Groups, "setting supplementary groups"),
+    (Stage::Gid, "setting the group id"),
+    (Stage::Uid, "setting the user id"),
+    (Stage::NoNewPrivileges, "setting no_new_privileges"),
+    (Stage::Exec, "executing the command"),
+    (Stage::Setns, "joining the container's namespaces"),
+];
+
 impl Stage {
     pub fn from_u8(v: u8) -> Option<Stage> {
-        use Stage::*;
-        const ALL: [Stage; 21] = [
-            Cgroup,
-            Namespaces,
-            Propagation,
-            Mount,
-            Devices,
-            Hostname,
-            PivotRoot,
-            MaskedPaths,
-            ReadonlyPaths,
-            Terminal,
-            Clone,
-            Stdio,
-            Cwd,
-            Rlimit,
-            Capabilities,
-            Groups,
-            Gid,
-            Uid,
-            NoNewPrivileges,
-            Exec,
-            Setns,
-        ];
-        ALL.iter().copied().find(|s| *s as u8 == v)
+        STAGES.iter().map(|(s, _)| *s).find(|s| *s as u8 == v)
     }
 
     pub fn describe(self) -> &'static str {
-        use Stage::*;
-        match self {
-            Cgroup => "joining the container's cgroup",
-            Namespaces => "creating namespaces",
-            Propagation => "making mounts private",
-            Mount => "mounting",
-            Devices => "creating /dev nodes",
-            Hostname => "setting the hostname",
-            PivotRoot => "entering the root filesystem",
-            MaskedPaths => "masking paths",
-            ReadonlyPaths => "making paths read-only",
-            Terminal => "opening a terminal (is devpts mounted at /dev/pts?)",
-            Clone => "starting the process",
-            Stdio => "connecting stdio",
-            Cwd => "changing to the working directory",
-            Rlimit => "setting rlimits",
-            Capabilities => "setting capabilities",
-            Groups => "setting supplementary groups",
-            Gid => "setting the group id",
-            Uid => "setting the user id",
-            NoNewPrivileges => "setting no_new_privileges",
-            Exec => "executing the command",
-            Setns => "joining the container's namespaces",
-        }
+        STAGES
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("an unknown step", |(_, d)| d)
     }
 }
 
@@ -605,5 +586,19 @@ fn set_caps(p: &ExecPlan, ctl: RawFd) {
             };
             check(ret, ctl, Stage::Capabilities);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_round_trips_through_its_byte() {
+        for (s, _) in STAGES {
+            assert_eq!(Stage::from_u8(s as u8), Some(s));
+        }
+        assert_eq!(Stage::from_u8(0), None);
+        assert_eq!(Stage::Exec.describe(), "executing the command");
     }
 }
