@@ -7,6 +7,7 @@ pub mod config;
 pub mod devices;
 pub mod host;
 pub mod signals;
+pub mod snapshot;
 pub mod socket_file;
 pub mod vcpu;
 pub mod vm;

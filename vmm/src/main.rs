@@ -8,7 +8,7 @@ use clap::Parser;
 
 use bulkhead_vmm::arch::cpu_template::CpuTemplate;
 use bulkhead_vmm::config::{parse_disk, parse_vsock, BlockConfig, SerialOutput, VmConfig, VsockConfig};
-use bulkhead_vmm::vmm::{self, VmmError};
+use bulkhead_vmm::vmm::{self, RestoreConfig, VmmError};
 
 /// Exit status for a configuration the VMM refuses before booting.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -60,10 +60,19 @@ struct Args {
     /// flags given on the command line override it.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Start from a snapshot directory (its `state` and `memory` files)
+    /// instead of booting; only --api-sock, --vsock, --serial and --timeout
+    /// go with it. The memory file is mapped privately and never written.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "disks", "no_rng", "config"]
+    )]
+    restore: Option<PathBuf>,
 }
 
-const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration, \
-3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout.";
+const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration \
+or an unusable snapshot, 3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout.";
 
 impl Args {
     fn into_config(self) -> Result<VmConfig, VmmError> {
@@ -143,7 +152,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = match e.downcast_ref::<VmmError>() {
-                Some(VmmError::Config(_)) => EXIT_BAD_CONFIG,
+                Some(VmmError::Config(_) | VmmError::BadSnapshot { .. }) => EXIT_BAD_CONFIG,
                 _ => 1,
             };
             eprintln!("bulkhead-vmm: error: {e:#}");
@@ -153,8 +162,18 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<u8> {
-    let config = Args::parse().into_config()?;
-    let outcome = vmm::run(&config).map_err(anyhow::Error::from)?;
+    let args = Args::parse();
+    let outcome = match args.restore.clone() {
+        Some(dir) => vmm::restore(&RestoreConfig {
+            dir,
+            api_socket: args.api_sock,
+            vsock: args.vsock,
+            serial: args.serial.unwrap_or_default(),
+            timeout_secs: args.timeout,
+        }),
+        None => vmm::run(&args.into_config()?),
+    }
+    .map_err(anyhow::Error::from)?;
     let code = outcome.stopped.exit_code();
     if code == 0 {
         tracing::info!(

@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,16 +22,19 @@ use crate::arch::regs::EntryMode;
 use crate::boot::cmdline::{self, CmdlineError};
 use crate::boot::loader::{self, LoaderError};
 use crate::boot::params::{self, ParamsError};
+use crate::config::BlockConfig;
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::host::HostKind;
 use crate::signals::{self, TerminationSignals};
+use crate::snapshot::create::Snapshotter;
+use crate::snapshot::{self as snap, SavedConfig, SnapshotError};
 use crate::vcpu::control::{self, ControlError, VcpuControl};
 use crate::vcpu::exit_info::VcpuStop;
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
@@ -74,6 +78,12 @@ pub enum VmmError {
     Api(#[from] ApiError),
     #[error(transparent)]
     VcpuControl(#[from] ControlError),
+    /// The snapshot cannot be used: unreadable, corrupt, another format
+    /// version, or not matching its memory file.
+    #[error("cannot restore from {dir}: {source}")]
+    BadSnapshot { dir: PathBuf, source: SnapshotError },
+    #[error("cannot restore the device state: {0}")]
+    Restore(String),
 }
 
 /// Every event source of the main loop: the exit watcher and the devices.
@@ -186,15 +196,21 @@ impl VirtioDevices {
 }
 
 /// Creates the configured virtio devices and puts them on the MMIO bus.
-fn create_virtio_devices(config: &VmConfig, vm: &Vm, manager: &mut DeviceManager) -> Result<VirtioDevices, VmmError> {
+fn create_virtio_devices(
+    disks: &[BlockConfig],
+    vsock: Option<&VsockConfig>,
+    rng: bool,
+    vm: &Vm,
+    manager: &mut DeviceManager,
+) -> Result<VirtioDevices, VmmError> {
     let mut all = VirtioDevices::default();
-    for disk in &config.disks {
+    for disk in disks {
         all.add(vm, manager, Block::new(disk)?)?;
     }
-    if let Some(v) = &config.vsock {
+    if let Some(v) = vsock {
         all.add(vm, manager, Vsock::new(v)?)?;
     }
-    if config.rng {
+    if rng {
         all.add(vm, manager, Rng::new().map_err(VmmError::Rng)?)?;
     }
     Ok(all)
@@ -235,9 +251,9 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     // vCPUs run. Dropping it (any way out of here) removes the socket file.
     let api_listener = config.api_socket.as_deref().map(ApiListener::bind).transpose()?;
     let mem_size = u64::from(config.mem_mib) << 20;
-    let vm = Vm::create(mem_size)?;
+    let vm = Arc::new(Vm::create(mem_size)?);
     let mut devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
-    let mut virtio = create_virtio_devices(config, &vm, &mut devices)?;
+    let virtio = create_virtio_devices(&config.disks, config.vsock.as_ref(), config.rng, &vm, &mut devices)?;
     let plan = BootPlan::new(config, host, devices.cmdline_entries())?;
     info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
 
@@ -288,6 +304,150 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         vcpus.push(vcpu);
     }
 
+    let saved = SavedConfig {
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        cpu_template: plan.template,
+        disks: config.disks.clone(),
+        vsock: config.vsock.clone(),
+        rng: config.rng,
+    };
+    run_vm(Running {
+        vm,
+        devices,
+        virtio,
+        vcpus,
+        signals,
+        api_listener,
+        timeout_secs: config.timeout_secs,
+        saved,
+        host,
+    })
+}
+
+/// How to start a VM from a snapshot directory. Everything else (vCPUs,
+/// memory, disks, devices) comes from the snapshot.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    pub dir: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// Replaces the saved vsock device's CID and socket: each restored VM
+    /// needs a socket of its own. The guest re-reads its CID after the
+    /// transport reset that every restore sends.
+    pub vsock: Option<VsockConfig>,
+    pub serial: SerialOutput,
+    pub timeout_secs: Option<u64>,
+}
+
+/// Rebuilds the VM saved in `rc.dir`, with its memory mapped privately from
+/// the snapshot's memory file, and runs it until it ends.
+pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
+    let bad = |source: SnapshotError| VmmError::BadSnapshot {
+        dir: rc.dir.clone(),
+        source,
+    };
+    let state = snap::read_state_file(&rc.dir).map_err(bad)?;
+    if rc.vsock.is_some() && state.config.vsock.is_none() {
+        return Err(ConfigError::Invalid {
+            field: "vsock",
+            message: "the snapshot has no vsock device to attach a socket to".into(),
+        }
+        .into());
+    }
+    if rc.timeout_secs == Some(0) {
+        return Err(ConfigError::Invalid {
+            field: "timeout_secs",
+            message: "must be at least 1 second".into(),
+        }
+        .into());
+    }
+    let signals = TerminationSignals::block().map_err(event_loop_err)?;
+    let host = HostKind::detect();
+    if host == HostKind::NoKvm {
+        return Err(VmmError::NoKvm(
+            "/dev/kvm is missing or not accessible (load kvm_intel, kvm_amd or kvm_pvm, and check permissions)",
+        ));
+    }
+    let api_listener = rc.api_socket.as_deref().map(ApiListener::bind).transpose()?;
+    let memory = snap::memory::map_private(&rc.dir.join(snap::MEMORY_FILE), &state.memory).map_err(bad)?;
+    let vm = Arc::new(Vm::with_memory(memory)?);
+    // The interrupt controllers, PIT and clock before any vCPU exists.
+    vm.restore_state(&state.vm)?;
+
+    let mut saved = state.config.clone();
+    if let Some(v) = &rc.vsock {
+        saved.vsock = Some(v.clone());
+    }
+    let mut devices = DeviceManager::new(&vm.fd, open_serial(&rc.serial)?)?;
+    let virtio = create_virtio_devices(&saved.disks, saved.vsock.as_ref(), saved.rng, &vm, &mut devices)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for vs in &state.vcpus {
+        let vcpu = Vcpu::new(
+            &vm.fd,
+            vs.id,
+            devices.pio_bus.clone(),
+            devices.mmio_bus.clone(),
+            vm.memory.clone(),
+        )?;
+        vcpu.restore_state(vs)?;
+        vcpus.push(vcpu);
+    }
+    // Devices last: re-activating them may raise interrupts, which must
+    // reach the restored local APICs rather than be overwritten by them.
+    lock(&devices.serial)
+        .restore_state(&state.serial)
+        .map_err(VmmError::Restore)?;
+    for (transport, ts) in devices.transports.iter().zip(&state.virtio) {
+        lock(transport).restore_state(ts).map_err(VmmError::Restore)?;
+    }
+    info!(
+        dir = %rc.dir.display(),
+        vcpus = saved.vcpus,
+        mem_mib = saved.mem_mib,
+        "restored from the snapshot"
+    );
+    run_vm(Running {
+        vm,
+        devices,
+        virtio,
+        vcpus,
+        signals,
+        api_listener,
+        timeout_secs: rc.timeout_secs,
+        saved,
+        host,
+    })
+}
+
+/// A built VM, ready to run.
+struct Running {
+    vm: Arc<Vm>,
+    devices: DeviceManager,
+    virtio: VirtioDevices,
+    vcpus: Vec<Vcpu>,
+    signals: TerminationSignals,
+    api_listener: Option<ApiListener>,
+    timeout_secs: Option<u64>,
+    /// What a snapshot of it records.
+    saved: SavedConfig,
+    host: HostKind,
+}
+
+/// Starts the vCPUs, the API and the event loop; returns when the VM ends.
+fn run_vm(r: Running) -> Result<RunOutcome, VmmError> {
+    let Running {
+        vm,
+        devices,
+        mut virtio,
+        vcpus,
+        signals,
+        api_listener,
+        timeout_secs,
+        saved,
+        host,
+    } = r;
+    let vcpu_count = saved.vcpus;
+
     let (stop_tx, stop_rx) = channel();
     let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(event_loop_err)?;
     let watcher = Arc::new(Mutex::new(ExitWatcher::new(
@@ -295,7 +455,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         &devices,
         stop_evt.try_clone().map_err(event_loop_err)?,
         stop_rx,
-        config.timeout_secs,
+        timeout_secs,
     )?));
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(event_loop_err)?;
     events.add_subscriber(watcher.clone());
@@ -304,7 +464,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     }
 
     control::install_kick_handler()?;
-    let vcpu_control = Arc::new(VcpuControl::new(config.vcpus));
+    let vcpu_control = Arc::new(VcpuControl::new(vcpu_count));
     for vcpu in vcpus {
         let evt = stop_evt.try_clone().map_err(event_loop_err)?;
         // Threads are detached: the process ends with the VM, and a vCPU
@@ -314,10 +474,17 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     drop(stop_tx);
     let _api = match api_listener {
         Some(l) => Some(l.serve(ApiContext {
-            control: vcpu_control,
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
+            control: vcpu_control.clone(),
+            vcpus: vcpu_count,
+            mem_mib: saved.mem_mib,
             started: Instant::now(),
+            snapshot: Some(Arc::new(Snapshotter {
+                vm: vm.clone(),
+                control: vcpu_control,
+                serial: devices.serial.clone(),
+                transports: devices.transports.clone(),
+                config: saved.clone(),
+            })),
         })?),
         None => None,
     };
@@ -331,7 +498,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     devices.flush_serial();
     let outcome = RunOutcome {
         stopped,
-        template: plan.template,
+        template: saved.cpu_template,
         host,
         unhandled_pio: devices.pio_bus.unhandled_count(),
         unhandled_mmio: devices.mmio_bus.unhandled_count(),

@@ -16,7 +16,7 @@
 //! trickling bytes.
 //!
 //! Endpoints: `GET /` (state, size, version), `PATCH /vm` (pause/resume),
-//! `GET /metrics`, and `PUT /snapshot/create` (not implemented yet: 501).
+//! `GET /metrics`, and `PUT /snapshot/create` (a paused VM to a directory).
 
 pub mod http;
 pub mod routes;
@@ -217,6 +217,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 32,
             started: Instant::now(),
+            snapshot: None,
         }
     }
 

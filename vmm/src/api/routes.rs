@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::http::{Request, Response};
-use crate::vcpu::control::{ExitCounts, VcpuControl};
+use crate::snapshot::create::Snapshotter;
+use crate::snapshot::SnapshotError;
+use crate::vcpu::control::{ControlError, ExitCounts, VcpuControl};
 
 /// How long a pause or resume may take before it is undone and reported;
 /// parking takes microseconds, so this only catches a wedged vCPU thread.
@@ -20,6 +22,16 @@ pub struct ApiContext {
     pub mem_mib: u32,
     /// When the vCPUs were started.
     pub started: Instant,
+    /// Takes snapshots; `None` where this VMM cannot (tests).
+    pub snapshot: Option<Arc<Snapshotter>>,
+}
+
+/// The body of `PUT /snapshot/create`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The directory to write `memory` and `state` into (created if missing).
+    pub snapshot_path: std::path::PathBuf,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -79,7 +91,7 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             _ => not_allowed("GET"),
         },
         "/snapshot/create" => match method {
-            "PUT" => Response::fault(501, "snapshots are not implemented yet"),
+            "PUT" => create_snapshot(ctx, req),
             _ => not_allowed("PUT"),
         },
         other => Response::fault(404, format!("no resource at {other}")),
@@ -136,6 +148,43 @@ fn patch_vm(ctx: &ApiContext, req: &Request) -> Response {
     }
 }
 
+/// Writes a snapshot of the paused VM; a running VM is refused (400), since
+/// its memory would change under the copy.
+fn create_snapshot(ctx: &ApiContext, req: &Request) -> Response {
+    if req.content_length.is_none() {
+        return Response {
+            close: true,
+            ..Response::fault(411, "PUT /snapshot/create needs a JSON body and its Content-Length")
+        };
+    }
+    let body: SnapshotCreate = match parse_json(&req.body) {
+        Ok(b) => b,
+        Err(message) => return Response::fault(400, message),
+    };
+    if !ctx.control.is_paused() {
+        return Response::fault(
+            400,
+            "the VM must be paused before a snapshot (PATCH /vm {\"state\":\"Paused\"})",
+        );
+    }
+    let Some(snapshotter) = &ctx.snapshot else {
+        return Response::fault(501, "this VMM cannot take snapshots");
+    };
+    if body.snapshot_path.as_os_str().is_empty() {
+        return Response::fault(400, "invalid body: snapshot_path is empty");
+    }
+    match snapshotter.create(&body.snapshot_path) {
+        Ok(()) => Response::no_content(),
+        Err(e @ SnapshotError::Control(ControlError::NotPaused | ControlError::NotParked(_))) => {
+            Response::fault(400, e.to_string())
+        }
+        Err(e) => {
+            warn!("snapshot failed: {e}");
+            Response::fault(500, format!("snapshot failed: {e}"))
+        }
+    }
+}
+
 /// A body that must be a JSON object (serde would take a struct from an
 /// array too); the message says what is wrong with it.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
@@ -175,6 +224,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 64,
             started: Instant::now(),
+            snapshot: None,
         }
     }
 
@@ -273,10 +323,36 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_are_not_implemented_yet() {
-        let (r, json) = call(&ctx(), "PUT /snapshot/create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
-        assert_eq!(r.status, 501);
-        assert_eq!(json["fault_message"], "snapshots are not implemented yet");
+    fn snapshot_requests_are_checked_before_anything_is_written() {
+        let ctx = ctx();
+        let put = |body: &str| {
+            call(
+                &ctx,
+                &format!(
+                    "PUT /snapshot/create HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                ),
+            )
+        };
+        let (r, json) = put("{}");
+        assert_eq!(r.status, 400);
+        assert!(
+            json["fault_message"].as_str().unwrap().contains("snapshot_path"),
+            "{json}"
+        );
+        let (r, json) = put(r#"{"snapshot_path":"/tmp/x","extra":1}"#);
+        assert_eq!(r.status, 400, "{json}");
+        let (r, json) = put(r#"{"snapshot_path":"/tmp/x"}"#);
+        assert_eq!(r.status, 400);
+        assert!(
+            json["fault_message"].as_str().unwrap().contains("must be paused"),
+            "{json}"
+        );
+        ctx.control.pause(STATE_CHANGE_WITHIN).unwrap();
+        let (r, json) = put(r#"{"snapshot_path":"/tmp/x"}"#);
+        assert_eq!(r.status, 501, "no snapshotter in this context: {json}");
+        let (r, _) = call(&ctx, "PUT /snapshot/create HTTP/1.1\r\n\r\n");
+        assert_eq!(r.status, 411);
     }
 
     #[test]

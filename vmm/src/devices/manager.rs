@@ -43,7 +43,9 @@ pub enum DeviceError {
 pub struct DeviceManager {
     pub pio_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The virtio transports in the order added, for snapshots.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Signalled by the i8042 when the guest asks for a CPU reset.
     pub reset_evt: EventFd,
     next_mmio: u64,
@@ -59,7 +61,9 @@ impl DeviceManager {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(DeviceError::Irqfd)?;
         let out = serial_out.unwrap_or_else(|| Box::new(std::io::sink()));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger(serial_irq), out)));
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(EventFdTrigger(serial_irq), out).map_err(DeviceError::EventFd)?,
+        ));
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         let i8042 = I8042::new(EventFdTrigger(reset_evt.try_clone().map_err(DeviceError::EventFd)?));
@@ -71,6 +75,7 @@ impl DeviceManager {
             pio_bus: Arc::new(pio),
             mmio_bus: Arc::new(Bus::new()),
             serial,
+            transports: Vec::new(),
             reset_evt,
             next_mmio: MMIO_DEVICES_START,
             next_irq: FIRST_DEVICE_IRQ,
@@ -103,8 +108,13 @@ impl DeviceManager {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), index as u32)
                 .map_err(DeviceError::Ioeventfd)?;
         }
-        let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)));
-        bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+        )));
+        bus.insert(transport.clone(), base, MMIO_SIZE)?;
+        self.transports.push(transport);
 
         self.cmdline_entries
             .push(format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_SIZE / 1024, base, irq));

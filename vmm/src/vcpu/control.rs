@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 use tracing::warn;
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
@@ -38,7 +39,16 @@ pub enum ControlError {
         total: usize,
         within: Duration,
     },
+    #[error("the VM must be paused first (PATCH /vm {{\"state\":\"Paused\"}})")]
+    NotPaused,
+    #[error("vCPU {0} is not parked (it stopped or has not started)")]
+    NotParked(usize),
 }
+
+/// Work for a parked vCPU thread, which alone owns its `VcpuFd` (e.g.
+/// reading its state for a snapshot). Results go back through whatever the
+/// closure captures.
+pub type VcpuTask = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// The signal that interrupts a vCPU thread's `KVM_RUN`. A real-time
 /// signal, so never one of the termination signals of `signals.rs`, which
@@ -135,6 +145,7 @@ impl Kick {
 struct Slot {
     phase: Phase,
     kick: Option<Kick>,
+    task: Option<VcpuTask>,
 }
 
 struct Shared {
@@ -159,6 +170,7 @@ impl VcpuControl {
                     .map(|_| Slot {
                         phase: Phase::NotStarted,
                         kick: None,
+                        task: None,
                     })
                     .collect(),
             }),
@@ -278,7 +290,7 @@ impl VcpuControl {
     /// Called by vCPU thread `index` before its first `KVM_RUN`, with its
     /// kvm_run's `immediate_exit` byte, which must stay mapped until
     /// [`VcpuControl::leave`]. Parks first if the VM is paused.
-    pub fn enter(&self, index: u8, immediate_exit: *mut u8) {
+    pub fn enter(&self, index: u8, immediate_exit: *mut u8, fd: Option<&VcpuFd>) {
         // A parent's signal mask survives exec; the kick must get through.
         if let Err(e) = unblock_signal(kick_signal()) {
             warn!(cpu = index, "cannot unblock the kick signal; pausing may time out: {e}");
@@ -293,17 +305,18 @@ impl VcpuControl {
             immediate_exit,
         });
         slot.phase = Phase::Running;
-        self.park_while_paused(shared, index);
+        self.park_while_paused(shared, index, fd);
     }
 
     /// Called by vCPU thread `index` when `KVM_RUN` returned `EINTR`: parks
     /// while the VM is paused, then makes `KVM_RUN` run the guest again.
-    pub fn interrupted(&self, index: u8) {
+    /// `fd` runs the tasks given while parked (none in stand-in tests).
+    pub fn interrupted(&self, index: u8, fd: Option<&VcpuFd>) {
         let shared = lock(&self.shared);
-        self.park_while_paused(shared, index);
+        self.park_while_paused(shared, index, fd);
     }
 
-    fn park_while_paused(&self, mut shared: MutexGuard<'_, Shared>, index: u8) {
+    fn park_while_paused<'a>(&'a self, mut shared: MutexGuard<'a, Shared>, index: u8, fd: Option<&VcpuFd>) {
         let i = usize::from(index);
         if shared.paused {
             if let Some(slot) = shared.slots.get_mut(i) {
@@ -311,6 +324,17 @@ impl VcpuControl {
             }
             self.changed.notify_all();
             while shared.paused {
+                if let Some(task) = shared.slots.get_mut(i).and_then(|s| s.task.take()) {
+                    // Unlocked while it runs: ioctls take their time, and the
+                    // task may need nothing of ours. Without an fd the task
+                    // is dropped, which its requester sees as no answer.
+                    drop(shared);
+                    if let Some(fd) = fd {
+                        task(fd);
+                    }
+                    shared = lock(&self.shared);
+                    continue;
+                }
                 shared = match self.changed.wait(shared) {
                     Ok(g) => g,
                     Err(poisoned) => poisoned.into_inner(),
@@ -325,6 +349,25 @@ impl VcpuControl {
             }
         }
         self.changed.notify_all();
+    }
+
+    /// Hands `make(index)` to every vCPU thread to run while parked. The
+    /// VM must be paused and every vCPU parked (a stopped one has no state
+    /// left to read). Returns once the tasks are handed out; they report
+    /// through what they capture.
+    pub fn run_on_parked(&self, mut make: impl FnMut(u8) -> VcpuTask) -> Result<(), ControlError> {
+        let mut shared = lock(&self.shared);
+        if !shared.paused {
+            return Err(ControlError::NotPaused);
+        }
+        if let Some(i) = shared.slots.iter().position(|s| s.phase != Phase::Parked) {
+            return Err(ControlError::NotParked(i));
+        }
+        for (i, slot) in shared.slots.iter_mut().enumerate() {
+            slot.task = Some(make(i as u8));
+        }
+        self.changed.notify_all();
+        Ok(())
     }
 
     /// Called by vCPU thread `index` when it stops for good, before its
@@ -352,11 +395,11 @@ mod tests {
         std::thread::spawn(move || {
             // Stands for the kvm_run mapping: freed only after `leave`.
             let run: *mut u8 = Box::into_raw(Box::new(0u8));
-            ctl.enter(index, run);
+            ctl.enter(index, run, None);
             while !stop.load(Ordering::SeqCst) {
                 // SAFETY: `run` stays allocated until after `leave`.
                 if unsafe { AtomicU8::from_ptr(run) }.load(Ordering::SeqCst) == 1 {
-                    ctl.interrupted(index);
+                    ctl.interrupted(index, None);
                     continue;
                 }
                 // SAFETY: usleep has no preconditions; a kick cuts it short.
@@ -405,7 +448,7 @@ mod tests {
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
                 let mut run = 0u8;
-                ctl.enter(1, &mut run as *mut u8);
+                ctl.enter(1, &mut run as *mut u8, None);
                 ctl.leave(1);
             })
         };

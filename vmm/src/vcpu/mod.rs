@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod exit_info;
+pub mod state;
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub enum VcpuError {
     Regs(#[from] RegsError),
     #[error(transparent)]
     Msr(#[from] msr::MsrError),
+    #[error("vCPU {cpu}'s saved state: {why}")]
+    BadState { cpu: u8, why: String },
     #[error("cannot start the vCPU {0} thread: {1}")]
     Spawn(u8, std::io::Error),
 }
@@ -158,7 +161,7 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
-                control.enter(index, immediate_exit);
+                control.enter(index, immediate_exit, Some(&self.fd));
                 // Test and debug builds unwind; the main loop must still hear.
                 let stop = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&control)))
                     .unwrap_or_else(|_| VcpuStop::RunFailed {
@@ -223,7 +226,7 @@ impl Vcpu {
                 // A kick (or immediate_exit) for a pause: park here, where
                 // no exit is half handled.
                 Err(e) if e.errno() == libc::EINTR => {
-                    control.interrupted(cpu);
+                    control.interrupted(cpu, Some(&self.fd));
                     continue;
                 }
                 Err(e) if e.errno() == libc::EAGAIN => continue,

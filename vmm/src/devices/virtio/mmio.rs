@@ -8,8 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use tracing::debug;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{status, Interrupt, VirtioDevice, INTERRUPT_CONFIG_CHANGE, VIRTIO_F_VERSION_1};
@@ -53,6 +54,70 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
+/// One queue as the driver configured it and the device left it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSaved {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSaved {
+    fn from(q: QueueState) -> Self {
+        QueueSaved {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&QueueSaved> for QueueState {
+    fn from(q: &QueueSaved) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// The transport's registers and its device's queues. Device models keep
+/// nothing else worth saving: block and rng hold only their host files,
+/// and vsock connections do not survive a restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSaved>,
+}
+
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
@@ -82,6 +147,97 @@ impl MmioTransport {
 
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The device model behind this transport; a snapshot locks it to keep
+    /// the event loop off the queues while guest memory is copied.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        self.device.clone()
+    }
+
+    /// This transport's state; `dev` is its device, locked by the caller.
+    pub fn save_state(&self, dev: &dyn VirtioDevice) -> TransportState {
+        TransportState {
+            device_type: dev.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: dev.queues().iter().map(|q| QueueSaved::from(q.state())).collect(),
+        }
+    }
+
+    /// Puts saved state on this fresh transport and its device, and, when
+    /// the driver had finished set-up, activates the device as DRIVER_OK
+    /// would have. Queue notifications and interrupts pending at the
+    /// snapshot are raised again: a spurious one costs a driver nothing, a
+    /// lost one would hang it.
+    pub fn restore_state(&mut self, saved: &TransportState) -> Result<(), String> {
+        let device = self.device.clone();
+        let mut dev = lock(&device);
+        if saved.device_type != dev.device_type() {
+            return Err(format!(
+                "saved device type {} is restored onto a device of type {}",
+                saved.device_type,
+                dev.device_type()
+            ));
+        }
+        if saved.queues.len() != dev.queues().len() {
+            return Err(format!(
+                "device type {} has {} queues, the state has {}",
+                saved.device_type,
+                dev.queues().len(),
+                saved.queues.len()
+            ));
+        }
+        if saved.acked_features & !dev.avail_features() != 0 {
+            return Err(format!(
+                "device type {}: acknowledged features {:#x} are not all offered",
+                saved.device_type, saved.acked_features
+            ));
+        }
+        for (i, (q, s)) in dev.queues_mut().iter_mut().zip(&saved.queues).enumerate() {
+            if s.max_size != q.max_size() {
+                return Err(format!(
+                    "device type {} queue {i}: saved maximum size {} is not the device's {}",
+                    saved.device_type,
+                    s.max_size,
+                    q.max_size()
+                ));
+            }
+            *q = Queue::try_from(QueueState::from(s))
+                .map_err(|e| format!("device type {} queue {i}: {e:?}", saved.device_type))?;
+        }
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.acked_features = saved.acked_features;
+        self.queue_sel = saved.queue_sel;
+        self.status = saved.status;
+        self.config_generation = saved.config_generation;
+        let live = status::DRIVER_OK | status::FEATURES_OK;
+        if saved.status & live == live && saved.status & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0 {
+            for (i, q) in dev.queues().iter().enumerate() {
+                if q.ready() && !q.is_valid(&self.mem) {
+                    return Err(format!(
+                        "device type {} queue {i} is not valid in the restored memory",
+                        saved.device_type
+                    ));
+                }
+            }
+            dev.activate(self.mem.clone(), self.interrupt.clone(), self.acked_features)
+                .map_err(|e| format!("device type {}: {e}", saved.device_type))?;
+            dev.restored();
+            for evt in dev.queue_events() {
+                let _ = evt.write(1);
+            }
+        }
+        if saved.interrupt_status != 0 {
+            self.interrupt.trigger(saved.interrupt_status);
+        }
+        Ok(())
     }
 
     fn with_selected_queue<T>(
@@ -424,6 +580,68 @@ mod tests {
     }
 
     const OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn transport_and_queue_state_survive_save_and_restore() {
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1 | 1);
+        setup_queue(&mut x.t, 0, 8, 0x10000);
+        setup_queue(&mut x.t, 1, 16, 0x20000);
+        w(&mut x.t, reg::STATUS, OK);
+        {
+            let mut d = x.dev.lock().unwrap();
+            d.q.queues[0].set_next_avail(3);
+            d.q.queues[0].set_next_used(2);
+        }
+        x.t.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
+        let saved = x.t.save_state(&*x.dev.lock().unwrap());
+        assert_eq!(saved.queues[0].next_avail, 3);
+        assert_eq!(saved.queues[1].size, 16);
+        assert_eq!(saved.queue_sel, 1);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: TransportState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        let mut y = rig();
+        let _ = y.irq.read();
+        y.t.restore_state(&back).unwrap();
+        assert_eq!(y.t.save_state(&*y.dev.lock().unwrap()), saved);
+        assert_eq!(y.dev.lock().unwrap().activated, Some(VIRTIO_F_VERSION_1 | 1));
+        assert_eq!(r(&mut y.t, reg::STATUS), OK);
+        assert_eq!(r(&mut y.t, reg::INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        assert!(y.irq.read().is_ok(), "a pending interrupt is raised again");
+        for evt in y.dev.lock().unwrap().queue_events() {
+            assert_eq!(evt.read().unwrap(), 1, "queues are looked at again after a restore");
+        }
+    }
+
+    #[test]
+    fn restore_refuses_state_of_another_device_shape() {
+        let mut x = rig();
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        let saved = x.t.save_state(&*x.dev.lock().unwrap());
+        let mut other = saved.clone();
+        other.device_type = 2;
+        assert!(rig().t.restore_state(&other).unwrap_err().contains("type 2"));
+        let mut other = saved.clone();
+        other.queues.pop();
+        assert!(rig().t.restore_state(&other).unwrap_err().contains("queues"));
+        let mut other = saved.clone();
+        other.queues[0].max_size = 99;
+        assert!(rig().t.restore_state(&other).unwrap_err().contains("maximum size"));
+        let mut other = saved.clone();
+        other.acked_features |= 1 << 40;
+        assert!(rig().t.restore_state(&other).unwrap_err().contains("not all offered"));
+        let mut other = saved;
+        other.status = OK;
+        other.queues[0].ready = true;
+        other.queues[0].size = 8;
+        other.queues[0].desc_table = u64::MAX - 0x10;
+        assert!(
+            rig().t.restore_state(&other).is_err(),
+            "a queue outside guest memory is refused"
+        );
+    }
 
     #[test]
     fn identification_registers() {

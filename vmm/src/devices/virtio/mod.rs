@@ -160,6 +160,10 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// Gives back host resources (sockets, files) when the VM ends; vCPU
     /// threads may still hold the device, so `Drop` would come too late.
     fn release_host_resources(&mut self) {}
+    /// Called once after a restore re-activated the device, before the
+    /// guest runs: what the device must tell the driver about the new host
+    /// (vsock: its connections are gone).
+    fn restored(&mut self) {}
 }
 
 /// Reads `data.len()` bytes at `offset` of a byte array (a config space),

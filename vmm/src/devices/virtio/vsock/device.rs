@@ -20,6 +20,8 @@ pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
 pub const EVQ: usize = 2;
 const NUM_QUEUES: usize = 3;
+/// `virtio_vsock_event.id` for a transport reset (virtio 1.2, 5.10.6.5).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 pub struct Vsock {
     /// `struct virtio_vsock_config`: the guest CID as le64.
@@ -156,6 +158,48 @@ impl Vsock {
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
 
+    /// Tells the driver that the transport was reset (after a restore its
+    /// connections' host ends are gone): one `virtio_vsock_event` in a
+    /// buffer the driver posted on the event queue. The guest then resets
+    /// its connected sockets and re-reads the CID; listeners stay. Returns
+    /// whether an event was delivered.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut self.q.queues[EVQ];
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            warn!("vsock: the driver posted no event buffer; cannot announce the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= event.len() => match w.write_all(&event) {
+                Ok(()) => event.len() as u32,
+                Err(e) => {
+                    debug!("vsock: cannot write the reset event: {e}");
+                    0
+                }
+            },
+            Ok(_) => {
+                debug!("vsock: event buffer too small for an event");
+                0
+            }
+            Err(e) => {
+                debug!("vsock: malformed event chain: {e}");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, written) {
+            warn!("vsock: cannot return the event buffer: {e}");
+            return false;
+        }
+        active.signal_used();
+        written != 0
+    }
+
     /// Accepts host connections waiting on the Unix socket.
     pub fn handle_listener(&mut self) {
         self.muxer.accept_all();
@@ -176,7 +220,7 @@ impl Vsock {
             let _ = self.q.events[TXQ].read();
             notify |= self.process_tx();
         } else if fd == self.q.events[EVQ].as_raw_fd() {
-            // No events are sent yet; nothing to take from the guest.
+            // Event buffers are only used after a restore; nothing to do.
             let _ = self.q.events[EVQ].read();
             return;
         } else if fd == self.kick.as_raw_fd() {
@@ -285,6 +329,12 @@ impl VirtioDevice for Vsock {
     fn release_host_resources(&mut self) {
         self.active = None;
         self.muxer.release();
+    }
+
+    fn restored(&mut self) {
+        if self.send_transport_reset() {
+            tracing::info!("vsock: sent the guest a transport reset after the restore");
+        }
     }
 }
 

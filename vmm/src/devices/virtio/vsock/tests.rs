@@ -926,3 +926,48 @@ fn vsock_throughput() {
         got >> 20
     );
 }
+
+/// After a restore the device writes `virtio_vsock_event { id: 0 }` into
+/// a buffer the driver posted on the event queue and signals it.
+#[test]
+fn transport_reset_event_lands_in_an_event_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = guest_memory();
+    let mut dev = Vsock::new(&VsockConfig {
+        guest_cid: CID,
+        uds_path: dir.path().join("v.sock"),
+    })
+    .unwrap();
+    let mut evq = TestQueue::new(0x2_0000);
+    dev.queues_mut()[0] = TestQueue::new(0).queue(&mem);
+    dev.queues_mut()[1] = TestQueue::new(0x1_0000).queue(&mem);
+    dev.queues_mut()[2] = evq.queue(&mem);
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+    dev.activate(mem.clone(), interrupt.clone(), VIRTIO_F_VERSION_1)
+        .unwrap();
+    let _ = irq.read();
+
+    assert!(!dev.send_transport_reset(), "no event buffer posted yet");
+    assert!(irq.read().is_err(), "nothing to signal without a buffer");
+
+    const EVT_BUF: u64 = 0x30_0000;
+    mem.write_slice(&[0xff; 8], GuestAddress(EVT_BUF)).unwrap();
+    let head = evq.push(&mem, &[(EVT_BUF, 8, WRITE)]);
+    assert!(dev.send_transport_reset());
+    assert_eq!(evq.take_used(&mem), vec![(u32::from(head), 4)]);
+    let mut got = [0u8; 8];
+    mem.read_slice(&mut got, GuestAddress(EVT_BUF)).unwrap();
+    assert_eq!(
+        got,
+        [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        "id = TRANSPORT_RESET (0), le32"
+    );
+    assert_eq!(irq.read().unwrap(), 1);
+    assert_ne!(interrupt.status() & crate::devices::virtio::INTERRUPT_USED_BUFFER, 0);
+
+    // A read-only buffer cannot take the event: it goes back unused.
+    let head = evq.push(&mem, &[(EVT_BUF, 8, 0)]);
+    assert!(!dev.send_transport_reset());
+    assert_eq!(evq.take_used(&mem), vec![(u32::from(head), 0)]);
+}
