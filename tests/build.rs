@@ -11,6 +11,7 @@ const GUESTS: &[&str] = &[
     "int3",
     "spin",
     "serial_loop",
+    "serial_counter",
 ];
 
 fn main() {
