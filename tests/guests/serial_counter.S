@@ -24,7 +24,7 @@ digit:
 	mov $'\n', %al
 	outb %al, %dx
 	inc %ebx
-	mov $1000000, %ecx
+	mov $50000, %ecx
 2:	dec %ecx
 	jnz 2b
 	jmp next
