@@ -1,7 +1,7 @@
 //! The agent's state and operations: containers, their processes, exit
 //! statuses, and what each request does.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
@@ -77,6 +77,8 @@ struct Proc {
     pidfd: Option<OwnedFd>,
     status: Option<i32>,
     io: Handles,
+    /// A `wait` has seen the status, so a finished exec may be forgotten.
+    waited: bool,
 }
 
 impl Proc {
@@ -89,7 +91,16 @@ impl Proc {
             pidfd: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
             status: None,
             io,
+            waited: false,
         }
+    }
+
+    /// Its exit is known: the pidfd and stdio handles are no longer needed
+    /// (the copying threads hold their own).
+    fn exited(&mut self, status: i32) {
+        self.status = Some(status);
+        self.pidfd = None;
+        self.io = Handles::default();
     }
 
     /// Signals through the pidfd, so a recycled pid is never hit.
@@ -133,15 +144,17 @@ type Owner = (String, Option<String>);
 #[derive(Default)]
 struct State {
     containers: HashMap<String, Container>,
+    /// Every child the agent waits for is registered here before it can
+    /// exit: inits and exec's middle processes under the lock held across
+    /// the clone, exec'd processes before they get the go-ahead to run.
+    /// Anything else reaped is an orphan and is forgotten.
     owners: HashMap<i32, Owner>,
-    /// Exits reaped before their pid was registered (a child that died at
-    /// once); bounded, since orphans in test mode are never claimed.
-    unclaimed: VecDeque<(i32, i32)>,
     /// exec's short-lived middle processes, reaped and forgotten.
     intermediates: HashSet<i32>,
 }
 
-const MAX_UNCLAIMED: usize = 1024;
+/// Finished and waited-for execs kept per container before the oldest go.
+const MAX_FINISHED_EXECS: usize = 64;
 
 impl State {
     fn proc_mut(&mut self, id: &str, exec: Option<&str>) -> Result<&mut Proc, OpError> {
@@ -164,13 +177,8 @@ impl State {
             .ok_or_else(|| OpError::NotFound(format!("no container {id:?}")))
     }
 
-    /// Registers a pid's owner, and returns its status if it already died.
-    fn claim(&mut self, pid: i32, owner: Owner) -> Option<i32> {
-        if let Some(i) = self.unclaimed.iter().position(|(p, _)| *p == pid) {
-            return self.unclaimed.remove(i).map(|(_, s)| s);
-        }
+    fn register(&mut self, pid: i32, owner: Owner) {
         self.owners.insert(pid, owner);
-        None
     }
 }
 
@@ -244,16 +252,11 @@ impl Agent {
         match st.owners.remove(&pid) {
             Some((id, exec)) => {
                 if let Ok(p) = st.proc_mut(&id, exec.as_deref()) {
-                    p.status = Some(status);
+                    p.exited(status);
                     tracing::info!(container = %id, exec = ?exec, pid, status, "process exited");
                 }
             }
-            None => {
-                if st.unclaimed.len() >= MAX_UNCLAIMED {
-                    st.unclaimed.pop_front();
-                }
-                st.unclaimed.push_back((pid, status));
-            }
+            None => tracing::debug!(pid, status, "reaped an orphan"),
         }
         drop(st);
         self.exited.notify_all();
@@ -314,7 +317,9 @@ impl Agent {
             rw.join("upper").display(),
             rw.join("work").display()
         );
-        mount("overlay", &rootfs, "overlay", 0, &data).map_err(failed("overlay root"))?;
+        // nodev: device nodes in an untrusted image, or made with mknod in
+        // the writable layer, give no access to the guest's devices.
+        mount("overlay", &rootfs, "overlay", libc::MS_NODEV, &data).map_err(failed("overlay root"))?;
         mounts.push(rootfs.clone());
 
         let mut steps = Vec::new();
@@ -407,11 +412,10 @@ impl Agent {
                 io::Error::last_os_error()
             )));
         }
-        let early = st.claim(pid, (c.id.clone(), None));
+        st.register(pid, (c.id.clone(), None));
         drop(st);
         drop((theirs, procs, child_io));
         let mut init = Proc::new(pid, Handles::default());
-        init.status = early;
 
         let abort = |msg: String| {
             // SAFETY: kill has no memory effects; the reaper collects it.
@@ -518,10 +522,7 @@ impl Agent {
         if middle < 0 {
             return Err(OpError::Failed(format!("exec: {}", io::Error::last_os_error())));
         }
-        match st.unclaimed.iter().position(|(p, _)| *p == middle) {
-            Some(i) => drop(st.unclaimed.remove(i)),
-            None => drop(st.intermediates.insert(middle)),
-        }
+        st.intermediates.insert(middle);
         drop(st);
         drop((theirs, procs, child_fds, ns_fds));
 
@@ -531,16 +532,21 @@ impl Agent {
             } => value,
             other => return Err(OpError::Failed(format!("exec: {}", other.describe()))),
         };
-        let mut proc_ = Proc::new(pid, handles);
+        let proc_ = Proc::new(pid, handles);
         {
             let mut st = self.lock();
-            proc_.status = st.claim(pid, (id.to_string(), Some(exec_id.to_string())));
+            st.register(pid, (id.to_string(), Some(exec_id.to_string())));
             let c = st
                 .containers
                 .get_mut(id)
                 .ok_or_else(|| OpError::NotFound(format!("container {id:?} went away")))?;
+            if c.execs.len() >= MAX_FINISHED_EXECS {
+                c.execs.retain(|_, p| !(p.waited && p.status.is_some()));
+            }
             c.execs.insert(exec_id.to_string(), proc_);
         }
+        // Registered: the process may run (and exit) now.
+        ctl::send_byte(&ours, b'G').map_err(failed("exec"))?;
         match ctl::recv(&ours).map_err(failed("exec"))? {
             Record::Closed => {
                 tracing::info!(container = %id, exec = %exec_id, pid, "exec started");
@@ -570,7 +576,9 @@ impl Agent {
     pub fn wait(&self, id: &str, exec: Option<&str>) -> Result<i32, OpError> {
         let mut st = self.lock();
         loop {
-            if let Some(s) = st.proc_mut(id, exec)?.status {
+            let p = st.proc_mut(id, exec)?;
+            if let Some(s) = p.status {
+                p.waited = true;
                 return Ok(s);
             }
             st = self.exited.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -588,10 +596,9 @@ impl Agent {
     }
 
     pub fn close_stdin(&self, id: &str, exec: Option<&str>) -> Result<(), OpError> {
-        let mut st = self.lock();
-        let p = st.proc_mut(id, exec)?;
-        if let Some(slot) = &p.io.stdin {
-            slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let slot = self.lock().proc_mut(id, exec)?.io.stdin.clone();
+        if let Some(slot) = slot {
+            slot.close();
         }
         Ok(())
     }
@@ -605,6 +612,8 @@ impl Agent {
     }
 
     pub fn delete(&self, id: &str) -> Result<(), OpError> {
+        // A create of the same id waits until this one's mounts are gone.
+        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let c = {
             let mut st = self.lock();
             let c = st.container(id)?;

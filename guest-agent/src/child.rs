@@ -164,11 +164,15 @@ fn mkdirs(dirs: &[CString], ctl: RawFd) {
 fn apply_mount(m: &MountStep, ctl: RawFd) {
     mkdirs(&m.mkdirs, ctl);
     if let Some(file) = &m.create_file {
-        // SAFETY: creates an empty file to bind a file onto.
-        let fd = unsafe { libc::open(ptr(file), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
-        if fd >= 0 {
-            // SAFETY: closing the descriptor just opened.
-            unsafe { libc::close(fd) };
+        // O_NOFOLLOW: an image's symlink must not aim the bind elsewhere.
+        let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        // SAFETY: creates (or opens) the file to bind onto, then closes it.
+        unsafe {
+            let fd = libc::open(ptr(file), flags, 0o644);
+            if fd < 0 {
+                fail(ctl, Stage::Mount);
+            }
+            libc::close(fd);
         }
     }
     let data = m.data.as_ref().map_or(std::ptr::null(), |d| ptr(d).cast());
@@ -271,7 +275,11 @@ fn open_pty(ctl: RawFd) -> (RawFd, RawFd) {
         }
         let unlock: c_int = 0;
         check(libc::ioctl(master, libc::TIOCSPTLCK, &unlock), ctl, Stage::Terminal);
-        let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY);
+        let slave = libc::ioctl(
+            master,
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
         check(slave, ctl, Stage::Terminal);
         (master, slave)
     }
@@ -394,7 +402,51 @@ pub fn container_init(plan: &InitPlan) -> ! {
     }
     // SAFETY: names this process for ps; the string is a literal.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr()) };
+    drop_to_kill_only(plan.workload.last_cap);
     supervise(workload)
+}
+
+/// The init only forwards signals and reaps from here on: keep CAP_KILL
+/// (the workload may run as another user) and nothing else, and make it
+/// undumpable so a workload allowed to ptrace cannot borrow its privileges.
+fn drop_to_kill_only(last_cap: u32) {
+    const CAP_KILL: u32 = 5;
+    let kill = 1u64 << CAP_KILL;
+    // SAFETY: prctl and capset with the documented arguments; failures
+    // leave the init as privileged as before, which the agent logs nowhere
+    // (no allocation here), so they are ignored.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        for cap in 0..=last_cap {
+            if kill & (1u64 << cap) == 0 {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
+        }
+        let mut hdr = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: kill as u32,
+                permitted: kill as u32,
+                inheritable: 0,
+            },
+            CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            },
+        ];
+        libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr());
+    }
 }
 
 /// Forwards every signal to the workload and reaps orphans; exits with the
@@ -454,6 +506,14 @@ pub fn exec_intermediate(plan: &JoinPlan) -> ! {
         fail(ctl, Stage::Clone);
     }
     if pid == 0 {
+        // Run only once the agent has registered this pid, so its exit
+        // can never be reaped before the agent knows whose it is.
+        let mut go = [0u8; 1];
+        // SAFETY: reads one byte into a stack buffer.
+        if unsafe { libc::read(ctl, go.as_mut_ptr().cast(), 1) } != 1 || go[0] != b'G' {
+            // SAFETY: as in fail().
+            unsafe { libc::_exit(127) };
+        }
         exec_process(&plan.process, plan.stdio, ctl);
     }
     record(ctl, TAG_PID, 0, pid);

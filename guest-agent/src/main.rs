@@ -155,8 +155,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
     Ok(m.pid1)
 }
 
+/// PID 1 starts with 1024 open files; every exec holds a few while it runs
+/// and request streams hold one each, so a busy pod would run out.
+fn raise_open_files() {
+    let lim = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: 1 << 20,
+    };
+    // SAFETY: setrlimit reads the struct; failure leaves the old limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
 fn main() {
     ensure_std_fds();
+    raise_open_files();
     block_sigchld();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -86,6 +86,10 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
     let accepting = std::thread::Builder::new().name("accept".into()).spawn(move || loop {
         let s = match listener.accept() {
             Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!("{e}");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("accept: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -97,10 +101,10 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
             tracing::warn!("too many request streams; closing a new one");
             continue;
         }
-        let (agent, active, done) = (accept_agent.clone(), active.clone(), done_tx.clone());
+        let (agent, stream_active, done) = (accept_agent.clone(), active.clone(), done_tx.clone());
         let spawned = std::thread::Builder::new().name("stream".into()).spawn(move || {
             let outcome = serve_stream(&agent, s);
-            active.fetch_sub(1, Ordering::SeqCst);
+            stream_active.fetch_sub(1, Ordering::SeqCst);
             if let Outcome::Shutdown = outcome {
                 if let Ok(tx) = done.lock() {
                     let _ = tx.send(());
@@ -108,6 +112,7 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
             }
         });
         if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("cannot start a thread for a request stream");
         }
     });

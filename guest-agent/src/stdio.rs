@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_protocol::messages::StdioPorts;
@@ -12,13 +13,35 @@ use bulkhead_protocol::messages::StdioPorts;
 use crate::transport::{shutdown_write, Transport};
 
 /// The host can close stdin early (`close_stdin`) while a thread copies
-/// into it; both go through this slot.
-pub type StdinSlot = Arc<Mutex<Option<File>>>;
+/// into it. The copier holds the lock while a write blocks (the workload is
+/// not reading), so closing never waits for it: it takes the file if the
+/// lock is free, else leaves a request the copier honours after its write.
+#[derive(Default)]
+pub struct StdinSlot {
+    file: Mutex<Option<File>>,
+    close_requested: AtomicBool,
+}
+
+impl StdinSlot {
+    fn new(f: File) -> Arc<StdinSlot> {
+        Arc::new(StdinSlot {
+            file: Mutex::new(Some(f)),
+            close_requested: AtomicBool::new(false),
+        })
+    }
+
+    pub fn close(&self) {
+        self.close_requested.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = self.file.try_lock() {
+            f.take();
+        }
+    }
+}
 
 /// What the agent keeps of a process's stdio after it starts.
 #[derive(Default)]
 pub struct Handles {
-    pub stdin: Option<StdinSlot>,
+    pub stdin: Option<Arc<StdinSlot>>,
     pub tty: Option<Arc<File>>,
 }
 
@@ -74,7 +97,7 @@ pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Han
         Some(port) => {
             let stream = t.connect(port)?;
             let (r, w) = pipe()?;
-            let slot: StdinSlot = Arc::new(Mutex::new(Some(w)));
+            let slot = StdinSlot::new(w);
             handles.stdin = Some(slot.clone());
             spawn("stdin", move || copy_stdin(stream, slot))?;
             OwnedFd::from(r)
@@ -97,23 +120,23 @@ pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Han
     Ok(([stdin_child, stdout_child, stderr_child], handles))
 }
 
-fn copy_stdin(mut stream: File, slot: StdinSlot) {
+fn copy_stdin(mut stream: File, slot: Arc<StdinSlot>) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match stream.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut guard = match slot.lock() {
+        let mut guard = match slot.file.lock() {
             Ok(g) => g,
             Err(_) => break,
         };
         let written = guard.as_mut().is_some_and(|w| w.write_all(&buf[..n]).is_ok());
-        if !written {
+        if !written || slot.close_requested.load(Ordering::SeqCst) {
             break;
         }
     }
-    if let Ok(mut g) = slot.lock() {
+    if let Ok(mut g) = slot.file.lock() {
         g.take();
     }
 }

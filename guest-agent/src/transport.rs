@@ -101,12 +101,16 @@ impl Listener {
         match self {
             Listener::Vsock(fd) => {
                 use std::os::fd::AsRawFd;
-                // SAFETY: accept4 without an address; returns a new fd or -1.
+                // SAFETY: sockaddr_vm is plain data.
+                let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+                let mut len = ADDR_LEN;
+                // SAFETY: accept4 writes at most `len` bytes of the peer's
+                // address into `peer`; returns a new fd or -1.
                 let c = unsafe {
                     libc::accept4(
                         fd.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
+                        (&mut peer as *mut libc::sockaddr_vm).cast(),
+                        &mut len,
                         libc::SOCK_CLOEXEC,
                     )
                 };
@@ -114,7 +118,16 @@ impl Listener {
                     return Err(io::Error::last_os_error());
                 }
                 // SAFETY: c is new and ours.
-                Ok(File::from(unsafe { OwnedFd::from_raw_fd(c) }))
+                let stream = File::from(unsafe { OwnedFd::from_raw_fd(c) });
+                // Only the host may drive the agent: a process inside the
+                // guest could otherwise reach this port and ask for anything.
+                if peer.svm_cid != libc::VMADDR_CID_HOST {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("refused a request stream from CID {}", peer.svm_cid),
+                    ));
+                }
+                Ok(stream)
             }
             #[cfg(debug_assertions)]
             Listener::Unix(l) => Ok(File::from(OwnedFd::from(l.accept()?.0))),

@@ -1035,3 +1035,82 @@ fn shutdown_ends_the_agent_and_every_container() {
     // The agent's ends of the streams went with it.
     stdio.finish();
 }
+
+/// `reseed` takes host entropy (the listener mode mixes it in but never
+/// sets the host's clock) and refuses too little or non-hex entropy.
+#[test]
+fn reseed_takes_entropy_and_refuses_bad_input() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    c.call_ok(&Request::Reseed {
+        entropy: "5a".repeat(32),
+        realtime_ns: now,
+    })
+    .unwrap();
+    for bad in ["5a".repeat(8), "zz".repeat(32)] {
+        let r = c.call(&Request::Reseed {
+            entropy: bad,
+            realtime_ns: now,
+        });
+        assert_eq!(refusal(r), ErrorKind::Invalid);
+    }
+    assert_eq!(agent.run(sh("echo still")).1, "still\n");
+}
+
+/// close_stdin while the copy into a workload that never reads is blocked
+/// (the pipe is full) answers at once, and the agent keeps serving.
+#[test]
+fn close_stdin_does_not_wait_for_a_blocked_copy() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let id = unique_id("stuck-stdin");
+    let mut stdio = agent.stdio(true);
+    let mut ct = container(&id, process(&["/bin/sleep", "1000"]));
+    ct.stdio = stdio.ports.clone();
+    create(&agent, &mut c, ct);
+    let mut input = stdio.stdin();
+    start(&agent, &mut c, &id);
+    // More than a pipe holds; the writer thread blocks, and that is fine.
+    let writer = thread::spawn(move || {
+        let _ = input.write_all(&vec![b'x'; 1 << 20]);
+        input
+    });
+    thread::sleep(Duration::from_millis(300));
+    c.call_ok(&Request::CloseStdin {
+        container_id: id.clone(),
+        exec_id: None,
+    })
+    .unwrap();
+    assert!(!list_processes(&mut c, &id).is_empty());
+    agent.signal(&mut c, &id, None, libc::SIGKILL, false);
+    assert_eq!(wait_for(&mut c, &id, None), 137);
+    stdio.finish();
+    drop(writer);
+}
+
+/// The container's init keeps only CAP_KILL and is not dumpable; device
+/// nodes made inside the container give no access (nodev).
+#[test]
+fn container_init_is_unprivileged_and_devices_are_inert() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let id = unique_id("init-caps");
+    let (_, ctr_stdio) = agent.start_container(&mut c, container(&id, process(&["/bin/sleep", "1000"])));
+    let (status, out, err) = agent.exec(&mut c, &id, sh("grep -E '^Cap(Eff|Bnd)' /proc/1/status"));
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(out, "CapEff:\t0000000000000020\nCapBnd:\t0000000000000020\n");
+    let (status, out, _) = agent.exec(
+        &mut c,
+        &id,
+        sh("mknod /tmp/zero c 1 5 && head -c 1 /tmp/zero; echo rc=$?"),
+    );
+    assert_eq!(status, 0);
+    assert!(out.ends_with("rc=1\n"), "a mknod'ed /dev/zero was readable: {out:?}");
+    agent.signal(&mut c, &id, None, libc::SIGKILL, false);
+    assert_eq!(wait_for(&mut c, &id, None), 137);
+    ctr_stdio.finish();
+}
