@@ -696,8 +696,9 @@ impl Agent {
         crate::reseed::mix_entropy(&seed).map_err(failed("reseeding the random pool"))?;
         if self.cfg.transport.is_guest() {
             crate::reseed::set_realtime(realtime_ns).map_err(failed("setting the clock"))?;
+            let disks = crate::reseed::forget_disk_contents().map_err(failed("dropping cached disk blocks"))?;
+            tracing::info!(disks, "reseeded; clock set; disk caches dropped");
         }
-        tracing::info!("reseeded; clock set");
         Ok(())
     }
 

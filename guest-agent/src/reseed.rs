@@ -40,6 +40,28 @@ pub fn mix_entropy(seed: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
+/// Drops what the guest cached of every virtio disk: a template is booted
+/// with a placeholder disk, and its restored copies are given the real
+/// root image in its place, whose blocks must be read afresh.
+pub fn forget_disk_contents() -> io::Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir("/dev")?.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("vd") {
+            continue;
+        }
+        let f = std::fs::File::open(e.path())?;
+        // SAFETY: BLKFLSBUF takes no argument beyond the descriptor.
+        if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 pub fn set_realtime(ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,

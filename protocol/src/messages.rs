@@ -224,9 +224,10 @@ pub enum Request {
     ListProcesses {
         container_id: String,
     },
-    /// Makes a guest restored from a snapshot unique before it runs
-    /// anything: mixes fresh host entropy (hex) into the guest's random
-    /// pool and forces a reseed, then sets the wall clock.
+    /// Makes a guest restored from a snapshot unique and current before it
+    /// runs anything: mixes fresh host entropy (hex) into the guest's random
+    /// pool and forces a reseed, sets the wall clock, and drops cached disk
+    /// blocks (a restore may give a disk a new image).
     Reseed {
         entropy: String,
         realtime_ns: u64,

@@ -61,12 +61,14 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Start from a snapshot directory (its `state` and `memory` files)
-    /// instead of booting; only --api-sock, --vsock, --serial and --timeout
-    /// go with it. The memory file is mapped privately and never written.
+    /// instead of booting; only --api-sock, --vsock, --serial, --timeout and
+    /// --disk go with it (each --disk replaces the saved disk at its place,
+    /// with the same read-only flag). The memory file is mapped privately
+    /// and never written.
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "disks", "no_rng", "config"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "no_rng", "config"]
     )]
     restore: Option<PathBuf>,
 }
@@ -170,6 +172,7 @@ fn run() -> anyhow::Result<u8> {
             vsock: args.vsock,
             serial: args.serial.unwrap_or_default(),
             timeout_secs: args.timeout,
+            disks: (!args.disks.is_empty()).then_some(args.disks),
         }),
         None => vmm::run(&args.into_config()?),
     }

@@ -337,6 +337,33 @@ pub struct RestoreConfig {
     pub vsock: Option<VsockConfig>,
     pub serial: SerialOutput,
     pub timeout_secs: Option<u64>,
+    /// Replaces the saved disks' files, one for one, read-only flags equal:
+    /// a template booted with a placeholder root serves any root image.
+    /// The guest keeps the capacity it read at boot, so a replacement must
+    /// not hold data beyond the saved disk's size.
+    pub disks: Option<Vec<BlockConfig>>,
+}
+
+/// Checks that `new` can stand in for the saved disks.
+fn replace_disks(saved: &[BlockConfig], new: &[BlockConfig]) -> Result<(), ConfigError> {
+    if saved.len() != new.len() {
+        return Err(ConfigError::Invalid {
+            field: "disks",
+            message: format!("the snapshot has {} disks; {} were given", saved.len(), new.len()),
+        });
+    }
+    for (i, (s, n)) in saved.iter().zip(new).enumerate() {
+        if s.read_only != n.read_only {
+            return Err(ConfigError::Invalid {
+                field: "disks",
+                message: format!(
+                    "disk {i} was {} in the snapshot; a replacement keeps that",
+                    if s.read_only { "read-only" } else { "writable" }
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds the VM saved in `rc.dir`, with its memory mapped privately from
@@ -347,6 +374,9 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
         source,
     };
     let state = snap::read_state_file(&rc.dir).map_err(bad)?;
+    if let Some(d) = &rc.disks {
+        replace_disks(&state.config.disks, d)?;
+    }
     if rc.vsock.is_some() && state.config.vsock.is_none() {
         return Err(ConfigError::Invalid {
             field: "vsock",
@@ -377,6 +407,9 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
     let mut saved = state.config.clone();
     if let Some(v) = &rc.vsock {
         saved.vsock = Some(v.clone());
+    }
+    if let Some(d) = &rc.disks {
+        saved.disks = d.clone();
     }
     let mut devices = DeviceManager::new(&vm.fd, open_serial(&rc.serial)?)?;
     let virtio = create_virtio_devices(&saved.disks, saved.vsock.as_ref(), saved.rng, &vm, &mut devices)?;
@@ -595,6 +628,22 @@ impl MutEventSubscriber for ExitWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restored_disks_must_match_in_number_and_mode() {
+        let d = |p: &str, ro| BlockConfig {
+            path: p.into(),
+            read_only: ro,
+        };
+        let saved = [d("/placeholder", true)];
+        replace_disks(&saved, &[d("/root.ext4", true)]).unwrap();
+        let e = replace_disks(&saved, &[d("/root.ext4", false)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("read-only in the snapshot"), "{e}");
+        let e = replace_disks(&saved, &[]).unwrap_err().to_string();
+        assert!(e.contains("has 1 disks; 0 were given"), "{e}");
+    }
 
     #[test]
     fn exit_codes() {
