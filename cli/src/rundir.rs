@@ -23,6 +23,34 @@ pub enum RunDirError {
          set XDG_RUNTIME_DIR to a shorter directory"
     )]
     TooLong { path: PathBuf, len: usize },
+    #[error(
+        "run directory root {path} is not safe: {why}; it must be a directory (not a link) owned by this user \
+         and writable by nobody else"
+    )]
+    Unsafe { path: PathBuf, why: String },
+}
+
+/// The root holds every run's sockets: another user who owns it, or can
+/// write to it, could swap a run directory for one of theirs.
+fn check_root(root: &Path) -> Result<(), RunDirError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_root = |why: String| RunDirError::Unsafe {
+        path: root.to_path_buf(),
+        why,
+    };
+    let md = std::fs::symlink_metadata(root).map_err(|e| unsafe_root(e.to_string()))?;
+    if !md.file_type().is_dir() {
+        return Err(unsafe_root("not a directory".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if md.uid() != uid {
+        return Err(unsafe_root(format!("owned by uid {}, not {uid}", md.uid())));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(unsafe_root(format!("mode {:o}", md.mode() & 0o7777)));
+    }
+    Ok(())
 }
 
 /// `$XDG_RUNTIME_DIR/bulkhead`, `/run/bulkhead` for root, or a per-user
@@ -123,6 +151,7 @@ impl RunDir {
             .mode(0o700)
             .create(root)
             .map_err(create_err)?;
+        check_root(root)?;
         prune_stale(root);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -155,6 +184,23 @@ impl Drop for RunDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_or_linked_root_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = RunDir::create(&shared).unwrap_err().to_string();
+        assert!(e.contains("mode 777"), "{e}");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        let e = RunDir::create(&link).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let ok = d.path().join("ok");
+        RunDir::create(&ok).unwrap();
+    }
 
     #[test]
     fn dead_owners_are_pruned_live_ones_kept() {
