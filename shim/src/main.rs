@@ -1,1 +1,269 @@
-fn main() {}
+//! `containerd-shim-bulkhead-v2`: the containerd runtime v2 shim. One shim
+//! process serves one pod (or one lone container) and owns its microVM.
+//!
+//! containerd runs the binary three ways: `start` (print the ttrpc address
+//! of a shim, starting one when the pod has none), `delete` (clean up after
+//! a shim that is gone) and, from our own `start`, as the server.
+
+mod config;
+mod rootfs;
+mod service;
+mod spec;
+mod vmapi;
+
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use containerd_shim::Flags;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim::shim_ttrpc::{create_task, Task};
+use containerd_shim_protos::ttrpc::Server;
+
+use crate::service::{ExitSignal, Service};
+
+/// The fd the server inherits its listening socket on.
+const LISTENER_FD: i32 = 3;
+/// Passes the configuration path from `start` to the server it spawns.
+const CONFIG_ENV: &str = "BULKHEAD_SHIM_CONFIG";
+const TTRPC_ADDRESS_ENV: &str = "TTRPC_ADDRESS";
+const ANN_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const ANN_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// A stale socket is one nobody answers on within this.
+const SOCKET_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn main() {
+    let args: Vec<_> = std::env::args_os().collect();
+    let result = containerd_shim::parse(&args[1..])
+        .map_err(anyhow::Error::from)
+        .and_then(|flags| dispatch(&flags));
+    if let Err(e) = result {
+        // containerd shows this to the user (start) or logs it.
+        eprintln!("containerd-shim-bulkhead-v2: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(flags: &Flags) -> anyhow::Result<()> {
+    if flags.version {
+        println!("containerd-shim-bulkhead-v2 {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    if flags.namespace.is_empty() {
+        bail!("-namespace is required");
+    }
+    match flags.action.as_str() {
+        "start" => start(flags),
+        "delete" => delete(flags),
+        "" if !flags.socket.is_empty() => serve(flags),
+        other => bail!("unknown action {other:?}"),
+    }
+}
+
+/// The runtime options containerd pipes to `start` (a protobuf `Any`).
+fn runtime_options_config_path() -> anyhow::Result<Option<PathBuf>> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    stdin.lock().take(1 << 20).read_to_end(&mut buf)?;
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let any = Any::parse_from_bytes(&buf).context("runtime options")?;
+    Ok(config::config_path_from_options(&any.type_url, &any.value)?)
+}
+
+/// The pod this container belongs to: CRI's sandbox id for a pod's
+/// workload container, else the container itself.
+fn grouping(bundle: &Path, id: &str) -> String {
+    let ann = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| spec::annotations(&v))
+        .unwrap_or_default();
+    match (ann.get(ANN_CONTAINER_TYPE), ann.get(ANN_SANDBOX_ID)) {
+        (Some(t), Some(sandbox)) if t == "container" && !sandbox.is_empty() => sandbox.clone(),
+        _ => id.to_string(),
+    }
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+fn start(flags: &Flags) -> anyhow::Result<()> {
+    let bundle = std::env::current_dir()?;
+    let config = runtime_options_config_path()?
+        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    let group = grouping(&bundle, &flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    let path = Path::new(socket_path(&address));
+
+    let alive = UnixStream::connect(path).is_ok_and(|s| s.set_read_timeout(Some(SOCKET_PROBE)).is_ok());
+    if !alive {
+        if path.exists() {
+            std::fs::remove_file(path).with_context(|| format!("stale socket {}", path.display()))?;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+        let fd = listener.as_raw_fd();
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address])
+            .args(["-publish-binary", &flags.publish_binary, "-socket", &address])
+            .env(CONFIG_ENV, &config)
+            .current_dir(&bundle)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if flags.debug {
+            cmd.arg("-debug");
+        }
+        // SAFETY: between fork and exec only async-signal-safe calls
+        // (setsid, dup2, fcntl) on fds we own.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: containerd's signals to us are not its.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // dup2 clears close-on-exec on the new fd, but does
+                // nothing when the listener already is that fd.
+                let rc = if fd == LISTENER_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, LISTENER_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("start the shim server")?;
+        std::fs::write(bundle.join("shim.pid"), child.id().to_string())?;
+    }
+    std::fs::write(bundle.join("address"), &address)?;
+    // containerd 1.6 reads stdout and stderr together: only the address.
+    let mut out = std::io::stdout().lock();
+    out.write_all(address.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Cleans up after a shim that is gone: its VMM died with it (it is bound
+/// to the shim's life), so what may remain is the run directory, a build
+/// mount and the socket.
+fn delete(flags: &Flags) -> anyhow::Result<()> {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir()?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    rootfs::cleanup_build_mount(&bundle);
+    if let Ok(dir) = std::fs::read_to_string(bundle.join(service::RUN_DIR_FILE)) {
+        let dir = PathBuf::from(dir.trim());
+        if dir.is_absolute() && dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+        let path = Path::new(socket_path(address.trim()));
+        if path.exists() && UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let resp = containerd_shim_protos::api::DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: containerd_shim_protos::protobuf::MessageField::some(
+            containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+                seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let mut out = std::io::stdout().lock();
+    resp.write_to_writer(&mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Logs go to the `log` FIFO containerd opened in the bundle, which it
+/// copies into its own log.
+fn init_logging(debug: bool) {
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags_nonblock()
+        .open("log");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    match fifo {
+        Ok(f) => builder.with_writer(std::sync::Mutex::new(f)).init(),
+        Err(_) => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A FIFO without a reader must not block the shim's start.
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+/// The crate generates the Task service under containerd 2's package name
+/// (`containerd.task.v3`); containerd 1.6 calls the same messages as
+/// `containerd.task.v2`, so the handlers are registered under that name.
+fn task_v2_methods<V>(methods: std::collections::HashMap<String, V>) -> std::collections::HashMap<String, V> {
+    methods
+        .into_iter()
+        .map(|(k, v)| (k.replace("/containerd.task.v3.Task/", "/containerd.task.v2.Task/"), v))
+        .collect()
+}
+
+fn serve(flags: &Flags) -> anyhow::Result<()> {
+    init_logging(flags.debug);
+    let config = std::env::var_os(CONFIG_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    let ttrpc = std::env::var(TTRPC_ADDRESS_ENV).context("TTRPC_ADDRESS is not set")?;
+    let publisher = containerd_shim::publisher::RemotePublisher::new(&ttrpc)?;
+    let exit = Arc::new(ExitSignal::default());
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(Service::new(&flags.namespace, publisher, config, exit.clone()));
+    let mut server = Server::new()
+        .add_listener(LISTENER_FD)?
+        .register_service(task_v2_methods(create_task(task)));
+    server.start()?;
+    tracing::info!("serving {} for {}", flags.socket, flags.id);
+    exit.wait();
+    // Let the Shutdown answer leave before the server goes.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    server.shutdown();
+    let _ = std::fs::remove_file(socket_path(&flags.socket));
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! The parts of the OCI runtime spec (the bundle's `config.json`, and the
+//! process of an exec) that the agent takes, read defensively: containerd
+//! writes these, but a field of the wrong shape is an error, not a panic.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bulkhead_protocol::messages::{Capabilities, Process, Resources, Rlimit, User};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("malformed OCI spec: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("OCI spec: {0}")]
+    Field(String),
+}
+
+/// What Create needs from `config.json`.
+#[derive(Debug)]
+pub struct BundleSpec {
+    pub process: Process,
+    pub hostname: Option<String>,
+    pub annotations: HashMap<String, String>,
+    pub resources: Resources,
+}
+
+pub fn read_bundle(bundle: &Path) -> Result<BundleSpec, SpecError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|source| SpecError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_bundle(&text)
+}
+
+pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
+    let v: Value = serde_json::from_slice(json)?;
+    let process = process(v.get("process").ok_or_else(|| SpecError::Field("no process".into()))?)?;
+    let hostname = v.get("hostname").and_then(Value::as_str).map(String::from);
+    let annotations = annotations(&v);
+    let mut resources = Resources::default();
+    if let Some(r) = v.pointer("/linux/resources") {
+        resources.memory_max_bytes = r
+            .pointer("/memory/limit")
+            .and_then(Value::as_i64)
+            .and_then(|l| u64::try_from(l).ok());
+        resources.pids_max = r
+            .pointer("/pids/limit")
+            .and_then(Value::as_i64)
+            .and_then(|l| u64::try_from(l).ok());
+        resources.cpu_quota_usec = r
+            .pointer("/cpu/quota")
+            .and_then(Value::as_i64)
+            .and_then(|l| u64::try_from(l).ok());
+        resources.cpu_period_usec = r.pointer("/cpu/period").and_then(Value::as_u64);
+    }
+    Ok(BundleSpec {
+        process,
+        hostname,
+        annotations,
+        resources,
+    })
+}
+
+/// The bundle's annotations (empty when it has none or cannot be read).
+pub fn annotations(v: &Value) -> HashMap<String, String> {
+    v.get("annotations")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, SpecError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| SpecError::Field(format!("{what}: not a string")))
+            })
+            .collect(),
+        Some(_) => Err(SpecError::Field(format!("{what}: not a list"))),
+    }
+}
+
+fn u32_at(v: &Value, ptr: &str) -> Result<u32, SpecError> {
+    match v.pointer(ptr) {
+        None | Some(Value::Null) => Ok(0),
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| SpecError::Field(format!("{ptr}: not a u32"))),
+    }
+}
+
+/// An OCI `process` object as the agent's [`Process`].
+pub fn process(p: &Value) -> Result<Process, SpecError> {
+    let args = strings(p.get("args"), "process.args")?;
+    if args.is_empty() {
+        return Err(SpecError::Field("process.args is empty".into()));
+    }
+    let additional_gids = match p.pointer("/user/additionalGids") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|g| {
+                g.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| SpecError::Field("additionalGids".into()))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    };
+    let rlimits = match p.get("rlimits") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| {
+                Some(Rlimit {
+                    kind: r.get("type")?.as_str()?.to_string(),
+                    soft: r.get("soft")?.as_u64()?,
+                    hard: r.get("hard")?.as_u64()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| SpecError::Field("process.rlimits".into()))?,
+        _ => Vec::new(),
+    };
+    let capabilities = match p.get("capabilities") {
+        Some(c) if c.is_object() => Some(Capabilities {
+            bounding: strings(c.get("bounding"), "bounding")?,
+            effective: strings(c.get("effective"), "effective")?,
+            inheritable: strings(c.get("inheritable"), "inheritable")?,
+            permitted: strings(c.get("permitted"), "permitted")?,
+            ambient: strings(c.get("ambient"), "ambient")?,
+        }),
+        _ => None,
+    };
+    Ok(Process {
+        args,
+        env: strings(p.get("env"), "process.env")?,
+        cwd: p.get("cwd").and_then(Value::as_str).unwrap_or("/").to_string(),
+        user: User {
+            uid: u32_at(p, "/user/uid")?,
+            gid: u32_at(p, "/user/gid")?,
+            additional_gids,
+        },
+        terminal: p.get("terminal").and_then(Value::as_bool).unwrap_or(false),
+        rlimits,
+        no_new_privileges: p.get("noNewPrivileges").and_then(Value::as_bool).unwrap_or(false),
+        capabilities,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_the_agent_needs() {
+        let json = br#"{"ociVersion":"1.0.2","hostname":"h","annotations":{"a":"b"},
+            "process":{"args":["sh","-c","true"],"env":["PATH=/bin"],"cwd":"/tmp","terminal":true,
+              "user":{"uid":1,"gid":2,"additionalGids":[3]},
+              "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
+              "capabilities":{"bounding":["CAP_KILL"]}},
+            "linux":{"resources":{"memory":{"limit":67108864},"pids":{"limit":-1}}}}"#;
+        let s = parse_bundle(json).unwrap();
+        assert_eq!(s.process.args, ["sh", "-c", "true"]);
+        assert_eq!(s.process.cwd, "/tmp");
+        assert!(s.process.terminal);
+        assert_eq!(s.process.user.additional_gids, [3]);
+        assert_eq!(s.process.rlimits.len(), 1);
+        assert_eq!(s.hostname.as_deref(), Some("h"));
+        assert_eq!(s.annotations.get("a").map(String::as_str), Some("b"));
+        assert_eq!(s.resources.memory_max_bytes, Some(64 << 20));
+        assert_eq!(s.resources.pids_max, None);
+        assert!(parse_bundle(br#"{"process":{"args":[1]}}"#).is_err());
+        assert!(parse_bundle(br#"{"process":{"args":[]}}"#).is_err());
+    }
+}
