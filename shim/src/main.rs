@@ -120,13 +120,20 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
         let fd = listener.as_raw_fd();
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
-        cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address])
-            .args(["-publish-binary", &flags.publish_binary, "-socket", &address])
-            .env(CONFIG_ENV, &config)
-            .current_dir(&bundle)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-namespace",
+            &flags.namespace,
+            "-id",
+            &flags.id,
+            "-address",
+            &flags.address,
+        ])
+        .args(["-publish-binary", &flags.publish_binary, "-socket", &address])
+        .env(CONFIG_ENV, &config)
+        .current_dir(&bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if flags.debug {
             cmd.arg("-debug");
         }

@@ -218,7 +218,9 @@ impl Inner {
             }
             return Ok(sb.clone());
         }
-        let (vcpus, mem_mib) = cfg.sizing(annotations).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        let (vcpus, mem_mib) = cfg
+            .sizing(annotations)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         let sc = SandboxConfig {
             vcpus,
             mem_mib,
@@ -257,7 +259,8 @@ impl Inner {
                         container_id,
                         ..Default::default()
                     };
-                    let r = lock(&publisher).publish(Context::default(), topics::TASK_OOM_EVENT_TOPIC, &ns, Box::new(ev));
+                    let r =
+                        lock(&publisher).publish(Context::default(), topics::TASK_OOM_EVENT_TOPIC, &ns, Box::new(ev));
                     if let Err(e) = r {
                         tracing::warn!("cannot publish an OOM event: {e}");
                     }

@@ -1,0 +1,272 @@
+//! A private containerd for the containerd tier: its own config, root,
+//! state and sockets under a temp dir, the shim on its PATH, and a small
+//! busybox OCI image built here and imported. Dropping it stops containerd.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "bulkhead.test/busybox:latest";
+pub const RUNTIME: &str = "io.containerd.bulkhead.v2";
+const APPLETS: &[&str] = &[
+    "sh", "echo", "true", "false", "sleep", "cat", "ls", "ps", "id", "test", "hostname",
+];
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Fails with the reason when the host cannot run this tier.
+pub fn require_containerd() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the containerd tier needs root");
+    for bin in ["containerd", "ctr"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "`{bin}` is missing: install Debian's containerd (scripts/setup)");
+    }
+}
+
+/// The shim under test (built with the workspace).
+pub fn shim_bin() -> PathBuf {
+    let p = crate::target_dir().join("debug/containerd-shim-bulkhead-v2");
+    assert!(
+        p.is_file(),
+        "{} is missing: `cargo build -p containerd-shim-bulkhead-v2`",
+        p.display()
+    );
+    p
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("piped").write_all(b)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    crate::text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Writes an OCI image layout tarball of busybox and its applets.
+pub fn build_image(dir: &Path) -> PathBuf {
+    let layer_root = dir.join("layer");
+    std::fs::create_dir_all(layer_root.join("bin")).unwrap();
+    std::fs::write(layer_root.join("bin/busybox"), crate::busybox()).unwrap();
+    std::fs::set_permissions(
+        layer_root.join("bin/busybox"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for a in APPLETS {
+        std::os::unix::fs::symlink("busybox", layer_root.join("bin").join(a)).unwrap();
+    }
+    let layer_tar = dir.join("layer.tar");
+    let st = Command::new("tar")
+        .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "-C"])
+        .arg(&layer_root)
+        .arg("-cf")
+        .arg(&layer_tar)
+        .arg("bin")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let oci = dir.join("oci");
+    let blobs = oci.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha256_hex(b);
+        std::fs::write(blobs.join(&d), b).unwrap();
+        (format!("sha256:{d}"), b.len())
+    };
+    let (ld, ls) = put(&std::fs::read(&layer_tar).unwrap());
+    let config = serde_json::json!({"architecture":"amd64","os":"linux",
+        "config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[ld]}});
+    let (cd, cs) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+        "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd,"size":cs},
+        "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":ld,"size":ls}]});
+    let (md, ms) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",
+        "digest":md,"size":ms,"annotations":{"org.opencontainers.image.ref.name":"latest","io.containerd.image.name":IMAGE}}]});
+    std::fs::write(oci.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let tarball = dir.join("image.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tarball
+}
+
+impl Containerd {
+    /// Starts containerd with the shim on its PATH and `bulkhead.toml`
+    /// (kernel, initramfs, VMM, cache and run directories under the temp dir).
+    pub fn start(kernel: &Path, initramfs: &Path, vmm: &Path) -> Containerd {
+        let dir = tempfile::Builder::new().prefix("bh-ctd").tempdir_in("/tmp").unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::fs::copy(shim_bin(), d.join("bin/containerd-shim-bulkhead-v2")).unwrap();
+        std::fs::write(
+            d.join("bulkhead.toml"),
+            format!(
+                "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\ncache_dir = {:?}\nrun_dir = {:?}\nmemory_mib = 256\n",
+                kernel,
+                initramfs,
+                vmm,
+                d.join("cache"),
+                d.join("run")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("containerd.toml"),
+            format!(
+                "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
+                d.join("root"),
+                d.join("state"),
+                d.join("c.sock"),
+                d.join("c.sock.ttrpc")
+            ),
+        )
+        .unwrap();
+        let mut c = Containerd { dir, child: None };
+        c.spawn();
+        let image = build_image(c.dir.path());
+        let out = c.ctr(&["image", "import", image.to_str().unwrap()]);
+        assert!(out.status.success(), "image import: {}", crate::text(&out.stderr));
+        c
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let path = format!(
+            "{}:{}",
+            d.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("containerd.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.join("c.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start; see {}",
+                d.join("containerd.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Stops containerd (the shims keep running) and starts it again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the containerd we started and have not reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("bulkhead.toml")
+    }
+
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.dir.path().join("c.sock")).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("run ctr")
+    }
+
+    /// `ctr run` with our runtime and this tier's configuration.
+    pub fn run_args<'a>(&'a self, cfg: &'a str, extra: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["run", "--runtime", RUNTIME, "--runtime-config-path", cfg];
+        v.extend_from_slice(extra);
+        v.push(IMAGE);
+        v.push(id);
+        v.extend_from_slice(cmd);
+        v
+    }
+
+    /// Paths of ours still mounted.
+    pub fn mounts_left(&self) -> Vec<String> {
+        let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let me = self.dir.path().to_string_lossy().into_owned();
+        m.lines()
+            .filter(|l| l.contains(&me) && !l.contains("/root/io.containerd.snapshotter"))
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// Pids of running processes whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+        // Snapshot mounts containerd made under its root.
+        let root = self.dir.path().join("root");
+        let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for l in m.lines() {
+            if let Some(p) = l.split_whitespace().nth(4) {
+                if p.starts_with(root.to_string_lossy().as_ref()) {
+                    let _ = Command::new("umount").arg("-l").arg(p).status();
+                }
+            }
+        }
+    }
+}
