@@ -3,6 +3,7 @@
 //! silently), and run the VMM with its output captured.
 
 pub mod agent;
+pub mod containerd;
 pub mod initramfs;
 
 use std::path::{Path, PathBuf};
