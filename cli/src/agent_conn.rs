@@ -160,6 +160,18 @@ pub enum WaitError<E: std::error::Error + 'static> {
 pub fn wait_for_agent<E: std::error::Error + 'static>(
     uds: &Path,
     attempt_timeout: Duration,
+    check: impl FnMut(Duration) -> Result<(), E>,
+) -> Result<Client<UnixStream>, WaitError<E>> {
+    wait_for_agent_every(uds, attempt_timeout, RETRY_EVERY, check)
+}
+
+/// [`wait_for_agent`], trying again every `retry_every` (a guest restored
+/// from a snapshot is ready within milliseconds; a cold boot takes long
+/// enough for the default).
+pub fn wait_for_agent_every<E: std::error::Error + 'static>(
+    uds: &Path,
+    attempt_timeout: Duration,
+    retry_every: Duration,
     mut check: impl FnMut(Duration) -> Result<(), E>,
 ) -> Result<Client<UnixStream>, WaitError<E>> {
     let start = Instant::now();
@@ -172,7 +184,7 @@ pub fn wait_for_agent<E: std::error::Error + 'static>(
             Err(e) => return Err(WaitError::Conn(e)),
         }
         check(start.elapsed()).map_err(WaitError::Check)?;
-        std::thread::sleep(RETRY_EVERY);
+        std::thread::sleep(retry_every);
     }
 }
 

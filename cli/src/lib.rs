@@ -15,6 +15,7 @@ pub mod rundir;
 pub mod sandbox;
 pub mod signals;
 pub mod stdio;
+pub mod template;
 pub mod tty;
 pub mod util;
 pub mod vm;

@@ -21,6 +21,7 @@ use crate::paths::Artifacts;
 use crate::rootfs::RootfsImage;
 use crate::rundir::{self, RunDir, RunDirError};
 use crate::stdio::{self, StdioError, StdioListeners, StdioPlan, StdioStreams};
+use crate::template::Template;
 use crate::util;
 use crate::vm::{self, VmError, VmSpec, VmmProcess};
 
@@ -40,6 +41,10 @@ const CONSOLE_LINES: usize = 20;
 /// One connection attempt while booting: the VMM holds a connection
 /// unanswered until the guest's vsock driver is up.
 const BOOT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A restored guest's agent answers within milliseconds: poll that often.
+const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
+/// Host entropy a restored guest mixes into its pool.
+const RESEED_BYTES: usize = 64;
 
 pub type AgentClient = Client<UnixStream>;
 
@@ -57,6 +62,12 @@ pub struct SandboxConfig {
     pub boot_timeout: Option<Duration>,
     /// Copy the guest console here when the sandbox goes away.
     pub keep_console: Option<PathBuf>,
+    /// Start the VMM with its control API (`<run dir>/api.sock`), for
+    /// pause/resume by a runtime such as the containerd shim.
+    pub api_socket: bool,
+    /// Restore this template instead of booting cold (the root image
+    /// replaces the template's placeholder disk).
+    pub template: Option<Template>,
 }
 
 impl SandboxConfig {
@@ -69,6 +80,8 @@ impl SandboxConfig {
             runtime_root: None,
             boot_timeout: None,
             keep_console: None,
+            api_socket: false,
+            template: None,
         }
     }
 }
@@ -176,6 +189,7 @@ pub struct Sandbox {
     rootfs: RootfsImage,
     next_port: AtomicU32,
     next_id: AtomicU32,
+    api_socket: Option<PathBuf>,
 }
 
 // The boot tier shares one sandbox between test threads.
@@ -227,9 +241,16 @@ impl Sandbox {
             vsock_uds: vsock.clone(),
             console: console.clone(),
             log: vmm_log.clone(),
+            api_socket: cfg.api_socket.then(|| dir.path().join("api.sock")),
+            restore: cfg.template.as_ref().map(|t| t.dir().to_path_buf()),
         };
+        let retry_every = match cfg.template {
+            Some(_) => RESTORE_RETRY_EVERY,
+            None => agent_conn::RETRY_EVERY,
+        };
+        let api_socket = spec.api_socket.clone();
         let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
-        let waited = agent_conn::wait_for_agent(&vsock, BOOT_ATTEMPT_TIMEOUT, |elapsed| {
+        let waited = agent_conn::wait_for_agent_every(&vsock, BOOT_ATTEMPT_TIMEOUT, retry_every, |elapsed| {
             if let Some(status) = lock(&vmm).try_status()? {
                 return Err(stopped(status, &console, &vmm_log));
             }
@@ -245,7 +266,7 @@ impl Sandbox {
             })
             .map_err(SandboxError::Aborted)
         });
-        let client = match waited {
+        let mut client = match waited {
             Ok(c) => c,
             Err(WaitError::Check(e)) => return Err(e),
             Err(WaitError::Conn(e)) => {
@@ -259,6 +280,14 @@ impl Sandbox {
             }
         };
         tracing::debug!("agent reached through {}", vsock.display());
+        if cfg.template.is_some() {
+            // Every restored guest starts from the same memory: it must be
+            // made unique (random pool, clock) before it runs anything.
+            reseed(&mut client).map_err(|e| match lock(&vmm).try_status() {
+                Ok(Some(status)) => stopped(status, &console, &vmm_log),
+                _ => e,
+            })?;
+        }
         Ok(Sandbox {
             first_client: Mutex::new(Some(client)),
             vmm,
@@ -270,6 +299,7 @@ impl Sandbox {
             rootfs: cfg.rootfs.clone(),
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             next_id: AtomicU32::new(1),
+            api_socket,
         })
     }
 
@@ -280,6 +310,11 @@ impl Sandbox {
     /// The VMM's vsock socket (`<run dir>/v.sock`).
     pub fn vsock_path(&self) -> &Path {
         &self.vsock
+    }
+
+    /// The VMM's control API socket, when [`SandboxConfig::api_socket`] asked for one.
+    pub fn api_socket_path(&self) -> Option<&Path> {
+        self.api_socket.as_deref()
     }
 
     pub fn console_path(&self) -> &Path {
@@ -493,6 +528,20 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// Sends `Reseed`: fresh entropy from the host's getrandom and the host's
+/// wall-clock time.
+fn reseed(client: &mut AgentClient) -> Result<(), SandboxError> {
+    let entropy = util::random_hex(RESEED_BYTES)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| io::Error::other(format!("the host clock is before 1970: {e}")))?;
+    let realtime_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+    let req = Request::Reseed { entropy, realtime_ns };
+    req.validate()?;
+    client.call_ok(&req)?;
+    Ok(())
 }
 
 /// A container over the root image `rootfs` (attached as [`ROOT_DEVICE`])

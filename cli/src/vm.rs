@@ -40,6 +40,12 @@ pub struct VmSpec {
     pub console: PathBuf,
     /// The VMM's own stdout and stderr.
     pub log: PathBuf,
+    /// Where the VMM serves its control API (`--api-sock`); `None`: no API.
+    pub api_socket: Option<PathBuf>,
+    /// Restore this snapshot directory instead of booting `kernel` and
+    /// `initrd` (its vCPUs and memory come from the snapshot; `disk`
+    /// replaces the snapshot's disk).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -48,22 +54,39 @@ impl VmSpec {
         disk.push(",ro");
         let mut vsock = std::ffi::OsString::from(format!("{GUEST_CID},"));
         vsock.push(&self.vsock_uds);
-        vec![
-            "--kernel".into(),
-            self.kernel.clone().into(),
-            "--initrd".into(),
-            self.initrd.clone().into(),
-            "--vcpus".into(),
-            self.vcpus.to_string().into(),
-            "--mem-mib".into(),
-            self.mem_mib.to_string().into(),
-            "--disk".into(),
-            disk,
-            "--vsock".into(),
-            vsock,
-            "--serial".into(),
-            self.console.clone().into(),
-        ]
+        let mut args: Vec<std::ffi::OsString> = match &self.restore {
+            Some(dir) => vec![
+                "--restore".into(),
+                dir.clone().into(),
+                "--disk".into(),
+                disk,
+                "--vsock".into(),
+                vsock,
+                "--serial".into(),
+                self.console.clone().into(),
+            ],
+            None => vec![
+                "--kernel".into(),
+                self.kernel.clone().into(),
+                "--initrd".into(),
+                self.initrd.clone().into(),
+                "--vcpus".into(),
+                self.vcpus.to_string().into(),
+                "--mem-mib".into(),
+                self.mem_mib.to_string().into(),
+                "--disk".into(),
+                disk,
+                "--vsock".into(),
+                vsock,
+                "--serial".into(),
+                self.console.clone().into(),
+            ],
+        };
+        if let Some(api) = &self.api_socket {
+            args.push("--api-sock".into());
+            args.push(api.clone().into());
+        }
+        args
     }
 }
 
@@ -246,12 +269,25 @@ mod tests {
             vsock_uds: "/run/v.sock".into(),
             console: "/run/console.log".into(),
             log: "/run/vmm.log".into(),
+            api_socket: None,
+            restore: None,
         };
         let args: Vec<String> = spec.args().into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
             args.join(" "),
             "--kernel /k --initrd /i --vcpus 2 --mem-mib 256 --disk /img,with,commas.ext4,ro \
              --vsock 3,/run/v.sock --serial /run/console.log"
+        );
+        let restored = VmSpec {
+            restore: Some("/cache/t1".into()),
+            api_socket: Some("/run/api.sock".into()),
+            ..spec
+        };
+        let args: Vec<String> = restored.args().into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(
+            args.join(" "),
+            "--restore /cache/t1 --disk /img,with,commas.ext4,ro --vsock 3,/run/v.sock \
+             --serial /run/console.log --api-sock /run/api.sock"
         );
     }
 
@@ -272,6 +308,8 @@ mod tests {
             vsock_uds: d.path().join("v.sock"),
             console: d.path().join("console.log"),
             log: d.path().join("vmm.log"),
+            api_socket: None,
+            restore: None,
         };
         // Started from a short-lived thread: the VMM must outlive it.
         let mut vm = std::thread::spawn(move || VmmProcess::spawn(&spec).unwrap())
