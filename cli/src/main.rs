@@ -102,6 +102,10 @@ struct RunArgs {
     /// Keep the guest console log at PATH.
     #[arg(long, value_name = "PATH")]
     keep_console: Option<PathBuf>,
+    /// Boot the guest kernel instead of restoring the sandbox template
+    /// (built and cached on first use).
+    #[arg(long)]
+    cold: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -149,6 +153,7 @@ fn run_options(a: RunArgs) -> RunOptions {
         interactive: a.interactive,
         quiet: a.quiet,
         keep_console: a.keep_console,
+        cold: a.cold,
     }
 }
 

@@ -3,6 +3,7 @@
 //! pipes, forward signals and window changes, and return its exit status.
 //! Every path out removes the run directory and leaves no VMM behind.
 
+use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -20,6 +21,7 @@ use crate::rootfs::{self, ImageCache};
 use crate::sandbox::{self, AgentClient, Sandbox, SandboxConfig, SandboxError};
 use crate::signals::{self, SignalFd};
 use crate::stdio::{self, StdioPlan};
+use crate::template::{self, Template, TemplateCache};
 use crate::tty::{self, RawMode};
 use crate::EXIT_SANDBOX_FAILED;
 
@@ -42,6 +44,8 @@ pub struct RunOptions {
     /// `-q`: no progress messages.
     pub quiet: bool,
     pub keep_console: Option<PathBuf>,
+    /// `--cold`: boot the kernel instead of restoring a template.
+    pub cold: bool,
 }
 
 fn say(msg: &str) {
@@ -127,39 +131,91 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         ..SandboxConfig::new(artifacts, image)
     };
 
-    if !quiet {
-        say("booting sandbox…");
-        if report.emulated() {
-            say(
-                "this host has no hardware virtualization (PVM): the guest kernel is emulated, so the boot takes \
-                 tens of seconds to minutes",
-            );
-        }
-    }
-    let mut interrupted: Option<i32> = None;
-    let mut next_report = PROGRESS_EVERY;
-    let booted = Sandbox::boot_with(&cfg, |p| {
+    // Cells: the watcher reads and sets these between the boot attempts.
+    let interrupted: Cell<Option<i32>> = Cell::new(None);
+    let next_report = Cell::new(PROGRESS_EVERY);
+    let mut watch = |p: &sandbox::BootProgress| {
         while let Some(sig) = sigs.read() {
             if sig != libc::SIGWINCH {
-                interrupted = Some(sig);
+                interrupted.set(Some(sig));
                 return Err(format!("interrupted by {} while booting", signals::name(sig)));
             }
         }
-        if !quiet && p.elapsed >= next_report {
+        if !quiet && p.elapsed >= next_report.get() {
             // The next multiple of the period, however late this call is.
             let periods = p.elapsed.as_secs() / PROGRESS_EVERY.as_secs() + 1;
-            next_report = PROGRESS_EVERY * periods as u32;
+            next_report.set(PROGRESS_EVERY * periods as u32);
             let line = p.last_console_line().unwrap_or_default();
             say(&format!("still booting ({} s): {line}", p.elapsed.as_secs()));
         }
         Ok(())
-    });
+    };
+    let announce_cold_boot = || {
+        // Each boot counts its own time.
+        next_report.set(PROGRESS_EVERY);
+        if !quiet {
+            say("booting sandbox…");
+            if report.emulated() {
+                say(
+                    "this host has no hardware virtualization (PVM): the guest kernel is emulated, so the boot takes \
+                     tens of seconds to minutes",
+                );
+            }
+        }
+    };
+
+    let template = if opts.cold {
+        None
+    } else {
+        let found = find_template(&cfg, quiet, &mut || announce_cold_boot(), &mut watch);
+        next_report.set(PROGRESS_EVERY);
+        match found {
+            Ok(t) => Some(t),
+            Err(e) if interrupted.get().is_some() => {
+                return Err(Failure {
+                    message: e.to_string(),
+                    code: interrupted.get().map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
+                })
+            }
+            Err(e) => {
+                // Never silently: the user should know why this run is slow.
+                say(&format!("cannot use a sandbox template ({e}); booting cold"));
+                None
+            }
+        }
+    };
+    let booted = match template {
+        Some(t) => {
+            let restored = Sandbox::boot_with(
+                &SandboxConfig {
+                    template: Some(t),
+                    ..cfg.clone()
+                },
+                &mut watch,
+            );
+            match restored {
+                Ok(s) => Ok(s),
+                Err(e) if interrupted.get().is_none() => {
+                    say(&format!("cannot restore the sandbox template ({e}); booting cold"));
+                    announce_cold_boot();
+                    Sandbox::boot_with(&cfg, &mut watch)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            if opts.cold {
+                announce_cold_boot();
+            }
+            Sandbox::boot_with(&cfg, &mut watch)
+        }
+    };
     let sandbox = match booted {
         Ok(s) => s,
         Err(e) => {
             return Err(Failure {
                 message: e.to_string(),
-                code: interrupted.map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
+                code: interrupted.get().map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
             })
         }
     };
@@ -173,6 +229,39 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         tracing::warn!("shutting the sandbox down: {e}");
     }
     result
+}
+
+/// The checked template for this run's configuration, built (with a
+/// message) on first use.
+fn find_template(
+    cfg: &SandboxConfig,
+    quiet: bool,
+    announce_build: &mut dyn FnMut(),
+    watch: &mut dyn FnMut(&sandbox::BootProgress) -> Result<(), String>,
+) -> Result<Template, template::TemplateError> {
+    // The guest sees the template placeholder's capacity, not the image's.
+    let size = std::fs::metadata(&cfg.rootfs.path).map(|m| m.len()).unwrap_or(0);
+    if size > template::PLACEHOLDER_BYTES {
+        return Err(template::TemplateError::TooLarge {
+            path: cfg.rootfs.path.clone(),
+            size,
+        });
+    }
+    let cache = TemplateCache::default_location()?;
+    let opts = template::BuildOptions {
+        runtime_root: cfg.runtime_root.clone(),
+        ..Default::default()
+    };
+    let mut on_build = |why: Option<&str>| {
+        if !quiet {
+            match why {
+                None => say("building a sandbox template (first use; boots cold once)…"),
+                Some(why) => say(&format!("rebuilding the sandbox template ({why}); boots cold once…")),
+            }
+        }
+        announce_build();
+    };
+    cache.ensure(&cfg.artifacts, cfg.vcpus, cfg.mem_mib, &opts, &mut on_build, watch)
 }
 
 /// Creates and starts the container, attaches stdio, forwards signals
