@@ -136,6 +136,38 @@ pub fn cleanup_build_mount(bundle: &Path) {
     }
 }
 
+/// The image layers alone: a fresh container's upper dir is empty, and
+/// its (new, per-container) directory times would change the content hash
+/// and defeat the cache.
+fn lower_layers_only(m: &RootMount) -> RootMount {
+    if m.kind != "overlay" {
+        return m.clone();
+    }
+    let lower: Vec<&str> = m
+        .options
+        .iter()
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|l| l.split(':'))
+        .collect();
+    match lower.as_slice() {
+        [one] => RootMount {
+            kind: "bind".into(),
+            source: one.to_string(),
+            options: vec!["rbind".into(), "ro".into()],
+        },
+        _ => RootMount {
+            kind: m.kind.clone(),
+            source: m.source.clone(),
+            options: m
+                .options
+                .iter()
+                .filter(|o| !o.starts_with("upperdir=") && !o.starts_with("workdir="))
+                .cloned()
+                .collect(),
+        },
+    }
+}
+
 /// The ext4 image of the container's root filesystem, built (or found in
 /// `cache`) from the create request's `mounts`; with no mounts, from the
 /// bundle's `rootfs` directory.
@@ -149,6 +181,7 @@ pub fn image_for(bundle: &Path, mounts: &[RootMount], cache: &ImageCache) -> Res
                 path: target.clone(),
                 source,
             })?;
+            let m = &lower_layers_only(m);
             let built = mount_one(m, &target).and_then(|()| {
                 let r = cache.image_for_dir(&target, log_build).map_err(MountError::from);
                 unmount(&target);
