@@ -162,22 +162,34 @@ pub fn wait_for_agent<E: std::error::Error + 'static>(
     attempt_timeout: Duration,
     check: impl FnMut(Duration) -> Result<(), E>,
 ) -> Result<Client<UnixStream>, WaitError<E>> {
-    wait_for_agent_every(uds, attempt_timeout, RETRY_EVERY, check)
+    wait_for_agent_every(uds, attempt_timeout, RETRY_EVERY, ANSWER_TIMEOUT, check)
 }
 
 /// [`wait_for_agent`], trying again every `retry_every` (a guest restored
 /// from a snapshot is ready within milliseconds; a cold boot takes long
-/// enough for the default).
+/// enough for the default), and again when the agent's hello does not
+/// come within `hello_timeout`: a stream opened just after a restore can
+/// be dropped by the guest's vsock transport reset without the host side
+/// hearing of it.
 pub fn wait_for_agent_every<E: std::error::Error + 'static>(
     uds: &Path,
     attempt_timeout: Duration,
     retry_every: Duration,
+    hello_timeout: Duration,
     mut check: impl FnMut(Duration) -> Result<(), E>,
 ) -> Result<Client<UnixStream>, WaitError<E>> {
     let start = Instant::now();
     loop {
-        let attempt =
-            vsock_connect(uds, AGENT_PORT, attempt_timeout).and_then(|s| handshake(uds, s, ANSWER_TIMEOUT, false));
+        let attempt = vsock_connect(uds, AGENT_PORT, attempt_timeout)
+            .and_then(|s| handshake(uds, s, hello_timeout, false))
+            .map_err(|e| match e {
+                ConnError::Client(ClientError::Frame(bulkhead_protocol::frame::FrameError::Io(io)))
+                    if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                {
+                    ConnError::NotReady(format!("no hello from the agent within {hello_timeout:?}"))
+                }
+                e => e,
+            });
         match attempt {
             Ok(c) => return Ok(c),
             Err(e) if e.retryable() => tracing::trace!("agent not ready: {e}"),

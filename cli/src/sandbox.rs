@@ -43,8 +43,12 @@ const CONSOLE_LINES: usize = 20;
 const BOOT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A restored guest's agent answers within milliseconds: poll that often.
 const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
+/// A restored agent says hello well within this even under emulation; a
+/// stream that hears nothing was lost to the restore's transport reset.
+const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Host entropy a restored guest mixes into its pool.
 const RESEED_BYTES: usize = 64;
+const RESEED_ATTEMPTS: u32 = 5;
 
 pub type AgentClient = Client<UnixStream>;
 
@@ -244,29 +248,30 @@ impl Sandbox {
             api_socket: cfg.api_socket.then(|| dir.path().join("api.sock")),
             restore: cfg.template.as_ref().map(|t| t.dir().to_path_buf()),
         };
-        let retry_every = match cfg.template {
-            Some(_) => RESTORE_RETRY_EVERY,
-            None => agent_conn::RETRY_EVERY,
+        let (retry_every, hello_timeout) = match cfg.template {
+            Some(_) => (RESTORE_RETRY_EVERY, RESTORE_HELLO_TIMEOUT),
+            None => (agent_conn::RETRY_EVERY, agent_conn::ANSWER_TIMEOUT),
         };
         let api_socket = spec.api_socket.clone();
         let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
-        let waited = agent_conn::wait_for_agent_every(&vsock, BOOT_ATTEMPT_TIMEOUT, retry_every, |elapsed| {
-            if let Some(status) = lock(&vmm).try_status()? {
-                return Err(stopped(status, &console, &vmm_log));
-            }
-            if let Some(limit) = cfg.boot_timeout.filter(|l| elapsed >= *l) {
-                return Err(SandboxError::BootTimeout {
-                    after: limit,
-                    console: util::tail_lines(&console, CONSOLE_LINES),
-                });
-            }
-            watch(&BootProgress {
-                elapsed,
-                console: &console,
-            })
-            .map_err(SandboxError::Aborted)
-        });
-        let mut client = match waited {
+        let waited =
+            agent_conn::wait_for_agent_every(&vsock, BOOT_ATTEMPT_TIMEOUT, retry_every, hello_timeout, |elapsed| {
+                if let Some(status) = lock(&vmm).try_status()? {
+                    return Err(stopped(status, &console, &vmm_log));
+                }
+                if let Some(limit) = cfg.boot_timeout.filter(|l| elapsed >= *l) {
+                    return Err(SandboxError::BootTimeout {
+                        after: limit,
+                        console: util::tail_lines(&console, CONSOLE_LINES),
+                    });
+                }
+                watch(&BootProgress {
+                    elapsed,
+                    console: &console,
+                })
+                .map_err(SandboxError::Aborted)
+            });
+        let client = match waited {
             Ok(c) => c,
             Err(WaitError::Check(e)) => return Err(e),
             Err(WaitError::Conn(e)) => {
@@ -280,16 +285,22 @@ impl Sandbox {
             }
         };
         tracing::debug!("agent reached through {}", vsock.display());
-        if cfg.template.is_some() {
+        let first_client = if cfg.template.is_some() {
             // Every restored guest starts from the same memory: it must be
             // made unique (random pool, clock) before it runs anything.
-            reseed(&mut client).map_err(|e| match lock(&vmm).try_status() {
+            // On bounded streams of its own: a stream opened this early
+            // can still be dropped by the restore's transport reset.
+            drop(client);
+            reseed_restored(&vsock).map_err(|e| match lock(&vmm).try_status() {
                 Ok(Some(status)) => stopped(status, &console, &vmm_log),
                 _ => e,
             })?;
-        }
+            None
+        } else {
+            Some(client)
+        };
         Ok(Sandbox {
-            first_client: Mutex::new(Some(client)),
+            first_client: Mutex::new(first_client),
             vmm,
             _console_keeper: keeper,
             dir,
@@ -527,6 +538,46 @@ impl Sandbox {
                 Ok(vmm.kill()?)
             }
         }
+    }
+}
+
+/// [`reseed`] on a bounded stream, again on a new one when the stream is
+/// lost without an answer.
+fn reseed_restored(vsock: &Path) -> Result<(), SandboxError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let done = agent_conn::connect_agent_bounded(vsock, RESTORE_HELLO_TIMEOUT)
+            .map_err(SandboxError::from)
+            .and_then(|mut c| reseed(&mut c));
+        match done {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < RESEED_ATTEMPTS && stream_lost(&e) => {
+                tracing::debug!("reseed attempt {attempt}: {e}; again on a new stream");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A stream that went away or went silent (as opposed to an answer).
+fn stream_lost(e: &SandboxError) -> bool {
+    use bulkhead_protocol::frame::FrameError;
+    let frame = match e {
+        SandboxError::Conn(c) if c.retryable() => return true,
+        SandboxError::Conn(ConnError::Client(ClientError::Frame(f))) | SandboxError::Agent(ClientError::Frame(f)) => f,
+        _ => return false,
+    };
+    match frame {
+        FrameError::Closed => true,
+        FrameError::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
     }
 }
 
