@@ -47,6 +47,25 @@ pub struct Config {
     /// Annotations a pod may use to override the defaults above.
     #[serde(default)]
     pub allowed_annotations: Vec<String>,
+    /// How a pod's VM starts: restored from a sandbox template (the
+    /// default) or booted cold.
+    #[serde(default)]
+    pub boot: BootMode,
+    /// Sandbox templates, one per (kernel, initramfs, VMM, vCPUs, memory).
+    #[serde(default = "default_template_dir")]
+    pub template_dir: PathBuf,
+}
+
+/// `boot = "template" | "cold"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// Restore the configuration's template, building it on first use;
+    /// boot cold (with a warning) when it cannot be used.
+    #[default]
+    Template,
+    /// Always boot the guest kernel.
+    Cold,
 }
 
 fn default_vcpus() -> u8 {
@@ -57,6 +76,9 @@ fn default_memory_mib() -> u32 {
 }
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("/var/lib/bulkhead/rootfs")
+}
+fn default_template_dir() -> PathBuf {
+    PathBuf::from("/var/lib/bulkhead/templates")
 }
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/bulkhead")
@@ -178,6 +200,21 @@ mod tests {
         let bad: HashMap<String, String> = [(ANNOTATION_VCPUS.to_string(), "0".to_string())].into();
         assert!(c.sizing(&bad).is_err());
         assert!(Config::parse(&format!("{MIN}bogus = 1\n"), Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn boot_mode_defaults_to_template() {
+        let c = Config::parse(MIN, Path::new("c")).unwrap();
+        assert_eq!(c.boot, BootMode::Template);
+        assert_eq!(c.template_dir, PathBuf::from("/var/lib/bulkhead/templates"));
+        let c = Config::parse(
+            &format!("{MIN}boot = \"cold\"\ntemplate_dir = \"/t\"\n"),
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!((c.boot, c.template_dir), (BootMode::Cold, PathBuf::from("/t")));
+        let e = Config::parse(&format!("{MIN}boot = \"warm\"\n"), Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("boot"), "{e}");
     }
 
     #[test]

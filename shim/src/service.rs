@@ -15,6 +15,7 @@ use bulkhead::paths::Artifacts;
 use bulkhead::rootfs::{ImageCache, RootfsImage};
 use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
 use bulkhead::stdio::{StdioPlan, StdioStreams};
+use bulkhead::template::{self, Template, TemplateCache, TemplateError};
 use bulkhead_protocol::messages::{Process, Request, Response};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::api;
@@ -32,7 +33,7 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, context::Context, Code, TtrpcContext};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
-use crate::config::Config;
+use crate::config::{BootMode, Config};
 use crate::rootfs::{self, RootMount};
 use crate::{spec, vmapi};
 
@@ -235,8 +236,7 @@ impl Inner {
                 image.clone(),
             )
         };
-        tracing::info!("booting the sandbox VM ({vcpus} vCPUs, {mem_mib} MiB)");
-        let sb = Arc::new(Sandbox::boot(&sc).map_err(|e| rpc_err(Code::INTERNAL, format!("sandbox boot: {e}")))?);
+        let sb = Arc::new(start_sandbox(cfg, sc)?);
         if let Err(e) = std::fs::write(bundle.join(RUN_DIR_FILE), sb.run_dir().as_os_str().as_encoded_bytes()) {
             tracing::warn!("cannot record the run directory in the bundle: {e}");
         }
@@ -349,6 +349,63 @@ impl Inner {
             }
         }
     }
+}
+
+/// Starts the pod's VM as the configuration says: restored from the
+/// template for its (kernel, initramfs, VMM, vCPUs, memory), built on first
+/// use, exactly as `bulkhead run` does; booted cold when `boot = "cold"`
+/// or when the template cannot be built or restored (said in the log).
+fn start_sandbox(cfg: &Config, sc: SandboxConfig) -> TResult<Sandbox> {
+    let (vcpus, mem_mib) = (sc.vcpus, sc.mem_mib);
+    if cfg.boot == BootMode::Template {
+        match find_template(cfg, &sc) {
+            Ok(t) => {
+                tracing::info!(
+                    "restoring the sandbox VM ({vcpus} vCPUs, {mem_mib} MiB) from the template {}",
+                    t.dir().display()
+                );
+                let restored = Sandbox::boot(&SandboxConfig {
+                    template: Some(t),
+                    ..sc.clone()
+                });
+                match restored {
+                    Ok(sb) => return Ok(sb),
+                    Err(e) => tracing::warn!("cannot restore the sandbox template ({e}); booting cold"),
+                }
+            }
+            Err(e) => tracing::warn!("cannot use a sandbox template ({e}); booting cold"),
+        }
+    }
+    tracing::info!("booting the sandbox VM cold ({vcpus} vCPUs, {mem_mib} MiB)");
+    Sandbox::boot(&sc).map_err(|e| rpc_err(Code::INTERNAL, format!("sandbox boot: {e}")))
+}
+
+/// The checked template for `sc`'s configuration under the configured
+/// template directory, built (a cold boot, once) when missing or stale.
+fn find_template(cfg: &Config, sc: &SandboxConfig) -> Result<Template, TemplateError> {
+    // The guest sees the template placeholder's capacity, not the image's.
+    let size = std::fs::metadata(&sc.rootfs.path).map(|m| m.len()).unwrap_or(0);
+    if size > template::PLACEHOLDER_BYTES {
+        return Err(TemplateError::TooLarge {
+            path: sc.rootfs.path.clone(),
+            size,
+        });
+    }
+    let cache = TemplateCache::new(&cfg.template_dir);
+    let opts = template::BuildOptions {
+        runtime_root: sc.runtime_root.clone(),
+        ..Default::default()
+    };
+    let mut on_build = |why: Option<&str>| match why {
+        None => tracing::info!(
+            "building the sandbox template in {} (first use; boots cold once)",
+            cache.dir().display()
+        ),
+        Some(why) => tracing::info!("rebuilding the sandbox template ({why}); boots cold once"),
+    };
+    cache.ensure(&sc.artifacts, sc.vcpus, sc.mem_mib, &opts, &mut on_build, &mut |_| {
+        Ok(())
+    })
 }
 
 /// Opens a FIFO on a thread (a FIFO open blocks until the other end is
