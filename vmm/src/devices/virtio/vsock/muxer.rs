@@ -31,6 +31,19 @@ const MAX_QUEUED_RST: usize = 2 * MAX_CONNECTIONS;
 /// Host-side ports for host-initiated connections come from here up.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
+/// Where this VMM starts handing out host ports: a random point in the
+/// upper range. A guest restored from a snapshot may still hold sockets
+/// for host ports an earlier VMM of the same snapshot used; starting at a
+/// fixed port would hand those out again, and the guest would reset them.
+fn first_host_port() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let r = if n == 4 { u32::from_ne_bytes(b) } else { 0 };
+    // The top half of the range is left for the counter to run into.
+    FIRST_HOST_PORT + r % (1 << 30)
+}
+
 enum Owner {
     /// Accepted, waiting for `CONNECT <port>\n`.
     Pending,
@@ -106,7 +119,7 @@ impl Muxer {
             graveyard: Vec::new(),
             dirty: Vec::new(),
             host_ports: HashSet::new(),
-            next_port: FIRST_HOST_PORT,
+            next_port: first_host_port(),
         })
     }
 
