@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 pub const IMAGE: &str = "bulkhead.test/busybox:latest";
 pub const RUNTIME: &str = "io.containerd.bulkhead.v2";
 const APPLETS: &[&str] = &[
-    "sh", "echo", "true", "false", "sleep", "cat", "ls", "ps", "id", "test", "hostname",
+    "sh", "echo", "true", "false", "sleep", "cat", "ls", "ps", "id", "test", "hostname", "tty",
 ];
 
 pub struct Containerd {
@@ -123,15 +123,23 @@ impl Containerd {
         let d = dir.path();
         std::fs::create_dir_all(d.join("bin")).unwrap();
         std::fs::copy(shim_bin(), d.join("bin/containerd-shim-bulkhead-v2")).unwrap();
+        // A private copy: the template key hashes the VMM, and a rebuild of
+        // the workspace's binary during the tier would (rightly) make the
+        // shim build a second template.
+        let vmm_copy = d.join("bin/bulkhead-vmm");
+        std::fs::copy(vmm, &vmm_copy).unwrap();
+        let vmm = vmm_copy.as_path();
         std::fs::write(
             d.join("bulkhead.toml"),
             format!(
-                "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\ncache_dir = {:?}\nrun_dir = {:?}\nmemory_mib = 256\n",
+                "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\ncache_dir = {:?}\nrun_dir = {:?}\nmemory_mib = 256\n\
+                 boot = \"template\"\ntemplate_dir = {:?}\n",
                 kernel,
                 initramfs,
                 vmm,
                 d.join("cache"),
-                d.join("run")
+                d.join("run"),
+                d.join("templates")
             ),
         )
         .unwrap();
@@ -255,18 +263,85 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
     out
 }
 
+/// The parent pid of `pid`, from `/proc/PID/stat` (the field after the
+/// command name, which may itself hold spaces and parentheses).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Running children of `pid` whose command line contains `needle`.
+pub fn children_matching(pid: u32, needle: &str) -> Vec<u32> {
+    pids_matching(needle)
+        .into_iter()
+        .filter(|p| parent_of(*p) == Some(pid))
+        .collect()
+}
+
+/// SIGKILLs `pid` (a process this test started, directly or through containerd).
+pub fn kill9(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is one
+    // of this test's processes, found by its command line.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
+
+impl Containerd {
+    /// The task bundle containerd made for container `id` (where the shim
+    /// writes `shim.pid`, `address` and the sandbox's run directory).
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+    }
+
+    /// The shim serving container `id`, from its bundle's `shim.pid`.
+    pub fn shim_pid(&self, id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.bundle(id).join("shim.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// A child process (such as `ctr events`) killed when the test ends, also
+/// when it fails half-way.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
-        // Snapshot mounts containerd made under its root.
-        let root = self.dir.path().join("root");
-        let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for l in m.lines() {
-            if let Some(p) = l.split_whitespace().nth(4) {
-                if p.starts_with(root.to_string_lossy().as_ref()) {
-                    let _ = Command::new("umount").arg("-l").arg(p).status();
-                }
+        // A test that failed half-way may leave shims (their VMMs die
+        // with them), VMMs and ctr clients: every process naming our
+        // directory goes.
+        let me = std::process::id();
+        let ours = format!("{}/", self.dir.path().display());
+        for pid in pids_matching(&ours) {
+            if pid != me {
+                kill9(pid);
             }
+        }
+        // Snapshot mounts containerd made under its root, and a shim's
+        // build mount in a bundle: anything mounted under our directory.
+        let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = m
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|p| p.starts_with(ours.as_str()))
+            .collect();
+        // Innermost first.
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
         }
     }
 }

@@ -1,12 +1,20 @@
 //! containerd tier: a private containerd (Debian's 1.6) drives the shim
-//! with `ctr`. Boots are slow on PVM hosts, so the scenarios share two
-//! sandboxes: one `ctr run --rm`, and one long-running pod that gets execs,
-//! ps, metrics, pause/resume, a second container (grouped into the same VM
-//! by the CRI annotations), a containerd restart and a kill.
+//! with `ctr`. The shim starts pods from a sandbox template: the first pod
+//! builds it (one cold boot), every later one restores it. Boots and
+//! restores are slow on PVM hosts, so the scenarios share few sandboxes:
+//! one `ctr run --rm`; one long-running pod that gets execs, ps, metrics,
+//! pause/resume, more containers grouped into its VM by the CRI annotations
+//! (one of them a TTY), a containerd restart and a kill; one pod whose VMM
+//! is killed; one pod whose shim is killed.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use bulkhead_tests::containerd::{pids_matching, require_containerd, Containerd};
+use bulkhead_tests::containerd::{
+    children_matching, kill9, pids_matching, require_containerd, Containerd, KillOnDrop, IMAGE, RUNTIME,
+};
 use bulkhead_tests::{kernel, require_kvm, target_dir, text, vmm_bin};
 
 fn initramfs(dir: &std::path::Path) -> PathBuf {
@@ -28,6 +36,81 @@ fn ok(o: &std::process::Output, what: &str) -> String {
     text(&o.stdout)
 }
 
+/// A watchdog for steps that wait on the guest: generous, so that it only
+/// turns a hang into a failure (nothing here asserts on time).
+const PATIENCE: Duration = Duration::from_secs(300);
+
+/// The task's STATUS column in `ctr task ls`, or `None` when it is not listed.
+fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
+    let ls = ok(&ctd.ctr(&["task", "ls"]), "task ls");
+    ls.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.first() == Some(&id)).then(|| cols.last().unwrap_or(&"").to_string())
+    })
+}
+
+/// Polls until `done` holds, failing with `what` past [`PATIENCE`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The VMM serving container `id`: the one `bulkhead-vmm` child of its shim.
+fn vmm_of(ctd: &Containerd, id: &str) -> (u32, u32) {
+    let shim = ctd
+        .shim_pid(id)
+        .unwrap_or_else(|| panic!("no shim.pid in {}", ctd.bundle(id).display()));
+    let vmms = children_matching(shim, "bulkhead-vmm");
+    assert_eq!(vmms.len(), 1, "shim {shim} of {id} has VMM children {vmms:?}");
+    (shim, vmms[0])
+}
+
+/// Runs `shell_cmd` under `script(1)`, so that it has a terminal, with a
+/// stdin held open until it ends; returns its exit code and output.
+fn under_terminal(shell_cmd: &str) -> (Option<i32>, String) {
+    let mut child = KillOnDrop(
+        Command::new("script")
+            .args(["-qec", shell_cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script(1) from util-linux"),
+    );
+    let mut out = child.0.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait for script") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "`{shell_cmd}` under a terminal did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = reader.join().expect("reader");
+    (status.code(), text(&out))
+}
+
+/// `/dev/pts/N` somewhere in `s`.
+fn names_a_pts(s: &str) -> bool {
+    s.match_indices("/dev/pts/")
+        .any(|(i, m)| s[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+fn read_trimmed(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_string()
+}
+
 #[test]
 fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     require_kvm();
@@ -37,11 +120,12 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let mut ctd = Containerd::start(&kernel(), &initramfs, &vmm_bin());
     let cfg = ctd.config_path().to_string_lossy().into_owned();
     let events_out = ctd.dir.path().join("events.log");
-    let mut events = ctd
-        .ctr_cmd(&["events"])
-        .stdout(std::fs::File::create(&events_out).unwrap())
-        .spawn()
-        .unwrap();
+    let events = KillOnDrop(
+        ctd.ctr_cmd(&["events"])
+            .stdout(std::fs::File::create(&events_out).unwrap())
+            .spawn()
+            .unwrap(),
+    );
 
     // 1: output, stderr and the exit code through `ctr run --rm`.
     let o = ctd.ctr(&ctd.run_args(
@@ -103,8 +187,31 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         vmms_before
     );
 
-    // containerd restarts; the shim keeps serving.
+    // A TTY container in the same pod: `ctr run -t` needs a terminal.
+    let sock = ctd.dir.path().join("c.sock");
+    let (code, out) = under_terminal(&format!(
+        "ctr --address {} run -t --rm --runtime {RUNTIME} --runtime-config-path {cfg} \
+         --annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=b1 \
+         {IMAGE} b3 sh -c 'tty; exit 7'",
+        sock.display()
+    ));
+    assert_eq!(code, Some(7), "{out}");
+    assert!(names_a_pts(&out), "tty printed no /dev/pts/N: {out:?}");
+    assert_eq!(
+        pids_matching(&ctd.dir.path().join("run").to_string_lossy()).len(),
+        vmms_before
+    );
+
+    // containerd restarts; the shim keeps serving. The event subscription
+    // ends with it: a second one covers what follows.
     ctd.restart();
+    let events_after = ctd.dir.path().join("events-after-restart.log");
+    let events2 = KillOnDrop(
+        ctd.ctr_cmd(&["events"])
+            .stdout(std::fs::File::create(&events_after).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let ls = ok(&ctd.ctr(&["task", "ls"]), "ls after restart");
     assert!(ls.contains("b1") && ls.contains("RUNNING"), "{ls}");
 
@@ -123,11 +230,50 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     ok(&ctd.ctr(&["task", "delete", "b1"]), "task delete");
     ok(&ctd.ctr(&["container", "rm", "b1"]), "container rm");
 
+    // 3: the VMM dies under a running task: TaskExit with a non-zero
+    // status, STOPPED, and delete leaves nothing.
+    ok(
+        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "v1", &["sleep", "1000"])),
+        "run -d v1",
+    );
+    let (_, vmm) = vmm_of(&ctd, "v1");
+    kill9(vmm);
+    wait_until("v1 STOPPED after its VMM died", || {
+        task_status(&ctd, "v1").as_deref() == Some("STOPPED")
+    });
+    ok(&ctd.ctr(&["task", "delete", "v1"]), "task delete v1");
+    ok(&ctd.ctr(&["container", "rm", "v1"]), "container rm v1");
+
+    // 4: the shim is killed: containerd runs the binary's `delete`, after
+    // which no shim, VMM, socket, mount or run directory of it remains.
+    ok(
+        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "k1", &["sleep", "1000"])),
+        "run -d k1",
+    );
+    let (shim, vmm) = vmm_of(&ctd, "k1");
+    let bundle = ctd.bundle("k1");
+    let address = read_trimmed(&bundle.join("address"));
+    let socket = PathBuf::from(address.strip_prefix("unix://").unwrap_or(&address));
+    let run_dir = PathBuf::from(read_trimmed(&bundle.join("bulkhead-run-dir")));
+    assert!(socket.exists() && run_dir.is_dir(), "{socket:?} {run_dir:?}");
+    kill9(shim);
+    // containerd may clean up the dead shim's task itself first.
+    let _ = ctd.ctr(&["task", "delete", "k1"]);
+    wait_until("k1's task gone", || task_status(&ctd, "k1").is_none());
+    ok(&ctd.ctr(&["container", "rm", "k1"]), "container rm k1");
+    wait_until("k1's VMM gone", || {
+        !Path::new(&format!("/proc/{vmm}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{vmm}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    assert!(!socket.exists(), "the shim socket {} remains", socket.display());
+    assert!(!run_dir.exists(), "the run directory {} remains", run_dir.display());
+    assert!(!bundle.exists(), "the bundle {} remains", bundle.display());
+    assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
+
     // Events, in order, for a1 and the exec.
     std::thread::sleep(std::time::Duration::from_secs(1));
-    // SAFETY: kill(2) on the ctr we started.
-    unsafe { libc::kill(events.id() as libc::pid_t, libc::SIGTERM) };
-    let _ = events.wait();
+    drop(events);
+    drop(events2);
     let ev = std::fs::read_to_string(&events_out).unwrap();
     let order = |id: &str, topics: &[&str]| {
         let seen: Vec<&str> = ev
@@ -143,6 +289,26 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     order("a1", &["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]);
     order("e1", &["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]);
     assert!(ev.contains("/tasks/paused") && ev.contains("/tasks/resumed"), "{ev}");
+    // The dead VMM's task ended with the shim's "VM gone" status.
+    let ev2 = std::fs::read_to_string(&events_after).unwrap();
+    let v1_exit: Vec<&str> = ev2
+        .lines()
+        .filter(|l| l.contains("/tasks/exit") && l.contains("\"container_id\":\"v1\""))
+        .collect();
+    assert_eq!(v1_exit.len(), 1, "{ev2}");
+    assert!(v1_exit[0].contains("\"exit_status\":255"), "{}", v1_exit[0]);
+
+    // Every pod came from the template: one was built, nothing booted cold.
+    let log = std::fs::read_to_string(ctd.dir.path().join("containerd.log")).unwrap_or_default();
+    let restores = log.matches("restoring the sandbox VM").count();
+    assert_eq!(restores, 4, "a1, b1, v1, k1 restore the template; the log:\n{log}");
+    assert!(!log.contains("booting the sandbox VM cold"), "{log}");
+    let templates: Vec<_> = std::fs::read_dir(ctd.dir.path().join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(templates.len(), 1, "{templates:?}");
 
     // Nothing of ours remains: shims, VMMs, mounts, run directories.
     std::thread::sleep(std::time::Duration::from_secs(2));
