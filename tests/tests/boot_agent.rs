@@ -13,6 +13,7 @@ use bulkhead::paths::Artifacts;
 use bulkhead::rootfs::{self, ImageCache};
 use bulkhead::sandbox::{Sandbox, SandboxConfig};
 use bulkhead_protocol::messages::{Process, Request, Resources, Response};
+use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{kernel, require_kvm, target_dir, vmm_bin};
 
 /// The static agent built for the guest (scripts/test builds it).
@@ -141,23 +142,6 @@ fn run_forwards_stdin_and_sigint() {
     assert_eq!(rest, ["INT"], "stderr: {err}");
     assert_eq!(status.code(), Some(9), "stderr: {err}");
     assert_nothing_left(&rt);
-}
-
-fn sh(script: &str) -> Process {
-    Process {
-        args: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    }
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// One VM, many checks: exit codes, kill -9, stdin, exec into a running

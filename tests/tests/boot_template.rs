@@ -16,7 +16,8 @@ use bulkhead::paths::Artifacts;
 use bulkhead::rootfs::{ImageCache, RootfsImage};
 use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
 use bulkhead::template::{self, BuildOptions, Template, TemplateCache};
-use bulkhead_protocol::messages::{Process, Request};
+use bulkhead_protocol::messages::Request;
+use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{kernel, require_kvm, target_dir, vmm_bin};
 
 /// Generous bounds for boots under PVM emulation; never timing claims.
@@ -129,23 +130,6 @@ fn config(name: &str, template: Option<Template>) -> SandboxConfig {
 fn restore(name: &str) -> Sandbox {
     let cfg = config(name, Some(fixture().template.clone()));
     Sandbox::boot(&cfg).unwrap_or_else(|e| panic!("restore {name}: {e}"))
-}
-
-fn sh(script: &str) -> Process {
-    Process {
-        args: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    }
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Runs `script` in the container `id` and returns its stdout (status 0).
