@@ -33,6 +33,27 @@ pub fn vmm_bin() -> PathBuf {
     path
 }
 
+/// The static agent built for the guest: `$BULKHEAD_GUEST_AGENT`, or what
+/// scripts/build-guest (run by scripts/test) leaves in the target directory.
+pub fn guest_agent() -> PathBuf {
+    let p = std::env::var_os("BULKHEAD_GUEST_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent"));
+    assert!(
+        p.is_file(),
+        "{} is missing: build the static agent (scripts/build-guest, run by scripts/test)",
+        p.display()
+    );
+    p
+}
+
+/// The agent's initramfs, written into `dir`.
+pub fn guest_initramfs(dir: &Path) -> PathBuf {
+    let out = dir.join("initramfs.cpio");
+    bulkhead::initramfs::build_agent_initramfs(&guest_agent(), &out).expect("cannot build the agent's initramfs");
+    out
+}
+
 /// Fails the calling test, with the reason, where KVM cannot run guests.
 pub fn require_kvm() -> HostKind {
     let kind = HostKind::detect();

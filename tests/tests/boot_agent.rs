@@ -14,20 +14,7 @@ use bulkhead::rootfs::{self, ImageCache};
 use bulkhead::sandbox::{Sandbox, SandboxConfig};
 use bulkhead_protocol::messages::{Process, Request, Resources, Response};
 use bulkhead_tests::agent::{sh, sha256};
-use bulkhead_tests::{kernel, require_kvm, target_dir, vmm_bin};
-
-/// The static agent built for the guest (scripts/test builds it).
-fn guest_agent() -> PathBuf {
-    let p = std::env::var_os("BULKHEAD_GUEST_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent"));
-    assert!(
-        p.is_file(),
-        "{} is missing: build the static agent (scripts/build-guest, run by scripts/test)",
-        p.display()
-    );
-    p
-}
+use bulkhead_tests::{guest_agent, kernel, require_kvm, target_dir, vmm_bin};
 
 struct Fixture {
     _dir: tempfile::TempDir,

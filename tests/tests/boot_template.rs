@@ -18,22 +18,10 @@ use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
 use bulkhead::template::{self, BuildOptions, Template, TemplateCache};
 use bulkhead_protocol::messages::Request;
 use bulkhead_tests::agent::{sh, sha256};
-use bulkhead_tests::{kernel, require_kvm, target_dir, vmm_bin};
+use bulkhead_tests::{guest_agent, kernel, require_kvm, target_dir, vmm_bin};
 
 /// Generous bounds for boots under PVM emulation; never timing claims.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn guest_agent() -> PathBuf {
-    let p = std::env::var_os("BULKHEAD_GUEST_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent"));
-    assert!(
-        p.is_file(),
-        "{} is missing: build the static agent (scripts/build-guest, run by scripts/test)",
-        p.display()
-    );
-    p
-}
 
 struct Fixture {
     dir: tempfile::TempDir,

@@ -15,20 +15,10 @@ use std::time::{Duration, Instant};
 use bulkhead_tests::containerd::{
     children_matching, kill9, pids_matching, require_containerd, Containerd, KillOnDrop, IMAGE, RUNTIME,
 };
-use bulkhead_tests::{kernel, require_kvm, target_dir, text, vmm_bin};
+use bulkhead_tests::{kernel, require_kvm, text, vmm_bin};
 
 fn initramfs(dir: &std::path::Path) -> PathBuf {
-    let agent = std::env::var_os("BULKHEAD_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent"));
-    assert!(
-        agent.is_file(),
-        "{} is missing: run scripts/build-guest",
-        agent.display()
-    );
-    let out = dir.join("initramfs.cpio");
-    bulkhead::initramfs::build_agent_initramfs(&agent, &out).unwrap();
-    out
+    bulkhead_tests::guest_initramfs(dir)
 }
 
 fn ok(o: &std::process::Output, what: &str) -> String {
@@ -265,9 +255,12 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         !Path::new(&format!("/proc/{vmm}/cmdline")).exists()
             || std::fs::read(format!("/proc/{vmm}/cmdline")).is_ok_and(|c| c.is_empty())
     });
-    assert!(!socket.exists(), "the shim socket {} remains", socket.display());
-    assert!(!run_dir.exists(), "the run directory {} remains", run_dir.display());
-    assert!(!bundle.exists(), "the bundle {} remains", bundle.display());
+    // containerd cleans up after a dead shim in the background (it runs the
+    // shim binary's `delete`), racing the ctr commands above: wait for the
+    // clean-up to finish rather than catch it half-way.
+    wait_until("the dead shim's socket removed", || !socket.exists());
+    wait_until("the dead shim's run directory removed", || !run_dir.exists());
+    wait_until("the dead shim's bundle removed", || !bundle.exists());
     assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
 
     // Events, in order, for a1 and the exec.

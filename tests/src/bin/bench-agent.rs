@@ -90,9 +90,7 @@ fn vm(boots: usize, n: usize) {
     use bulkhead::sandbox::{Sandbox, SandboxConfig};
 
     let dir = tempfile::tempdir().unwrap();
-    let initramfs = dir.path().join("initramfs.cpio");
-    let agent_bin = bulkhead_tests::target_dir().join("x86_64-unknown-linux-gnu/release/bulkhead-agent");
-    bulkhead::initramfs::build_agent_initramfs(&agent_bin, &initramfs).unwrap();
+    let initramfs = bulkhead_tests::guest_initramfs(dir.path());
     let cache = ImageCache::new(dir.path().join("cache"));
     let image = bulkhead::default_rootfs::default_image(&cache, &mut |_| {}).unwrap();
     let mut cfg = SandboxConfig::new(
