@@ -262,6 +262,13 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     let publisher = containerd_shim::publisher::RemotePublisher::new(&ttrpc)?;
     let exit = Arc::new(ExitSignal::default());
     let task: Arc<dyn Task + Send + Sync> = Arc::new(Service::new(&flags.namespace, publisher, config, exit.clone()));
+    // The inherited listener is not close-on-exec: without this every VMM
+    // the shim starts would hold containerd's socket for this shim, and
+    // after a crash `delete` would find it still answering and keep it.
+    // SAFETY: F_SETFD on a descriptor this process owns.
+    if unsafe { libc::fcntl(LISTENER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("marking the listener close-on-exec");
+    }
     let mut server = Server::new()
         .add_listener(LISTENER_FD)?
         .register_service(task_v2_methods(create_task(task)));
