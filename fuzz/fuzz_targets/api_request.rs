@@ -20,6 +20,7 @@ fn ctx() -> &'static ApiContext {
         vcpus: 1,
         mem_mib: 32,
         started: Instant::now(),
+        drives: None,
         snapshot: None,
     })
 }

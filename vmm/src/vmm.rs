@@ -27,7 +27,8 @@ use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::{DeviceError, DeviceManager};
-use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::block::{Block, BlockError, Drive, Drives};
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -166,10 +167,10 @@ impl BootPlan {
 }
 
 /// The VM's virtio devices, seen as event sources and as devices.
-#[derive(Default)]
 struct VirtioDevices {
     subscribers: Vec<Subscriber>,
     devices: ReleaseOnDrop,
+    drives: Arc<Drives>,
 }
 
 /// Gives the devices' host resources back on every way out of `run`: vCPU
@@ -186,12 +187,17 @@ impl Drop for ReleaseOnDrop {
 }
 
 impl VirtioDevices {
-    fn add<D: VirtioDevice + 'static>(&mut self, vm: &Vm, manager: &mut DeviceManager, dev: D) -> Result<(), VmmError> {
+    fn add<D: VirtioDevice + 'static>(
+        &mut self,
+        vm: &Vm,
+        manager: &mut DeviceManager,
+        dev: D,
+    ) -> Result<(Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>), VmmError> {
         let dev = Arc::new(Mutex::new(dev));
-        manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
+        let transport = manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
         self.subscribers.push(dev.clone());
-        self.devices.0.push(dev);
-        Ok(())
+        self.devices.0.push(dev.clone());
+        Ok((dev, transport))
     }
 }
 
@@ -203,10 +209,17 @@ fn create_virtio_devices(
     vm: &Vm,
     manager: &mut DeviceManager,
 ) -> Result<VirtioDevices, VmmError> {
-    let mut all = VirtioDevices::default();
+    let mut all = VirtioDevices {
+        subscribers: Vec::new(),
+        devices: ReleaseOnDrop::default(),
+        drives: Arc::new(Drives::new(Vec::new(), Vec::new())),
+    };
+    let mut drives = Vec::with_capacity(disks.len());
     for disk in disks {
-        all.add(vm, manager, Block::new(disk)?)?;
+        let (device, transport) = all.add(vm, manager, Block::new(disk)?)?;
+        drives.push(Drive { device, transport });
     }
+    all.drives = Arc::new(Drives::new(drives, disks.to_vec()));
     if let Some(v) = vsock {
         all.add(vm, manager, Vsock::new(v)?)?;
     }
@@ -511,11 +524,13 @@ fn run_vm(r: Running) -> Result<RunOutcome, VmmError> {
             vcpus: vcpu_count,
             mem_mib: saved.mem_mib,
             started: Instant::now(),
+            drives: Some(virtio.drives.clone()),
             snapshot: Some(Arc::new(Snapshotter {
                 vm: vm.clone(),
                 control: vcpu_control,
                 serial: devices.serial.clone(),
                 transports: devices.transports.clone(),
+                drives: virtio.drives.clone(),
                 config: saved.clone(),
             })),
         })?),

@@ -217,6 +217,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 32,
             started: Instant::now(),
+            drives: None,
             snapshot: None,
         }
     }

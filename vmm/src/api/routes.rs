@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::http::{Request, Response};
+use crate::devices::virtio::block::{DriveError, Drives};
 use crate::snapshot::create::Snapshotter;
 use crate::snapshot::SnapshotError;
 use crate::vcpu::control::{ControlError, ExitCounts, VcpuControl};
@@ -22,8 +23,19 @@ pub struct ApiContext {
     pub mem_mib: u32,
     /// When the vCPUs were started.
     pub started: Instant,
+    /// The disks, whose images `PATCH /drives/{index}` replaces; `None`
+    /// in tests without a VM.
+    pub drives: Option<Arc<Drives>>,
     /// Takes snapshots; `None` where this VMM cannot (tests).
     pub snapshot: Option<Arc<Snapshotter>>,
+}
+
+/// The body of `PATCH /drives/{index}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    /// The new image; the drive keeps its read-only mode.
+    pub path_on_host: std::path::PathBuf,
 }
 
 /// The body of `PUT /snapshot/create`.
@@ -94,7 +106,13 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             "PUT" => create_snapshot(ctx, req),
             _ => not_allowed("PUT"),
         },
-        other => Response::fault(404, format!("no resource at {other}")),
+        other => match other.strip_prefix("/drives/") {
+            Some(index) => match method {
+                "PATCH" => patch_drive(ctx, index, req),
+                _ => not_allowed("PATCH"),
+            },
+            None => Response::fault(404, format!("no resource at {other}")),
+        },
     }
 }
 
@@ -185,6 +203,40 @@ fn create_snapshot(ctx: &ApiContext, req: &Request) -> Response {
     }
 }
 
+/// Gives a disk a new image while the guest runs; the guest is told
+/// through a configuration-change interrupt.
+fn patch_drive(ctx: &ApiContext, index: &str, req: &Request) -> Response {
+    if req.content_length.is_none() {
+        return Response {
+            close: true,
+            ..Response::fault(411, "PATCH /drives/{index} needs a JSON body and its Content-Length")
+        };
+    }
+    let Some(drives) = &ctx.drives else {
+        return Response::fault(501, "this VMM cannot change drives");
+    };
+    // Digits only: `usize::from_str` would also take a leading '+'.
+    let index = match index.parse::<usize>() {
+        Ok(i) if index.bytes().all(|b| b.is_ascii_digit()) => i,
+        _ => return Response::fault(404, format!("no drive {index:?}: drives are numbered from 0")),
+    };
+    let body: DriveUpdate = match parse_json(&req.body) {
+        Ok(b) => b,
+        Err(message) => return Response::fault(400, message),
+    };
+    if body.path_on_host.as_os_str().is_empty() {
+        return Response::fault(400, "invalid body: path_on_host is empty");
+    }
+    match drives.replace(index, &body.path_on_host) {
+        Ok(cfg) => {
+            info!(index, path = %cfg.path.display(), "drive image replaced through the API");
+            Response::no_content()
+        }
+        Err(e @ DriveError::NoSuchDrive { .. }) => Response::fault(404, e.to_string()),
+        Err(e) => Response::fault(400, e.to_string()),
+    }
+}
+
 /// A body that must be a JSON object (serde would take a struct from an
 /// array too); the message says what is wrong with it.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
@@ -224,6 +276,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 64,
             started: Instant::now(),
+            drives: None,
             snapshot: None,
         }
     }
@@ -303,6 +356,56 @@ mod tests {
         assert_eq!(r.status, 411);
         assert!(r.close);
         assert!(json["fault_message"].as_str().unwrap().contains("Content-Length"));
+    }
+
+    fn patch_drive(ctx: &ApiContext, target: &str, body: &str) -> (u16, String) {
+        let raw = format!(
+            "PATCH {target} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (r, json) = call(ctx, &raw);
+        (r.status, json["fault_message"].as_str().unwrap_or("").to_string())
+    }
+
+    #[test]
+    fn drives_get_new_images_and_bad_requests_a_reason() {
+        use crate::devices::virtio::block::drives::tests::{drives, image};
+        let (a, b) = (image(4096, 1), image(8192, 2));
+        let ctx = ApiContext {
+            drives: Some(Arc::new(drives(a.path()))),
+            ..ctx()
+        };
+        let body = |p: &std::path::Path| serde_json::json!({ "path_on_host": p }).to_string();
+        assert_eq!(patch_drive(&ctx, "/drives/0", &body(b.path())), (204, String::new()));
+        let d = ctx.drives.as_ref().unwrap();
+        assert_eq!(d.configs()[0].path, b.path());
+        for (target, body, status, says) in [
+            ("/drives/1", body(a.path()), 404, "no drive 1: this VM has 1"),
+            ("/drives/+0", body(a.path()), 404, "numbered from 0"),
+            ("/drives/x", body(a.path()), 404, "numbered from 0"),
+            ("/drives/0", r#"{"path_on_host":""}"#.to_string(), 400, "empty"),
+            (
+                "/drives/0",
+                r#"{"path_on_host":"/a","read_only":false}"#.to_string(),
+                400,
+                "unknown field",
+            ),
+            (
+                "/drives/0",
+                r#"{"path_on_host":"/nonexistent"}"#.to_string(),
+                400,
+                "cannot open",
+            ),
+        ] {
+            let (s, msg) = patch_drive(&ctx, target, &body);
+            assert_eq!(s, status, "{target} {body}: {msg}");
+            assert!(msg.contains(says), "{target} {body}: {msg}");
+        }
+        assert_eq!(d.configs()[0].path, b.path(), "refused requests change nothing");
+        let (r, _) = call(&ctx, "GET /drives/0 HTTP/1.1\r\n\r\n");
+        assert_eq!((r.status, r.allow), (405, Some("PATCH")));
+        let (status, _) = patch_drive(&self::ctx(), "/drives/0", &body(a.path()));
+        assert_eq!(status, 501, "no drives in this context");
     }
 
     #[test]

@@ -86,12 +86,13 @@ impl DeviceManager {
     /// Puts a virtio device on the MMIO bus behind its own transport, with an
     /// irqfd for its interrupt and an ioeventfd per queue, so that queue
     /// notifications reach the event loop without a trip through a vCPU thread.
+    /// Returns the device's transport.
     pub fn add_virtio_device<D: VirtioDevice + 'static>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         device: Arc<Mutex<D>>,
-    ) -> Result<(), DeviceError> {
+    ) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
         if self.next_irq >= u32::from(IOAPIC_PINS) {
             return Err(DeviceError::OutOfIrqs);
         }
@@ -114,13 +115,13 @@ impl DeviceManager {
             Arc::new(Interrupt::new(irqfd)),
         )));
         bus.insert(transport.clone(), base, MMIO_SIZE)?;
-        self.transports.push(transport);
+        self.transports.push(transport.clone());
 
         self.cmdline_entries
             .push(format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_SIZE / 1024, base, irq));
         self.next_mmio += MMIO_SIZE;
         self.next_irq += 1;
-        Ok(())
+        Ok(transport)
     }
 
     /// Kernel parameters announcing the virtio devices, in the order added

@@ -10,6 +10,7 @@ use tracing::info;
 use super::{memory, write_state_file, SavedConfig, SnapshotError, SnapshotState, MEMORY_FILE, STATE_FILE};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::block::Drives;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::vcpu::control::{ControlError, VcpuControl};
@@ -27,6 +28,9 @@ pub struct Snapshotter {
     pub control: Arc<VcpuControl>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Where the disks' current images come from (they may have been
+    /// replaced since boot).
+    pub drives: Arc<Drives>,
     pub config: SavedConfig,
 }
 
@@ -73,7 +77,10 @@ impl Snapshotter {
 
         let state = SnapshotState {
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: self.config.clone(),
+            config: SavedConfig {
+                disks: self.drives.configs(),
+                ..self.config.clone()
+            },
             memory: regions,
             vm,
             vcpus,

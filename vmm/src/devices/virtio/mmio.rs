@@ -155,6 +155,16 @@ impl MmioTransport {
         self.device.clone()
     }
 
+    /// Tells the driver that the device's configuration changed (a disk got
+    /// a new medium): the generation moves on, so a driver reading the
+    /// space across the change retries, and a running driver is interrupted.
+    pub fn notify_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
+        }
+    }
+
     /// This transport's state; `dev` is its device, locked by the caller.
     pub fn save_state(&self, dev: &dyn VirtioDevice) -> TransportState {
         TransportState {
@@ -803,6 +813,23 @@ mod tests {
         let mut big = [0xffu8; 8];
         x.t.read(CONFIG_OFFSET + 0xe00, &mut big);
         assert_eq!(big, [0; 8]);
+    }
+
+    #[test]
+    fn config_change_notice_waits_for_a_running_driver() {
+        let mut x = rig();
+        let gen0 = r(&mut x.t, reg::CONFIG_GENERATION);
+        x.t.notify_config_change();
+        assert_ne!(r(&mut x.t, reg::CONFIG_GENERATION), gen0);
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), 0, "no driver yet: nobody to tell");
+        negotiate(&mut x.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut x.t, 0, 16, 0x10000);
+        w(&mut x.t, reg::STATUS, OK);
+        let gen1 = r(&mut x.t, reg::CONFIG_GENERATION);
+        x.t.notify_config_change();
+        assert_ne!(r(&mut x.t, reg::CONFIG_GENERATION), gen1);
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        assert!(x.irq.read().is_ok(), "the guest is interrupted");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -55,8 +55,16 @@ pub struct Block {
     active: Option<ActiveState>,
 }
 
-impl Block {
-    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+/// An opened image: its file, addressable size and the serial the guest
+/// reads through GET_ID.
+struct Backing {
+    file: File,
+    capacity_sectors: u64,
+    id: [u8; DISK_ID_BYTES],
+}
+
+impl Backing {
+    fn open(cfg: &BlockConfig) -> Result<Self, BlockError> {
         let shown = cfg.path.display().to_string();
         let open_err = |source| BlockError::Open {
             path: shown.clone(),
@@ -79,26 +87,56 @@ impl Block {
         let serial = format!("bh{:x}.{:x}", meta.dev(), meta.ino());
         let n = serial.len().min(DISK_ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-
-        let mut config_space = [0u8; CONFIG_LEN];
-        config_space[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-        config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        let max_sectors = u32::try_from(capacity_sectors).unwrap_or(u32::MAX);
-        config_space[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
-        config_space[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-        config_space[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        config_space[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
-        config_space[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
-
-        Ok(Block {
+        Ok(Backing {
             file,
-            read_only: cfg.read_only,
             capacity_sectors,
             id,
-            config_space,
+        })
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let max_sectors = u32::try_from(self.capacity_sectors).unwrap_or(u32::MAX);
+        c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c
+    }
+}
+
+impl Block {
+    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        let backing = Backing::open(cfg)?;
+        Ok(Block {
+            config_space: backing.config_space(),
+            file: backing.file,
+            read_only: cfg.read_only,
+            capacity_sectors: backing.capacity_sectors,
+            id: backing.id,
             q: QueueSet::new(1, QUEUE_SIZE).map_err(BlockError::Queues)?,
             active: None,
         })
+    }
+
+    /// Serves later requests from the image at `path` instead (the disk
+    /// keeps its read-only mode), like changing the medium in a drive; the
+    /// caller tells the driver through a configuration-change interrupt.
+    /// Requests already served are unaffected, and on error nothing changes.
+    pub fn replace_backing(&mut self, path: &Path) -> Result<BlockConfig, BlockError> {
+        let cfg = BlockConfig {
+            path: path.to_path_buf(),
+            read_only: self.read_only,
+        };
+        let backing = Backing::open(&cfg)?;
+        self.config_space = backing.config_space();
+        self.file = backing.file;
+        self.capacity_sectors = backing.capacity_sectors;
+        self.id = backing.id;
+        Ok(cfg)
     }
 
     /// Serves every available request; returns whether to interrupt the guest.
