@@ -14,6 +14,7 @@ use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Response,
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::child::{self, TAG_PID, TAG_READY};
 use crate::ctl::{self, Record};
+use crate::disk;
 use crate::oom::OomWatch;
 use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError};
 use crate::stdio::{self, Handles};
@@ -135,6 +136,8 @@ struct Container {
     /// Innermost last; unmounted in reverse on delete.
     mounts: Vec<PathBuf>,
     dir: PathBuf,
+    /// As the host named it (`/dev/vdX`).
+    root_device: String,
     execs: HashMap<String, Proc>,
 }
 
@@ -297,6 +300,16 @@ impl Agent {
             fs::create_dir_all(d).map_err(failed("state directory"))?;
         }
         let device = self.resolve_device(&c.root.device);
+        if let Some(bytes) = c.root.size_bytes {
+            // A device another container has mounted keeps its image (the
+            // host changes only unused ones); flushing it would only slow
+            // that container down.
+            let in_use = self.lock().containers.values().any(|o| o.root_device == c.root.device);
+            if !in_use {
+                disk::settle(&device, bytes, disk::SETTLE_WITHIN)
+                    .map_err(|e| OpError::Failed(format!("the new image of {}: {e}", c.root.device)))?;
+            }
+        }
         mount(
             &device.to_string_lossy(),
             &lower,
@@ -353,6 +366,7 @@ impl Agent {
                 namespaces,
                 mounts: mounts.clone(),
                 dir: dir.to_path_buf(),
+                root_device: c.root.device.clone(),
                 execs: HashMap::new(),
             }),
             Err(e) => {

@@ -40,8 +40,6 @@ pub fn mix_entropy(seed: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-const BLKFLSBUF: libc::c_ulong = 0x1261;
-
 /// Drops what the guest cached of every virtio disk: a template is booted
 /// with a placeholder disk, and its restored copies are given the real
 /// root image in its place, whose blocks must be read afresh.
@@ -53,10 +51,7 @@ pub fn forget_disk_contents() -> io::Result<usize> {
             continue;
         }
         let f = std::fs::File::open(e.path())?;
-        // SAFETY: BLKFLSBUF takes no argument beyond the descriptor.
-        if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::disk::flush_cache(&f)?;
         n += 1;
     }
     Ok(n)

@@ -117,6 +117,7 @@ mod tests {
             root: Root {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
+                size_bytes: None,
             },
             mounts: mounts(),
             masked_paths: masked_paths(),

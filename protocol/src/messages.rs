@@ -134,6 +134,12 @@ pub struct Root {
     pub device: String,
     /// `ext4` or `erofs`.
     pub fstype: String,
+    /// The image's size in bytes, when the host just gave the device this
+    /// image (a disk's image can change while the guest runs): the agent
+    /// waits until the device reports it and drops the device's cached
+    /// blocks before mounting.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
 }
 
 /// Where the container's stdio streams connect: vsock ports on the host.
@@ -569,6 +575,7 @@ mod tests {
             root: Root {
                 device: "/dev/vdb".into(),
                 fstype: "ext4".into(),
+                size_bytes: None,
             },
             mounts: vec![Mount {
                 destination: "/proc".into(),
@@ -690,6 +697,7 @@ mod tests {
                     root: Root {
                         device: "/etc/shadow".into(),
                         fstype: "ext4".into(),
+                        size_bytes: None,
                     },
                     ..create()
                 },
@@ -700,6 +708,7 @@ mod tests {
                     root: Root {
                         device: "/dev/vdb".into(),
                         fstype: "nfs".into(),
+                        size_bytes: None,
                     },
                     ..create()
                 },
