@@ -19,6 +19,7 @@ pub mod template;
 pub mod tty;
 pub mod util;
 pub mod vm;
+pub mod vmm_api;
 
 /// How this side names itself in the protocol handshake.
 pub const SOFTWARE: &str = concat!("bulkhead ", env!("CARGO_PKG_VERSION"));

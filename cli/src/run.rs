@@ -261,7 +261,13 @@ fn find_template(
         }
         announce_build();
     };
-    cache.ensure(&cfg.artifacts, cfg.vcpus, cfg.mem_mib, &opts, &mut on_build, watch)
+    cache.ensure(
+        &cfg.artifacts,
+        template::Shape::new(cfg.vcpus, cfg.mem_mib),
+        &opts,
+        &mut on_build,
+        watch,
+    )
 }
 
 /// Creates and starts the container, attaches stdio, forwards signals

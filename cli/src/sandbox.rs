@@ -24,6 +24,7 @@ use crate::stdio::{self, StdioError, StdioListeners, StdioPlan, StdioStreams};
 use crate::template::Template;
 use crate::util;
 use crate::vm::{self, VmError, VmSpec, VmmProcess};
+use crate::vmm_api::{self, ApiCallError};
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 256;
@@ -46,6 +47,13 @@ const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
 /// A restored agent says hello well within this even under emulation; a
 /// stream that hears nothing was lost to the restore's transport reset.
 const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// The image behind an unused spare disk: one page of zeros (the VMM
+/// refuses empty images).
+const EMPTY_DISK_FILE: &str = "empty.img";
+const EMPTY_DISK_BYTES: usize = 4096;
+/// Control API calls are quick (a disk swap opens one file, a pause parks
+/// the vCPUs): this only catches a wedged VMM.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// Host entropy a restored guest mixes into its pool.
 const RESEED_BYTES: usize = 64;
 const RESEED_ATTEMPTS: u32 = 5;
@@ -70,8 +78,12 @@ pub struct SandboxConfig {
     /// pause/resume by a runtime such as the containerd shim.
     pub api_socket: bool,
     /// Restore this template instead of booting cold (the root image
-    /// replaces the template's placeholder disk).
+    /// replaces the template's placeholder disk). It must have as many
+    /// spare disks.
     pub template: Option<Template>,
+    /// Read-only disks after the root one (/dev/vdb, ...), empty until
+    /// [`Sandbox::attach_image`] gives one an image; they need `api_socket`.
+    pub spare_disks: u8,
 }
 
 impl SandboxConfig {
@@ -86,6 +98,7 @@ impl SandboxConfig {
             keep_console: None,
             api_socket: false,
             template: None,
+            spare_disks: 0,
         }
     }
 }
@@ -114,6 +127,12 @@ pub enum SandboxError {
     BootTimeout { after: Duration, console: Vec<String> },
     #[error("{0}")]
     Aborted(String),
+    #[error(transparent)]
+    Api(#[from] ApiCallError),
+    #[error("no spare disk {slot}: this sandbox has {count}")]
+    NoSuchDisk { slot: u8, count: u8 },
+    #[error("the sandbox's VMM has no control API")]
+    NoApi,
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -194,6 +213,7 @@ pub struct Sandbox {
     next_port: AtomicU32,
     next_id: AtomicU32,
     api_socket: Option<PathBuf>,
+    spare_disks: u8,
 }
 
 // The boot tier shares one sandbox between test threads.
@@ -235,13 +255,19 @@ impl Sandbox {
             from: console.clone(),
             to: cfg.keep_console.clone(),
         };
+        let mut disks = vec![cfg.rootfs.path.clone()];
+        if cfg.spare_disks > 0 {
+            let empty = dir.path().join(EMPTY_DISK_FILE);
+            std::fs::write(&empty, [0u8; EMPTY_DISK_BYTES])?;
+            disks.extend(std::iter::repeat_n(empty, usize::from(cfg.spare_disks)));
+        }
         let spec = VmSpec {
             vmm: cfg.artifacts.vmm.clone(),
             kernel: cfg.artifacts.kernel.clone(),
             initrd: cfg.artifacts.initramfs.clone(),
             vcpus: cfg.vcpus,
             mem_mib: cfg.mem_mib,
-            disk: cfg.rootfs.path.clone(),
+            disks,
             vsock_uds: vsock.clone(),
             console: console.clone(),
             log: vmm_log.clone(),
@@ -311,7 +337,42 @@ impl Sandbox {
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             next_id: AtomicU32::new(1),
             api_socket,
+            spare_disks: cfg.spare_disks,
         })
+    }
+
+    pub fn spare_disks(&self) -> u8 {
+        self.spare_disks
+    }
+
+    fn api(&self, method: &str, target: &str, body: &str) -> Result<(), SandboxError> {
+        let sock = self.api_socket.as_deref().ok_or(SandboxError::NoApi)?;
+        vmm_api::call(sock, method, target, body, API_TIMEOUT).map_err(|e| self.explain(e))
+    }
+
+    /// Pauses (or resumes) every vCPU of the VM.
+    pub fn set_paused(&self, paused: bool) -> Result<(), SandboxError> {
+        let state = if paused { "Paused" } else { "Resumed" };
+        self.api("PATCH", "/vm", &format!("{{\"state\":\"{state}\"}}"))
+    }
+
+    /// Gives spare disk `slot` (1-based: slot 1 is /dev/vdb) the image at
+    /// `path`; the guest sees the new size shortly after (the agent waits
+    /// for it, see `Root::size_bytes`). The disk must be unused in the guest.
+    pub fn attach_image(&self, slot: u8, path: &Path) -> Result<(), SandboxError> {
+        if slot == 0 || slot > self.spare_disks {
+            return Err(SandboxError::NoSuchDisk {
+                slot,
+                count: self.spare_disks,
+            });
+        }
+        let body = serde_json::json!({ "path_on_host": path }).to_string();
+        self.api("PATCH", &format!("/drives/{slot}"), &body)
+    }
+
+    /// Empties spare disk `slot` again, so the VMM lets go of its image.
+    pub fn detach_image(&self, slot: u8) -> Result<(), SandboxError> {
+        self.attach_image(slot, &self.dir.path().join(EMPTY_DISK_FILE))
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -600,12 +661,38 @@ fn reseed(client: &mut AgentClient) -> Result<(), SandboxError> {
 /// `bulkhead_protocol::defaults`, no resource limits; stdio is filled in
 /// when it is sent.
 pub fn container_spec(id: &str, process: Process, rootfs: &RootfsImage) -> CreateContainer {
+    on_device(id, process, rootfs, ROOT_DEVICE.into(), None)
+}
+
+/// The guest's name for disk `index` (0: the root disk, /dev/vda).
+pub fn disk_device(index: u8) -> String {
+    format!("/dev/vd{}", char::from(b'a' + index % 26))
+}
+
+/// [`container_spec`] with its root on disk `index`; one above 0 is a
+/// spare disk that got `rootfs` after boot, so the agent waits for its size.
+pub fn container_on_disk(id: &str, process: Process, rootfs: &RootfsImage, index: u8) -> io::Result<CreateContainer> {
+    let size_bytes = match index {
+        0 => None,
+        _ => Some(std::fs::metadata(&rootfs.path)?.len()),
+    };
+    Ok(on_device(id, process, rootfs, disk_device(index), size_bytes))
+}
+
+fn on_device(
+    id: &str,
+    process: Process,
+    rootfs: &RootfsImage,
+    device: String,
+    size_bytes: Option<u64>,
+) -> CreateContainer {
     CreateContainer {
         id: id.into(),
         hostname: None,
         root: Root {
-            device: ROOT_DEVICE.into(),
+            device,
             fstype: rootfs.fstype.as_str().into(),
+            size_bytes,
         },
         mounts: defaults::mounts(),
         masked_paths: defaults::masked_paths(),

@@ -12,9 +12,8 @@
 //! swaps in the real root image (`--disk`), which must fit in it.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,9 +24,10 @@ use crate::paths::Artifacts;
 use crate::rootfs::{FsType, RootfsImage};
 use crate::sandbox::{BootProgress, Sandbox, SandboxConfig, SandboxError};
 use crate::util;
+use crate::vmm_api::{self, ApiCallError};
 
 /// Bumped whenever what a template holds, or how it is built, changes.
-pub const TEMPLATE_FORMAT: u32 = 1;
+pub const TEMPLATE_FORMAT: u32 = 2;
 /// The placeholder root disk's size: the capacity every restored guest
 /// sees, so any root image up to this size can replace it.
 pub const PLACEHOLDER_BYTES: u64 = 64 << 30;
@@ -40,7 +40,6 @@ const BULKHEAD_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Bounds each control API answer (a pause or a snapshot of a few hundred
 /// MiB of mostly-zero memory takes well under a second even under PVM).
 const API_TIMEOUT: Duration = Duration::from_secs(120);
-const MAX_API_ANSWER: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -52,8 +51,8 @@ pub enum TemplateError {
     Boot(#[from] SandboxError),
     #[error("the template's VM has no control API socket")]
     NoApi,
-    #[error("control API {request}: {message}")]
-    Api { request: String, message: String },
+    #[error(transparent)]
+    Api(#[from] ApiCallError),
     #[error("cannot write {path}: {source}")]
     Meta { path: PathBuf, source: serde_json::Error },
     #[error("the root image {path} ({size} bytes) is larger than a template's disk ({PLACEHOLDER_BYTES} bytes)")]
@@ -95,6 +94,27 @@ impl InputFile {
     }
 }
 
+/// The VM a template holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Read-only disks after the root one, for images attached later
+    /// (`PATCH /drives/{index}`); a restore must bring as many.
+    pub spare_disks: u8,
+}
+
+impl Shape {
+    /// A VM with only its root disk.
+    pub fn new(vcpus: u8, mem_mib: u32) -> Shape {
+        Shape {
+            vcpus,
+            mem_mib,
+            spare_disks: 0,
+        }
+    }
+}
+
 /// Everything a template depends on, and the key derived from it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +124,7 @@ pub struct TemplateMeta {
     pub key: String,
     pub vcpus: u8,
     pub mem_mib: u32,
+    pub spare_disks: u8,
     pub kernel: InputFile,
     pub initramfs: InputFile,
     pub vmm: InputFile,
@@ -111,21 +132,22 @@ pub struct TemplateMeta {
 
 impl TemplateMeta {
     /// Hashes the artifacts as they are now.
-    pub fn for_inputs(artifacts: &Artifacts, vcpus: u8, mem_mib: u32) -> Result<TemplateMeta, TemplateError> {
+    pub fn for_inputs(artifacts: &Artifacts, shape: Shape) -> Result<TemplateMeta, TemplateError> {
         let kernel = InputFile::read(&artifacts.kernel)?;
         let initramfs = InputFile::read(&artifacts.initramfs)?;
         let vmm = InputFile::read(&artifacts.vmm)?;
-        Ok(Self::from_files(kernel, initramfs, vmm, vcpus, mem_mib))
+        Ok(Self::from_files(kernel, initramfs, vmm, shape))
     }
 
-    fn from_files(kernel: InputFile, initramfs: InputFile, vmm: InputFile, vcpus: u8, mem_mib: u32) -> TemplateMeta {
-        let key = template_key(&kernel.sha256, &initramfs.sha256, &vmm.sha256, vcpus, mem_mib);
+    fn from_files(kernel: InputFile, initramfs: InputFile, vmm: InputFile, shape: Shape) -> TemplateMeta {
+        let key = template_key(&kernel.sha256, &initramfs.sha256, &vmm.sha256, shape);
         TemplateMeta {
             format: TEMPLATE_FORMAT,
             bulkhead_version: BULKHEAD_VERSION.into(),
             key,
-            vcpus,
-            mem_mib,
+            vcpus: shape.vcpus,
+            mem_mib: shape.mem_mib,
+            spare_disks: shape.spare_disks,
             kernel,
             initramfs,
             vmm,
@@ -149,6 +171,12 @@ impl TemplateMeta {
                 self.vcpus, self.mem_mib, wanted.vcpus, wanted.mem_mib
             ));
         }
+        if self.spare_disks != wanted.spare_disks {
+            return Some(format!(
+                "{} spare disks (want {})",
+                self.spare_disks, wanted.spare_disks
+            ));
+        }
         for (what, have, want) in [
             ("kernel", &self.kernel, &wanted.kernel),
             ("initramfs", &self.initramfs, &wanted.initramfs),
@@ -168,7 +196,7 @@ impl TemplateMeta {
 
 /// The template key: SHA-256 over the format, the three files' hashes and
 /// the VM's size, as hex.
-pub fn template_key(kernel_sha: &str, initramfs_sha: &str, vmm_sha: &str, vcpus: u8, mem_mib: u32) -> String {
+pub fn template_key(kernel_sha: &str, initramfs_sha: &str, vmm_sha: &str, shape: Shape) -> String {
     let mut h = Sha256::new();
     h.update(b"bulkhead-template\0");
     h.update(TEMPLATE_FORMAT.to_le_bytes());
@@ -176,8 +204,9 @@ pub fn template_key(kernel_sha: &str, initramfs_sha: &str, vmm_sha: &str, vcpus:
         h.update((s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
     }
-    h.update([vcpus]);
-    h.update(mem_mib.to_le_bytes());
+    h.update([shape.vcpus]);
+    h.update(shape.mem_mib.to_le_bytes());
+    h.update([shape.spare_disks]);
     util::hex(&h.finalize())
 }
 
@@ -297,13 +326,12 @@ impl TemplateCache {
     pub fn ensure(
         &self,
         artifacts: &Artifacts,
-        vcpus: u8,
-        mem_mib: u32,
+        shape: Shape,
         opts: &BuildOptions,
         on_build: &mut dyn FnMut(Option<&str>),
         watch: &mut dyn FnMut(&BootProgress) -> Result<(), String>,
     ) -> Result<Template, TemplateError> {
-        let wanted = TemplateMeta::for_inputs(artifacts, vcpus, mem_mib)?;
+        let wanted = TemplateMeta::for_inputs(artifacts, shape)?;
         let dir = self.dir.join(&wanted.key);
         match check_dir(&dir, &wanted) {
             Check::Usable => {
@@ -322,7 +350,7 @@ impl TemplateCache {
             .create(&self.dir)
             .map_err(io_err(&self.dir))?;
         let tmp = BuildDir::create(&self.dir)?;
-        build_snapshot(tmp.path(), artifacts, vcpus, mem_mib, opts, watch)?;
+        build_snapshot(tmp.path(), artifacts, shape, opts, watch)?;
         let meta_path = tmp.path().join(META_FILE);
         let json = serde_json::to_vec_pretty(&wanted).map_err(|source| TemplateError::Meta {
             path: meta_path.clone(),
@@ -425,8 +453,7 @@ impl Drop for BuildDir {
 fn build_snapshot(
     out: &Path,
     artifacts: &Artifacts,
-    vcpus: u8,
-    mem_mib: u32,
+    shape: Shape,
     opts: &BuildOptions,
     watch: &mut dyn FnMut(&BootProgress) -> Result<(), String>,
 ) -> Result<(), TemplateError> {
@@ -437,8 +464,9 @@ fn build_snapshot(
         .and_then(|f| f.set_len(PLACEHOLDER_BYTES))
         .map_err(io_err(&placeholder))?;
     let cfg = SandboxConfig {
-        vcpus,
-        mem_mib,
+        vcpus: shape.vcpus,
+        mem_mib: shape.mem_mib,
+        spare_disks: shape.spare_disks,
         runtime_root: opts.runtime_root.clone(),
         boot_timeout: opts.boot_timeout,
         keep_console: opts.keep_console.clone(),
@@ -458,52 +486,14 @@ fn build_snapshot(
     // the agent waiting in accept, not serving a host that is gone.
     drop(sandbox.client()?);
     let api = sandbox.api_socket_path().ok_or(TemplateError::NoApi)?.to_path_buf();
-    api_call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    vmm_api::call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#, API_TIMEOUT)?;
     let body = serde_json::json!({ "snapshot_path": out }).to_string();
-    api_call(&api, "PUT", "/snapshot/create", &body)?;
+    vmm_api::call(&api, "PUT", "/snapshot/create", &body, API_TIMEOUT)?;
     // Dropping kills the VMM and removes its run directory.
     drop(sandbox);
     std::fs::remove_file(&placeholder).map_err(io_err(&placeholder))?;
     tracing::debug!("template snapshot written after {:?}", started.elapsed());
     Ok(())
-}
-
-/// One request to the VMM's control API on its own connection; a 2xx
-/// answer is success, anything else an error with the VMM's words.
-pub fn api_call(sock: &Path, method: &str, target: &str, body: &str) -> Result<(), TemplateError> {
-    let request = format!("{method} {target}");
-    let err = |message: String| TemplateError::Api {
-        request: request.clone(),
-        message,
-    };
-    let mut s = UnixStream::connect(sock).map_err(|e| err(format!("{}: {e}", sock.display())))?;
-    s.set_read_timeout(Some(API_TIMEOUT)).map_err(|e| err(e.to_string()))?;
-    let req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| err(e.to_string()))?;
-    let mut answer = Vec::new();
-    (&mut s)
-        .take(MAX_API_ANSWER)
-        .read_to_end(&mut answer)
-        .map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8_lossy(&answer);
-    let status: u16 = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| err(format!("not an HTTP answer: {:?}", text.lines().next().unwrap_or(""))))?;
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let message = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(String::from))
-        .unwrap_or_else(|| body.trim().to_string());
-    Err(err(format!("{status}: {message}")))
 }
 
 #[cfg(test)]
@@ -519,21 +509,23 @@ mod tests {
     }
 
     fn meta() -> TemplateMeta {
-        TemplateMeta::from_files(file("k"), file("i"), file("v"), 1, 256)
+        TemplateMeta::from_files(file("k"), file("i"), file("v"), Shape::new(1, 256))
     }
 
     #[test]
     fn key_changes_with_every_input() {
-        let base = template_key("k", "i", "v", 1, 256);
-        assert_eq!(base, template_key("k", "i", "v", 1, 256), "deterministic");
+        let s = Shape::new(1, 256);
+        let base = template_key("k", "i", "v", s);
+        assert_eq!(base, template_key("k", "i", "v", s), "deterministic");
         for other in [
-            template_key("K", "i", "v", 1, 256),
-            template_key("k", "I", "v", 1, 256),
-            template_key("k", "i", "V", 1, 256),
-            template_key("k", "i", "v", 2, 256),
-            template_key("k", "i", "v", 1, 512),
+            template_key("K", "i", "v", s),
+            template_key("k", "I", "v", s),
+            template_key("k", "i", "V", s),
+            template_key("k", "i", "v", Shape::new(2, 256)),
+            template_key("k", "i", "v", Shape::new(1, 512)),
+            template_key("k", "i", "v", Shape { spare_disks: 3, ..s }),
             // No ambiguity between adjacent fields.
-            template_key("ki", "", "v", 1, 256),
+            template_key("ki", "", "v", s),
         ] {
             assert_ne!(base, other);
         }
@@ -550,15 +542,15 @@ mod tests {
         for p in [&a.kernel, &a.initramfs, &a.vmm] {
             std::fs::write(p, b"one").unwrap();
         }
-        let m1 = TemplateMeta::for_inputs(&a, 1, 256).unwrap();
+        let m1 = TemplateMeta::for_inputs(&a, Shape::new(1, 256)).unwrap();
         std::fs::write(&a.initramfs, b"two").unwrap();
-        let m2 = TemplateMeta::for_inputs(&a, 1, 256).unwrap();
+        let m2 = TemplateMeta::for_inputs(&a, Shape::new(1, 256)).unwrap();
         assert_ne!(m1.key, m2.key);
         assert_eq!(m1.mismatch(&m2).unwrap(), "the initramfs changed since it was built");
         // Moving a file keeps its template.
         let moved = d.path().join("k2");
         std::fs::rename(&a.kernel, &moved).unwrap();
-        let m3 = TemplateMeta::for_inputs(&Artifacts { kernel: moved, ..a }, 1, 256).unwrap();
+        let m3 = TemplateMeta::for_inputs(&Artifacts { kernel: moved, ..a }, Shape::new(1, 256)).unwrap();
         assert_eq!(m3.key, m2.key);
         assert_eq!(m3.mismatch(&m2), None);
     }
@@ -598,6 +590,9 @@ mod tests {
         let mut m = want.clone();
         m.mem_mib = 512;
         assert!(rebuild(m).contains("512 MiB"));
+        let mut m = want.clone();
+        m.spare_disks = 7;
+        assert!(rebuild(m).contains("7 spare disks (want 0)"));
         let mut m = want.clone();
         m.key = "elsewhere".into();
         assert!(rebuild(m).contains("key"));
@@ -647,29 +642,5 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left.len(), 1, "{left:?}");
-    }
-
-    #[test]
-    fn api_errors_carry_the_vmm_words() {
-        let d = tempfile::tempdir().unwrap();
-        let sock = d.path().join("api.sock");
-        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let t = std::thread::spawn(move || {
-            for answer in [
-                "HTTP/1.1 204 No Content\r\n\r\n",
-                "HTTP/1.1 400 Bad Request\r\nContent-Length: 40\r\n\r\n{\"fault_message\":\"the VM is not paused\"}",
-            ] {
-                let (mut s, _) = l.accept().unwrap();
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf).unwrap();
-                s.write_all(answer.as_bytes()).unwrap();
-            }
-        });
-        api_call(&sock, "PATCH", "/vm", "{}").unwrap();
-        let e = api_call(&sock, "PUT", "/snapshot/create", "{}")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(e, "control API PUT /snapshot/create: 400: the VM is not paused");
-        t.join().unwrap();
     }
 }

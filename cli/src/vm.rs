@@ -32,8 +32,9 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     pub vcpus: u8,
     pub mem_mib: u32,
-    /// The root filesystem image, attached read-only as /dev/vda.
-    pub disk: PathBuf,
+    /// Read-only disks in order: the root filesystem image (/dev/vda),
+    /// then spare slots for images attached later.
+    pub disks: Vec<PathBuf>,
     /// The VMM's vsock Unix socket.
     pub vsock_uds: PathBuf,
     /// The guest's serial console.
@@ -43,28 +44,17 @@ pub struct VmSpec {
     /// Where the VMM serves its control API (`--api-sock`); `None`: no API.
     pub api_socket: Option<PathBuf>,
     /// Restore this snapshot directory instead of booting `kernel` and
-    /// `initrd` (its vCPUs and memory come from the snapshot; `disk`
-    /// replaces the snapshot's disk).
+    /// `initrd` (its vCPUs and memory come from the snapshot; `disks`
+    /// replace the snapshot's, one for one).
     pub restore: Option<PathBuf>,
 }
 
 impl VmSpec {
     pub fn args(&self) -> Vec<std::ffi::OsString> {
-        let mut disk = self.disk.as_os_str().to_owned();
-        disk.push(",ro");
         let mut vsock = std::ffi::OsString::from(format!("{GUEST_CID},"));
         vsock.push(&self.vsock_uds);
         let mut args: Vec<std::ffi::OsString> = match &self.restore {
-            Some(dir) => vec![
-                "--restore".into(),
-                dir.clone().into(),
-                "--disk".into(),
-                disk,
-                "--vsock".into(),
-                vsock,
-                "--serial".into(),
-                self.console.clone().into(),
-            ],
+            Some(dir) => vec!["--restore".into(), dir.clone().into()],
             None => vec![
                 "--kernel".into(),
                 self.kernel.clone().into(),
@@ -74,14 +64,15 @@ impl VmSpec {
                 self.vcpus.to_string().into(),
                 "--mem-mib".into(),
                 self.mem_mib.to_string().into(),
-                "--disk".into(),
-                disk,
-                "--vsock".into(),
-                vsock,
-                "--serial".into(),
-                self.console.clone().into(),
             ],
         };
+        for d in &self.disks {
+            let mut disk = d.as_os_str().to_owned();
+            disk.push(",ro");
+            args.push("--disk".into());
+            args.push(disk);
+        }
+        args.extend(["--vsock".into(), vsock, "--serial".into(), self.console.clone().into()]);
         if let Some(api) = &self.api_socket {
             args.push("--api-sock".into());
             args.push(api.clone().into());
@@ -265,7 +256,7 @@ mod tests {
             initrd: "/i".into(),
             vcpus: 2,
             mem_mib: 256,
-            disk: "/img,with,commas.ext4".into(),
+            disks: vec!["/img,with,commas.ext4".into(), "/spare".into()],
             vsock_uds: "/run/v.sock".into(),
             console: "/run/console.log".into(),
             log: "/run/vmm.log".into(),
@@ -276,7 +267,7 @@ mod tests {
         assert_eq!(
             args.join(" "),
             "--kernel /k --initrd /i --vcpus 2 --mem-mib 256 --disk /img,with,commas.ext4,ro \
-             --vsock 3,/run/v.sock --serial /run/console.log"
+             --disk /spare,ro --vsock 3,/run/v.sock --serial /run/console.log"
         );
         let restored = VmSpec {
             restore: Some("/cache/t1".into()),
@@ -286,8 +277,8 @@ mod tests {
         let args: Vec<String> = restored.args().into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
             args.join(" "),
-            "--restore /cache/t1 --disk /img,with,commas.ext4,ro --vsock 3,/run/v.sock \
-             --serial /run/console.log --api-sock /run/api.sock"
+            "--restore /cache/t1 --disk /img,with,commas.ext4,ro --disk /spare,ro \
+             --vsock 3,/run/v.sock --serial /run/console.log --api-sock /run/api.sock"
         );
     }
 
@@ -304,7 +295,7 @@ mod tests {
             initrd: "/i".into(),
             vcpus: 1,
             mem_mib: 64,
-            disk: "/d".into(),
+            disks: vec!["/d".into()],
             vsock_uds: d.path().join("v.sock"),
             console: d.path().join("console.log"),
             log: d.path().join("vmm.log"),
