@@ -21,6 +21,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("annotation {key}={value}: {reason}")]
     Annotation { key: String, value: String, reason: String },
+    #[error("bad configuration {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
     #[error("malformed runtime options: {0}")]
     Options(&'static str),
 }
@@ -51,10 +53,19 @@ pub struct Config {
     /// default) or booted cold.
     #[serde(default)]
     pub boot: BootMode,
-    /// Sandbox templates, one per (kernel, initramfs, VMM, vCPUs, memory).
+    /// Sandbox templates, one per (kernel, initramfs, VMM, vCPUs, memory,
+    /// spare disks).
     #[serde(default = "default_template_dir")]
     pub template_dir: PathBuf,
+    /// Root images a pod's VM can hold beyond its first container's: each
+    /// is a read-only disk, attached while the VM runs (a CRI pod's pause
+    /// container and its app containers have different images).
+    #[serde(default = "default_spare_disks")]
+    pub spare_disks: u8,
 }
+
+/// Each disk takes one of the VM's interrupt lines.
+pub const MAX_SPARE_DISKS: u8 = 15;
 
 /// `boot = "template" | "cold"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -68,6 +79,9 @@ pub enum BootMode {
     Cold,
 }
 
+fn default_spare_disks() -> u8 {
+    7
+}
 fn default_vcpus() -> u8 {
     bulkhead::sandbox::DEFAULT_VCPUS
 }
@@ -94,10 +108,17 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
-        })
+        })?;
+        if c.spare_disks > MAX_SPARE_DISKS {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                reason: format!("spare_disks = {}: at most {MAX_SPARE_DISKS}", c.spare_disks),
+            });
+        }
+        Ok(c)
     }
 
     /// vCPUs and memory for a pod, with the allowed annotations applied.
@@ -215,6 +236,15 @@ mod tests {
         assert_eq!((c.boot, c.template_dir), (BootMode::Cold, PathBuf::from("/t")));
         let e = Config::parse(&format!("{MIN}boot = \"warm\"\n"), Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("boot"), "{e}");
+    }
+
+    #[test]
+    fn spare_disks_default_and_bound() {
+        assert_eq!(Config::parse(MIN, Path::new("c")).unwrap().spare_disks, 7);
+        let c = Config::parse(&format!("{MIN}spare_disks = 0\n"), Path::new("c")).unwrap();
+        assert_eq!(c.spare_disks, 0);
+        let e = Config::parse(&format!("{MIN}spare_disks = 16\n"), Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("spare_disks = 16: at most 15"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,10 @@
 //! a shim that is gone) and, from our own `start`, as the server.
 
 mod config;
+mod disks;
 mod rootfs;
 mod service;
 mod spec;
-mod vmapi;
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsRawFd;

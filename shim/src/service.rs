@@ -34,8 +34,9 @@ use containerd_shim_protos::ttrpc::{self, context::Context, Code, TtrpcContext};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
 use crate::config::{BootMode, Config};
+use crate::disks::{Claim, DiskSlots};
 use crate::rootfs::{self, RootMount};
-use crate::{spec, vmapi};
+use crate::spec;
 
 /// Written into the bundle so that `delete` finds a dead shim's sandbox.
 pub const RUN_DIR_FILE: &str = "bulkhead-run-dir";
@@ -125,7 +126,8 @@ impl Proc {
 
 struct Container {
     bundle: String,
-    image: PathBuf,
+    /// The VM disk its root image is on.
+    disk: u8,
     procs: HashMap<String, Arc<Proc>>,
 }
 
@@ -140,6 +142,8 @@ struct Inner {
     config: Mutex<Option<Config>>,
     exit: Arc<ExitSignal>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Which VM disk holds which root image; set with the sandbox.
+    disks: Mutex<Option<DiskSlots>>,
     paused: AtomicBool,
     containers: Mutex<HashMap<String, Container>>,
 }
@@ -154,6 +158,7 @@ impl Service {
                 config: Mutex::new(None),
                 exit,
                 sandbox: Mutex::new(None),
+                disks: Mutex::new(None),
                 paused: AtomicBool::new(false),
                 containers: Mutex::new(HashMap::new()),
             }),
@@ -197,27 +202,22 @@ impl Inner {
             .ok_or_else(|| rpc_err(Code::NOT_FOUND, format!("process {exec_id} of {id} not found")))
     }
 
-    /// The sandbox for a container whose root image is `image`: booted
-    /// for the pod's first container; later ones must share its image,
-    /// since the VMM cannot attach disks after boot.
+    /// The sandbox for a container whose root image is `image`, and the
+    /// disk that image is on: the pod's first container boots the VM with
+    /// its image as disk 0; a later container's image is attached to a
+    /// spare disk unless the pod already has it. The caller owns one use
+    /// of the disk (see [`Inner::release_disk`]).
     fn ensure_sandbox(
         &self,
         cfg: &Config,
         image: &RootfsImage,
         annotations: &HashMap<String, String>,
         bundle: &Path,
-    ) -> TResult<Arc<Sandbox>> {
+    ) -> TResult<(Arc<Sandbox>, u8)> {
         let mut slot = lock(&self.sandbox);
         if let Some(sb) = slot.as_ref() {
-            let same = lock(&self.containers).values().all(|c| c.image == image.path);
-            if !same {
-                return Err(rpc_err(
-                    Code::FAILED_PRECONDITION,
-                    "this pod's VM was booted with another root filesystem image, and the VMM cannot attach \
-                     disks after boot: the containers of one pod must share one image",
-                ));
-            }
-            return Ok(sb.clone());
+            let disk = self.claim_disk(sb, image)?;
+            return Ok((sb.clone(), disk));
         }
         let (vcpus, mem_mib) = cfg
             .sizing(annotations)
@@ -227,6 +227,7 @@ impl Inner {
             mem_mib,
             runtime_root: Some(cfg.run_dir.clone()),
             api_socket: true,
+            spare_disks: cfg.spare_disks,
             ..SandboxConfig::new(
                 Artifacts {
                     kernel: cfg.kernel.clone(),
@@ -241,8 +242,112 @@ impl Inner {
             tracing::warn!("cannot record the run directory in the bundle: {e}");
         }
         self.watch_oom(&sb);
+        let mut disks = DiskSlots::new(&image.path, cfg.spare_disks);
+        let disk = match disks.claim(&image.path) {
+            Ok(Claim::Attached(d)) => d,
+            _ => return Err(internal("disk 0 does not hold the image the VM started with")),
+        };
+        *lock(&self.disks) = Some(disks);
         *slot = Some(sb.clone());
-        Ok(sb)
+        Ok((sb, disk))
+    }
+
+    /// One more use of `image` in the running VM: the disk that has it, or
+    /// a spare disk it is attached to now.
+    fn claim_disk(&self, sb: &Sandbox, image: &RootfsImage) -> TResult<u8> {
+        let mut guard = lock(&self.disks);
+        let disks = guard
+            .as_mut()
+            .ok_or_else(|| internal("the sandbox has no disk table"))?;
+        match disks.claim(&image.path) {
+            Ok(Claim::Attached(d)) => Ok(d),
+            Ok(Claim::Attach(d)) => match sb.attach_image(d, &image.path) {
+                Ok(()) => {
+                    tracing::info!("attached {} as disk {d}", image.path.display());
+                    Ok(d)
+                }
+                Err(e) => {
+                    disks.abandon(d);
+                    Err(internal(format!("attaching the root image: {e}")))
+                }
+            },
+            Err(full) => Err(rpc_err(Code::RESOURCE_EXHAUSTED, full)),
+        }
+    }
+
+    /// One use of `disk` fewer; the last use of a spare disk empties it, so
+    /// the VMM no longer holds the image (the guest has unmounted it).
+    fn release_disk(&self, disk: u8) {
+        // Sandbox, then disks: `ensure_sandbox`'s order.
+        let sb = lock(&self.sandbox).clone();
+        let mut guard = lock(&self.disks);
+        let Some(disks) = guard.as_mut() else { return };
+        if let (Some(d), Some(sb)) = (disks.release(disk), sb) {
+            if let Err(e) = sb.detach_image(d) {
+                tracing::warn!("cannot empty disk {d}: {e}");
+            }
+        }
+    }
+
+    /// Creates container `req` in the VM `sb`, its root image on `disk`.
+    fn create_in(
+        &self,
+        sb: &Sandbox,
+        disk: u8,
+        req: &api::CreateTaskRequest,
+        image: &RootfsImage,
+        bs: spec::BundleSpec,
+    ) -> TResult<api::CreateTaskResponse> {
+        let mut process = bs.process;
+        process.terminal = req.terminal;
+        let mut container = sandbox::container_on_disk(&req.id, process, image, disk).map_err(internal)?;
+        container.hostname = bs.hostname;
+        container.resources = bs.resources;
+        let plan = StdioPlan {
+            stdin: !req.stdin.is_empty(),
+            tty: req.terminal,
+        };
+        let mut client = sb.client().map_err(internal)?;
+        let streams = sb.create(&mut client, container, plan).map_err(agent_err)?;
+        let proc = Arc::new(Proc {
+            container_id: req.id.clone(),
+            exec_id: String::new(),
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            exec_process: Mutex::new(None),
+            streams: Mutex::new(Some(streams)),
+            pid: Mutex::new(0),
+            state: Mutex::new((ProcState::Created, None)),
+            changed: Condvar::new(),
+        });
+        lock(&self.containers).insert(
+            req.id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                disk,
+                procs: HashMap::from([(String::new(), proc)]),
+            },
+        );
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: 0,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse::default())
     }
 
     fn watch_oom(&self, sb: &Arc<Sandbox>) {
@@ -335,7 +440,9 @@ impl Inner {
     }
 
     fn shutdown_sandbox(&self) {
-        if let Some(sb) = lock(&self.sandbox).take() {
+        let sb = lock(&self.sandbox).take();
+        lock(&self.disks).take();
+        if let Some(sb) = sb {
             match Arc::try_unwrap(sb) {
                 // Dropping kills the VMM and removes its run directory;
                 // the guest holds nothing worth a clean shutdown.
@@ -403,9 +510,12 @@ fn find_template(cfg: &Config, sc: &SandboxConfig) -> Result<Template, TemplateE
         ),
         Some(why) => tracing::info!("rebuilding the sandbox template ({why}); boots cold once"),
     };
-    cache.ensure(&sc.artifacts, sc.vcpus, sc.mem_mib, &opts, &mut on_build, &mut |_| {
-        Ok(())
-    })
+    let shape = template::Shape {
+        vcpus: sc.vcpus,
+        mem_mib: sc.mem_mib,
+        spare_disks: sc.spare_disks,
+    };
+    cache.ensure(&sc.artifacts, shape, &opts, &mut on_build, &mut |_| Ok(()))
 }
 
 /// Opens a FIFO on a thread (a FIFO open blocks until the other end is
@@ -527,58 +637,12 @@ impl Task for Service {
             .collect();
         let cache = ImageCache::new(cfg.cache_dir.clone());
         let image = rootfs::image_for(&bundle, &mounts, &cache).map_err(internal)?;
-        let sb = inner.ensure_sandbox(&cfg, &image, &bs.annotations, &bundle)?;
-
-        let mut process = bs.process;
-        process.terminal = req.terminal;
-        let mut container = sandbox::container_spec(&req.id, process, &image);
-        container.hostname = bs.hostname;
-        container.resources = bs.resources;
-        let plan = StdioPlan {
-            stdin: !req.stdin.is_empty(),
-            tty: req.terminal,
-        };
-        let mut client = sb.client().map_err(internal)?;
-        let streams = sb.create(&mut client, container, plan).map_err(agent_err)?;
-        let proc = Arc::new(Proc {
-            container_id: req.id.clone(),
-            exec_id: String::new(),
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-            exec_process: Mutex::new(None),
-            streams: Mutex::new(Some(streams)),
-            pid: Mutex::new(0),
-            state: Mutex::new((ProcState::Created, None)),
-            changed: Condvar::new(),
-        });
-        lock(&inner.containers).insert(
-            req.id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                image: image.path.clone(),
-                procs: HashMap::from([(String::new(), proc)]),
-            },
-        );
-        inner.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                pid: 0,
-                ..Default::default()
-            }),
-        );
-        Ok(api::CreateTaskResponse::default())
+        let (sb, disk) = inner.ensure_sandbox(&cfg, &image, &bs.annotations, &bundle)?;
+        let created = inner.create_in(&sb, disk, &req, &image, bs);
+        if created.is_err() {
+            inner.release_disk(disk);
+        }
+        created
     }
 
     fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TResult<api::StartResponse> {
@@ -663,6 +727,7 @@ impl Task for Service {
             }
             return Ok(resp);
         }
+        let mut unmounted = false;
         if let Ok(sb) = inner.sandbox() {
             let forgot = sb.client().and_then(|mut c| {
                 if matches!(state, ProcState::Created) {
@@ -678,17 +743,22 @@ impl Task for Service {
                     container_id: req.id.clone(),
                 })?)
             });
-            if let Err(e) = forgot {
-                tracing::warn!("agent delete of {}: {e}", req.id);
+            match forgot {
+                Ok(()) => unmounted = true,
+                Err(e) => tracing::warn!("agent delete of {}: {e}", req.id),
             }
         }
-        let empty = {
+        let (removed, empty) = {
             let mut cs = lock(&inner.containers);
-            cs.remove(&req.id);
-            cs.is_empty()
+            let removed = cs.remove(&req.id);
+            (removed, cs.is_empty())
         };
         if empty {
             inner.shutdown_sandbox();
+        } else if let Some(c) = removed.filter(|_| unmounted) {
+            // Only once the guest has unmounted its root: a disk still
+            // mounted in the guest keeps its image (and its slot).
+            inner.release_disk(c.disk);
         }
         inner.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
@@ -945,10 +1015,7 @@ impl Service {
         let inner = &self.inner;
         let _ = inner.proc(id, "")?;
         let sb = inner.sandbox()?;
-        let api_sock = sb
-            .api_socket_path()
-            .ok_or_else(|| rpc_err(Code::UNIMPLEMENTED, "the VMM has no control API"))?;
-        vmapi::set_state(api_sock, if paused { "Paused" } else { "Resumed" }).map_err(internal)?;
+        sb.set_paused(paused).map_err(internal)?;
         inner.paused.store(paused, Ordering::SeqCst);
         if paused {
             inner.publish(
