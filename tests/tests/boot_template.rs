@@ -16,12 +16,19 @@ use bulkhead::paths::Artifacts;
 use bulkhead::rootfs::{ImageCache, RootfsImage};
 use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
 use bulkhead::template::{self, BuildOptions, Template, TemplateCache};
+use bulkhead::vmm_api;
 use bulkhead_protocol::messages::Request;
 use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{guest_agent, kernel, require_kvm, target_dir, vmm_bin};
 
 /// Generous bounds for boots under PVM emulation; never timing claims.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Two spare disks, for images attached while the guest runs.
+const SHAPE: template::Shape = template::Shape {
+    vcpus: sandbox::DEFAULT_VCPUS,
+    mem_mib: sandbox::DEFAULT_MEM_MIB,
+    spare_disks: 2,
+};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -58,14 +65,7 @@ fn fixture() -> &'static Fixture {
         let mut built = false;
         let t0 = Instant::now();
         let template = cache
-            .ensure(
-                &artifacts,
-                sandbox::DEFAULT_VCPUS,
-                sandbox::DEFAULT_MEM_MIB,
-                &opts,
-                &mut |_| built = true,
-                &mut |_| Ok(()),
-            )
+            .ensure(&artifacts, SHAPE, &opts, &mut |_| built = true, &mut |_| Ok(()))
             .unwrap_or_else(|e| {
                 let console = std::fs::read_to_string(dir.path().join("template-console.log")).unwrap_or_default();
                 panic!("template build: {e}\nconsole:\n{console}")
@@ -77,8 +77,7 @@ fn fixture() -> &'static Fixture {
         let again = cache
             .ensure(
                 &artifacts,
-                sandbox::DEFAULT_VCPUS,
-                sandbox::DEFAULT_MEM_MIB,
+                SHAPE,
                 &opts,
                 &mut |_| panic!("rebuilt a usable template"),
                 &mut |_| Ok(()),
@@ -112,6 +111,8 @@ fn config(name: &str, template: Option<Template>) -> SandboxConfig {
     cfg.runtime_root = Some(runtime(f.dir.path(), name));
     cfg.boot_timeout = Some(BOOT_TIMEOUT);
     cfg.template = template;
+    cfg.spare_disks = SHAPE.spare_disks;
+    cfg.api_socket = true;
     cfg
 }
 
@@ -192,6 +193,79 @@ fn restored_sandboxes_are_unique_and_isolated() {
     assert_eq!(sha256(&f.template.dir().join(template::STATE_FILE)), state_before);
 }
 
+/// A busybox root with `/marker` holding `marker` and `pad` more bytes in
+/// `/pad`, as a cached ext4 image.
+fn marked_image(name: &str, marker: &str, pad: usize) -> RootfsImage {
+    let f = fixture();
+    let root = f.dir.path().join("roots").join(name);
+    std::fs::create_dir_all(&root).unwrap();
+    bulkhead::default_rootfs::materialize(&root).unwrap();
+    std::fs::write(root.join("marker"), marker).unwrap();
+    std::fs::write(root.join("pad"), vec![7u8; pad]).unwrap();
+    let cache = ImageCache::new(f.cache_root.join("rootfs"));
+    let path = cache.image_for_dir(&root, &mut |_| {}).unwrap();
+    RootfsImage {
+        path,
+        fstype: bulkhead::rootfs::FsType::Ext4,
+    }
+}
+
+/// Runs `script` in a new container whose root is on `disk` (holding
+/// `image`), then deletes the container; returns its stdout.
+fn run_on_disk(sb: &Sandbox, id: &str, image: &RootfsImage, disk: u8, script: &str) -> String {
+    let spec = sandbox::container_on_disk(id, sh(script), image, disk).unwrap();
+    let out = sb.run_container(spec, None).unwrap();
+    assert_eq!(out.status, 0, "{script} on disk {disk}: {}", out.stderr_text());
+    sb.client()
+        .unwrap()
+        .call_ok(&Request::Delete {
+            container_id: id.into(),
+        })
+        .unwrap();
+    out.stdout_text()
+}
+
+/// Spare disks take images while the guest runs: a container on one sees
+/// that image, the same disk given another image of the same size shows the
+/// new contents (no stale cached blocks), a larger one its full size, and
+/// the root disk is unaffected. Bad requests are refused with a reason.
+#[test]
+fn spare_disks_take_new_images_while_the_guest_runs() {
+    let b = marked_image("b", "bee", 0);
+    let c = marked_image("c", "sea", 0);
+    let d = marked_image("d", "dee", 3 << 20);
+    let size = |i: &RootfsImage| std::fs::metadata(&i.path).unwrap().len();
+    assert_eq!(size(&b), size(&c), "same-size images test the cache flush");
+    assert!(size(&d) > size(&b));
+    let sb = restore("spare");
+    start_long(&sb);
+
+    sb.attach_image(1, &b.path).unwrap();
+    assert_eq!(run_on_disk(&sb, "on-b", &b, 1, "cat /marker"), "bee");
+    sb.detach_image(1).unwrap();
+    sb.attach_image(1, &c.path).unwrap();
+    assert_eq!(run_on_disk(&sb, "on-c", &c, 1, "cat /marker"), "sea");
+    sb.attach_image(2, &d.path).unwrap();
+    assert_eq!(
+        run_on_disk(&sb, "on-d", &d, 2, "cat /marker; wc -c < /pad"),
+        format!("dee{}\n", 3 << 20)
+    );
+    // The root disk and its running container are untouched.
+    assert_eq!(exec(&sb, "long", "test -e /marker || echo no-marker"), "no-marker\n");
+
+    let e = sb.attach_image(3, &b.path).unwrap_err().to_string();
+    assert!(e.contains("no spare disk 3: this sandbox has 2"), "{e}");
+    let e = sb
+        .attach_image(1, Path::new("/nonexistent.img"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("400") && e.contains("cannot open"), "{e}");
+    // Refused: disk 1 still has image c.
+    assert_eq!(run_on_disk(&sb, "on-c-again", &c, 1, "cat /marker"), "sea");
+    let status = sb.shutdown().unwrap();
+    assert!(status.success(), "VMM after shutdown: {status}");
+}
+
 /// A snapshot of a sandbox whose agent is serving a blocking request (an
 /// open vsock stream) restores with that stream gone and new ones working.
 #[test]
@@ -210,9 +284,10 @@ fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
 
     let snap = f.dir.path().join("open-stream-snapshot");
     let api = sb.api_socket_path().unwrap().to_path_buf();
-    template::api_call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#).unwrap();
+    let t = Duration::from_secs(120);
+    vmm_api::call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#, t).unwrap();
     let body = format!(r#"{{"snapshot_path":"{}"}}"#, snap.display());
-    template::api_call(&api, "PUT", "/snapshot/create", &body).unwrap();
+    vmm_api::call(&api, "PUT", "/snapshot/create", &body, t).unwrap();
     drop(sb);
     // The old stream ends with its VMM.
     assert!(waiter.join().unwrap().is_err(), "the blocked call outlived its VM");

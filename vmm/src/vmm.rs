@@ -166,6 +166,9 @@ impl BootPlan {
     }
 }
 
+/// A device just put on the bus, and its transport.
+type Added<D> = (Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>);
+
 /// The VM's virtio devices, seen as event sources and as devices.
 struct VirtioDevices {
     subscribers: Vec<Subscriber>,
@@ -192,7 +195,7 @@ impl VirtioDevices {
         vm: &Vm,
         manager: &mut DeviceManager,
         dev: D,
-    ) -> Result<(Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>), VmmError> {
+    ) -> Result<Added<D>, VmmError> {
         let dev = Arc::new(Mutex::new(dev));
         let transport = manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
         self.subscribers.push(dev.clone());
