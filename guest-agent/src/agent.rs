@@ -621,6 +621,14 @@ impl Agent {
         Ok(self.lock().container(id)?.cgroup.stats())
     }
 
+    pub fn update(&self, id: &str, res: &bulkhead_protocol::messages::Resources) -> Result<(), OpError> {
+        self.lock()
+            .container(id)?
+            .cgroup
+            .apply(res)
+            .map_err(|e| OpError::Failed(format!("updating the limits of {id:?}: {e}")))
+    }
+
     pub fn processes(&self, id: &str) -> Result<Vec<u32>, OpError> {
         Ok(self.lock().container(id)?.cgroup.pids())
     }
@@ -692,6 +700,10 @@ impl Agent {
                 .close_stdin(container_id, exec_id.as_deref())
                 .map(|()| Response::Ok),
             R::Stats { container_id } => self.stats(container_id).map(|stats| Response::Stats { stats }),
+            R::Update {
+                container_id,
+                resources,
+            } => self.update(container_id, resources).map(|()| Response::Ok),
             R::ListProcesses { container_id } => self.processes(container_id).map(|pids| Response::Processes { pids }),
             R::Delete { container_id } => self.delete(container_id).map(|()| Response::Ok),
             R::Reseed { entropy, realtime_ns } => self.reseed(entropy, *realtime_ns).map(|()| Response::Ok),

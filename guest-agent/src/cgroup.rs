@@ -63,7 +63,7 @@ impl Cgroup {
         fs::write(&p, value).map_err(io_err(&p))
     }
 
-    fn apply(&self, res: &Resources) -> Result<(), CgroupError> {
+    pub fn apply(&self, res: &Resources) -> Result<(), CgroupError> {
         if let Some(m) = res.memory_max_bytes {
             self.write("memory.max", &m.to_string(), "memory")?;
             // A sandbox has no swap to speak of; make the limit a limit.

@@ -100,6 +100,7 @@ pub fn op_name(req: &Request) -> &'static str {
         Request::ResizeTty { .. } => "resize_tty",
         Request::CloseStdin { .. } => "close_stdin",
         Request::Stats { .. } => "stats",
+        Request::Update { .. } => "update",
         Request::ListProcesses { .. } => "list_processes",
         Request::Delete { .. } => "delete",
         Request::Reseed { .. } => "reseed",

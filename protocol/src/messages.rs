@@ -227,6 +227,11 @@ pub enum Request {
     Stats {
         container_id: String,
     },
+    /// Changes a running container's limits; the ones left `None` stay.
+    Update {
+        container_id: String,
+        resources: Resources,
+    },
     ListProcesses {
         container_id: String,
     },
@@ -455,23 +460,7 @@ impl CreateContainer {
         for p in self.masked_paths.iter().chain(&self.readonly_paths) {
             check_path("masked_paths/readonly_paths", p)?;
         }
-        let r = &self.resources;
-        if r.memory_max_bytes.is_some_and(|m| m < 1 << 20) {
-            return Err(invalid("resources.memory_max_bytes", "below 1 MiB"));
-        }
-        if r.pids_max == Some(0) {
-            return Err(invalid("resources.pids_max", "must be at least 1"));
-        }
-        match (r.cpu_quota_usec, r.cpu_period_usec) {
-            (None, None) => {}
-            (Some(q), Some(p)) if (1000..=1_000_000).contains(&p) && q >= 1000 => {}
-            _ => {
-                return Err(invalid(
-                    "resources.cpu_quota_usec",
-                    "quota (at least 1000) and period (1000 to 1000000) go together",
-                ))
-            }
-        }
+        self.resources.validate()?;
         if self.process.terminal && self.stdio.stdin.is_some() {
             return Err(invalid(
                 "stdio.stdin",
@@ -482,11 +471,37 @@ impl CreateContainer {
     }
 }
 
+impl Resources {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.memory_max_bytes.is_some_and(|m| m < 1 << 20) {
+            return Err(invalid("resources.memory_max_bytes", "below 1 MiB"));
+        }
+        if self.pids_max == Some(0) {
+            return Err(invalid("resources.pids_max", "must be at least 1"));
+        }
+        match (self.cpu_quota_usec, self.cpu_period_usec) {
+            (None, None) => Ok(()),
+            (Some(q), Some(p)) if (1000..=1_000_000).contains(&p) && q >= 1000 => Ok(()),
+            _ => Err(invalid(
+                "resources.cpu_quota_usec",
+                "quota (at least 1000) and period (1000 to 1000000) go together",
+            )),
+        }
+    }
+}
+
 impl Request {
     /// Checks every field before the agent acts on the request.
     pub fn validate(&self) -> Result<(), ValidationError> {
         match self {
             Request::Create { container } => container.validate(),
+            Request::Update {
+                container_id,
+                resources,
+            } => {
+                check_id("container_id", container_id)?;
+                resources.validate()
+            }
             Request::Start { container_id }
             | Request::Delete { container_id }
             | Request::Stats { container_id }

@@ -902,11 +902,25 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> TResult<Empty> {
-        Err(rpc_err(
-            Code::UNIMPLEMENTED,
-            "updating resources is not supported: the agent cannot change a running container's limits yet",
-        ))
+    /// New memory, pids and CPU limits for a container's cgroup in the
+    /// guest. The VM's own size stays (no memory or vCPU hotplug).
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TResult<Empty> {
+        let inner = &self.inner;
+        let _ = inner.proc(&req.id, "")?;
+        let Some(any) = req.resources.as_ref() else {
+            return Ok(Empty::new());
+        };
+        let resources =
+            spec::update_resources(&any.type_url, &any.value).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        let request = Request::Update {
+            container_id: req.id.clone(),
+            resources,
+        };
+        request.validate().map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        let sb = inner.sandbox()?;
+        let mut client = sb.client().map_err(internal)?;
+        client.call_ok(&request).map_err(|e| agent_err(sb.explain(e)))?;
+        Ok(Empty::new())
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TResult<api::WaitResponse> {

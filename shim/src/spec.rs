@@ -41,28 +41,35 @@ pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
     let process = process(v.get("process").ok_or_else(|| SpecError::Field("no process".into()))?)?;
     let hostname = v.get("hostname").and_then(Value::as_str).map(String::from);
     let annotations = annotations(&v);
-    let mut resources = Resources::default();
-    if let Some(r) = v.pointer("/linux/resources") {
-        resources.memory_max_bytes = r
-            .pointer("/memory/limit")
-            .and_then(Value::as_i64)
-            .and_then(|l| u64::try_from(l).ok());
-        resources.pids_max = r
-            .pointer("/pids/limit")
-            .and_then(Value::as_i64)
-            .and_then(|l| u64::try_from(l).ok());
-        resources.cpu_quota_usec = r
-            .pointer("/cpu/quota")
-            .and_then(Value::as_i64)
-            .and_then(|l| u64::try_from(l).ok());
-        resources.cpu_period_usec = r.pointer("/cpu/period").and_then(Value::as_u64);
-    }
+    let resources = v.pointer("/linux/resources").map(resources).unwrap_or_default();
     Ok(BundleSpec {
         process,
         hostname,
         annotations,
         resources,
     })
+}
+
+/// The limits of an OCI `LinuxResources` object the agent can apply
+/// (memory, pids, cpu quota); a negative value (unlimited) or an absent one
+/// is `None`.
+pub fn resources(r: &Value) -> Resources {
+    let non_negative = |p: &str| r.pointer(p).and_then(Value::as_i64).and_then(|l| u64::try_from(l).ok());
+    Resources {
+        memory_max_bytes: non_negative("/memory/limit"),
+        pids_max: non_negative("/pids/limit"),
+        cpu_quota_usec: non_negative("/cpu/quota"),
+        cpu_period_usec: r.pointer("/cpu/period").and_then(Value::as_u64),
+    }
+}
+
+/// The resources of an `UpdateTaskRequest`: containerd sends the OCI
+/// `LinuxResources` as JSON under this type URL.
+pub fn update_resources(type_url: &str, value: &[u8]) -> Result<Resources, SpecError> {
+    if !type_url.ends_with("opencontainers/runtime-spec/1/LinuxResources") {
+        return Err(SpecError::Field(format!("update resources of type {type_url:?}")));
+    }
+    Ok(resources(&serde_json::from_slice(value)?))
 }
 
 /// The bundle's annotations (empty when it has none or cannot be read).
@@ -183,5 +190,21 @@ mod tests {
         assert_eq!(s.resources.pids_max, None);
         assert!(parse_bundle(br#"{"process":{"args":[1]}}"#).is_err());
         assert!(parse_bundle(br#"{"process":{"args":[]}}"#).is_err());
+    }
+
+    #[test]
+    fn update_resources_come_as_oci_json() {
+        let url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+        let r = update_resources(
+            url,
+            br#"{"memory":{"limit":33554432},"cpu":{"quota":50000,"period":100000}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.memory_max_bytes, Some(32 << 20));
+        assert_eq!((r.cpu_quota_usec, r.cpu_period_usec), (Some(50000), Some(100000)));
+        assert_eq!(r.pids_max, None, "absent: unchanged");
+        assert!(update_resources(url, b"not json").is_err());
+        let e = update_resources("example.com/Other", b"{}").unwrap_err().to_string();
+        assert!(e.contains("example.com/Other"), "{e}");
     }
 }

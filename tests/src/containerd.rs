@@ -7,9 +7,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "bulkhead.test/busybox:latest";
+/// A pod's infrastructure image as CRI uses it (Kubernetes' `pause`): a
+/// different image from the app's, whose entrypoint `/pause` sleeps, with
+/// `/image-name` saying which image a container sees.
+pub const PAUSE_IMAGE: &str = "bulkhead.test/pause:1";
 pub const RUNTIME: &str = "io.containerd.bulkhead.v2";
 const APPLETS: &[&str] = &[
-    "sh", "echo", "true", "false", "sleep", "cat", "ls", "ps", "id", "test", "hostname", "tty",
+    "sh", "echo", "true", "false", "sleep", "cat", "ls", "ps", "id", "test", "hostname", "tty", "awk",
 ];
 
 pub struct Containerd {
@@ -59,8 +63,10 @@ fn sha256_hex(b: &[u8]) -> String {
         .to_string()
 }
 
-/// Writes an OCI image layout tarball of busybox and its applets.
-pub fn build_image(dir: &Path) -> PathBuf {
+/// Writes an OCI image layout tarball named `name` of busybox and its
+/// applets, plus `files` (path, contents, mode), running `cmd` by default.
+pub fn build_image(dir: &Path, name: &str, files: &[(&str, &str, u32)], cmd: &[&str]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let layer_root = dir.join("layer");
     std::fs::create_dir_all(layer_root.join("bin")).unwrap();
     std::fs::write(layer_root.join("bin/busybox"), crate::busybox()).unwrap();
@@ -72,13 +78,18 @@ pub fn build_image(dir: &Path) -> PathBuf {
     for a in APPLETS {
         std::os::unix::fs::symlink("busybox", layer_root.join("bin").join(a)).unwrap();
     }
+    for (path, contents, mode) in files {
+        let p = layer_root.join(path);
+        std::fs::write(&p, contents).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+    }
     let layer_tar = dir.join("layer.tar");
     let st = Command::new("tar")
         .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "-C"])
         .arg(&layer_root)
         .arg("-cf")
         .arg(&layer_tar)
-        .arg("bin")
+        .arg(".")
         .status()
         .unwrap();
     assert!(st.success());
@@ -92,14 +103,14 @@ pub fn build_image(dir: &Path) -> PathBuf {
     };
     let (ld, ls) = put(&std::fs::read(&layer_tar).unwrap());
     let config = serde_json::json!({"architecture":"amd64","os":"linux",
-        "config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[ld]}});
+        "config":{"Env":["PATH=/bin"],"Cmd":cmd},"rootfs":{"type":"layers","diff_ids":[ld]}});
     let (cd, cs) = put(config.to_string().as_bytes());
     let manifest = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
         "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd,"size":cs},
         "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":ld,"size":ls}]});
     let (md, ms) = put(manifest.to_string().as_bytes());
     let index = serde_json::json!({"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",
-        "digest":md,"size":ms,"annotations":{"org.opencontainers.image.ref.name":"latest","io.containerd.image.name":IMAGE}}]});
+        "digest":md,"size":ms,"annotations":{"org.opencontainers.image.ref.name":"latest","io.containerd.image.name":name}}]});
     std::fs::write(oci.join("index.json"), index.to_string()).unwrap();
     std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let tarball = dir.join("image.tar");
@@ -157,9 +168,20 @@ impl Containerd {
         .unwrap();
         let mut c = Containerd { dir, child: None };
         c.spawn();
-        let image = build_image(c.dir.path());
-        let out = c.ctr(&["image", "import", image.to_str().unwrap()]);
-        assert!(out.status.success(), "image import: {}", crate::text(&out.stderr));
+        let app = build_image(&c.dir.path().join("image-app"), IMAGE, &[], &["sh"]);
+        let pause = build_image(
+            &c.dir.path().join("image-pause"),
+            PAUSE_IMAGE,
+            &[
+                ("pause", "#!/bin/sh\nexec sleep 2147483647\n", 0o755),
+                ("image-name", "pause\n", 0o644),
+            ],
+            &["/pause"],
+        );
+        for image in [app, pause] {
+            let out = c.ctr(&["image", "import", image.to_str().unwrap()]);
+            assert!(out.status.success(), "image import: {}", crate::text(&out.stderr));
+        }
         c
     }
 
@@ -228,9 +250,21 @@ impl Containerd {
 
     /// `ctr run` with our runtime and this tier's configuration.
     pub fn run_args<'a>(&'a self, cfg: &'a str, extra: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+        self.run_image_args(cfg, extra, IMAGE, id, cmd)
+    }
+
+    /// [`Containerd::run_args`] for another image.
+    pub fn run_image_args<'a>(
+        &'a self,
+        cfg: &'a str,
+        extra: &[&'a str],
+        image: &'a str,
+        id: &'a str,
+        cmd: &[&'a str],
+    ) -> Vec<&'a str> {
         let mut v = vec!["run", "--runtime", RUNTIME, "--runtime-config-path", cfg];
         v.extend_from_slice(extra);
-        v.push(IMAGE);
+        v.push(image);
         v.push(id);
         v.extend_from_slice(cmd);
         v
@@ -344,4 +378,35 @@ impl Drop for Containerd {
             let _ = Command::new("umount").arg("-l").arg(p).status();
         }
     }
+}
+
+/// Calls the shim of container `id` as containerd does, with an
+/// `UpdateTaskRequest` carrying OCI `LinuxResources` JSON (containerd 1.6's
+/// `ctr` has no `task update`); returns the shim's error in words.
+pub fn shim_update(ctd: &Containerd, id: &str, resources_json: &str) -> Result<(), String> {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::{Message, MessageField};
+    use containerd_shim_protos::ttrpc;
+    use containerd_shim_protos::ttrpc::proto::RequestInit;
+
+    let address = std::fs::read_to_string(ctd.bundle(id).join("address")).map_err(|e| e.to_string())?;
+    let client = ttrpc::Client::connect(address.trim()).map_err(|e| e.to_string())?;
+    let update = UpdateTaskRequest {
+        id: id.into(),
+        resources: MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: resources_json.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut req = ttrpc::Request::init_request(
+        "containerd.task.v2.Task".into(),
+        "Update".into(),
+        30_000_000_000,
+        Vec::new(),
+    );
+    req.set_payload(update.write_to_bytes().map_err(|e| e.to_string())?);
+    client.request(req).map(|_| ()).map_err(|e| e.to_string())
 }

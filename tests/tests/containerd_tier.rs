@@ -2,10 +2,12 @@
 //! with `ctr`. The shim starts pods from a sandbox template: the first pod
 //! builds it (one cold boot), every later one restores it. Boots and
 //! restores are slow on PVM hosts, so the scenarios share few sandboxes:
-//! one `ctr run --rm`; one long-running pod that gets execs, ps, metrics,
-//! pause/resume, more containers grouped into its VM by the CRI annotations
-//! (one of them a TTY), a containerd restart and a kill; one pod whose VMM
-//! is killed; one pod whose shim is killed.
+//! one `ctr run --rm`; one pod shaped as CRI makes them (a pause container
+//! of its own image, then app containers of another image grouped into its
+//! VM by the CRI annotations) that gets execs, ps, metrics, pause/resume,
+//! two app containers at once, an OOM kill, a TTY, a containerd restart and
+//! a kill; one pod whose VMM is killed, running next to it; one pod whose
+//! shim is killed.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::containerd::{
-    children_matching, kill9, pids_matching, require_containerd, Containerd, KillOnDrop, IMAGE, RUNTIME,
+    children_matching, kill9, pids_matching, require_containerd, shim_update, Containerd, KillOnDrop, IMAGE,
+    PAUSE_IMAGE, RUNTIME,
 };
 use bulkhead_tests::{kernel, require_kvm, text, vmm_bin};
 
@@ -128,10 +131,46 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     assert_eq!(text(&o.stdout), "hello\n");
     assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
 
-    // 2: a long-running container and what can be done to it.
+    // 2: a pod as CRI starts one: its sandbox container runs the pause
+    // image (its own entrypoint), and what can be done to it.
+    const IN_POD_B1: [&str; 4] = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=b1",
+    ];
     ok(
-        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "b1", &["sleep", "1000"])),
-        "run -d",
+        &ctd.ctr(&ctd.run_image_args(
+            &cfg,
+            &[
+                "-d",
+                "--null-io",
+                "--annotation",
+                "io.kubernetes.cri.container-type=sandbox",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-id=b1",
+            ],
+            PAUSE_IMAGE,
+            "b1",
+            &[],
+        )),
+        "run -d b1 (pause)",
+    );
+    let o = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e0",
+        "b1",
+        "sh",
+        "-c",
+        "cat /image-name; ps -o args",
+    ]);
+    let out = text(&o.stdout);
+    assert!(
+        out.starts_with("pause\n") && out.contains("sleep 2147483647"),
+        "{out}{}",
+        text(&o.stderr)
     );
     let o = ctd.ctr(&[
         "task",
@@ -157,21 +196,74 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let o = ctd.ctr(&["task", "exec", "--exec-id", "e3", "b1", "echo", "after-resume"]);
     assert_eq!(text(&o.stdout), "after-resume\n", "{}", text(&o.stderr));
 
-    // A second container in the same pod: same shim, same VM.
+    // An app container of another image in the same pod: same shim, same
+    // VM, its own root (the image goes to a spare disk while the VM runs).
     let vmms_before = pids_matching(&ctd.dir.path().join("run").to_string_lossy()).len();
+    let mut rm_in_pod = vec!["--rm"];
+    rm_in_pod.extend(IN_POD_B1);
     let o = ctd.ctr(&ctd.run_args(
         &cfg,
-        &[
-            "--rm",
-            "--annotation",
-            "io.kubernetes.cri.container-type=container",
-            "--annotation",
-            "io.kubernetes.cri.sandbox-id=b1",
-        ],
+        &rm_in_pod,
         "b2",
-        &["sh", "-c", "echo second"],
+        &["sh", "-c", "echo second; test -e /image-name || echo app-image"],
     ));
-    assert_eq!(text(&o.stdout), "second\n", "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "second\napp-image\n", "{}", text(&o.stderr));
+    assert_eq!(
+        pids_matching(&ctd.dir.path().join("run").to_string_lossy()).len(),
+        vmms_before
+    );
+
+    // Two app containers at once next to the pause container; one is
+    // killed by the OOM killer under its memory limit (a string that
+    // doubles until it breaks 16 MiB), which containerd hears as TaskOOM.
+    let mut detached_in_pod = vec!["-d", "--null-io"];
+    detached_in_pod.extend(IN_POD_B1);
+    ok(
+        &ctd.ctr(&ctd.run_args(&cfg, &detached_in_pod, "b4", &["sleep", "1000"])),
+        "run -d b4",
+    );
+    let mut oom_in_pod = vec!["--rm", "--memory-limit", "16777216"];
+    oom_in_pod.extend(IN_POD_B1);
+    let o = ctd.ctr(&ctd.run_args(
+        &cfg,
+        &oom_in_pod,
+        "b5",
+        &["awk", "BEGIN { s = \"x\"; while (1) s = s s }"],
+    ));
+    assert_eq!(o.status.code(), Some(137), "{}{}", text(&o.stdout), text(&o.stderr));
+    let o = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e4",
+        "b4",
+        "sh",
+        "-c",
+        "test -e /image-name || echo app",
+    ]);
+    assert_eq!(text(&o.stdout), "app\n", "{}", text(&o.stderr));
+    // Update: new limits for b4's cgroup in the guest, as containerd sends
+    // them (CRI's UpdateContainerResources); a bad one is refused.
+    shim_update(&ctd, "b4", r#"{"memory":{"limit":50331648},"pids":{"limit":99}}"#).unwrap();
+    let o = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e6",
+        "b4",
+        "cat",
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/pids.max",
+    ]);
+    assert_eq!(text(&o.stdout), "50331648\n99\n", "{}", text(&o.stderr));
+    let e = shim_update(&ctd, "b4", r#"{"memory":{"limit":4096}}"#).unwrap_err();
+    assert!(e.contains("below 1 MiB"), "{e}");
+    let o = ctd.ctr(&["task", "exec", "--exec-id", "e5", "b1", "cat", "/image-name"]);
+    assert_eq!(text(&o.stdout), "pause\n", "{}", text(&o.stderr));
+    ok(&ctd.ctr(&["task", "kill", "-s", "SIGKILL", "b4"]), "kill b4");
+    wait_until("b4 STOPPED", || task_status(&ctd, "b4").as_deref() == Some("STOPPED"));
+    ok(&ctd.ctr(&["task", "delete", "b4"]), "task delete b4");
+    ok(&ctd.ctr(&["container", "rm", "b4"]), "container rm b4");
     assert_eq!(
         pids_matching(&ctd.dir.path().join("run").to_string_lossy()).len(),
         vmms_before
@@ -205,6 +297,17 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let ls = ok(&ctd.ctr(&["task", "ls"]), "ls after restart");
     assert!(ls.contains("b1") && ls.contains("RUNNING"), "{ls}");
 
+    // 3 starts next to pod b1: two pods, two shims, two VMs at once.
+    ok(
+        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "v1", &["sleep", "1000"])),
+        "run -d v1",
+    );
+    let (b1_shim, b1_vmm) = vmm_of(&ctd, "b1");
+    let (v1_shim, v1_vmm) = vmm_of(&ctd, "v1");
+    assert!(b1_shim != v1_shim && b1_vmm != v1_vmm, "b1 and v1 share a shim or VM");
+    let o = ctd.ctr(&["task", "exec", "--exec-id", "v", "v1", "echo", "v1-alive"]);
+    assert_eq!(text(&o.stdout), "v1-alive\n", "{}", text(&o.stderr));
+
     // Kill with a signal: status 128 + 15.
     ok(&ctd.ctr(&["task", "kill", "-s", "SIGTERM", "b1"]), "kill");
     let mut stopped = false;
@@ -222,12 +325,7 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
 
     // 3: the VMM dies under a running task: TaskExit with a non-zero
     // status, STOPPED, and delete leaves nothing.
-    ok(
-        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "v1", &["sleep", "1000"])),
-        "run -d v1",
-    );
-    let (_, vmm) = vmm_of(&ctd, "v1");
-    kill9(vmm);
+    kill9(v1_vmm);
     wait_until("v1 STOPPED after its VMM died", || {
         task_status(&ctd, "v1").as_deref() == Some("STOPPED")
     });
@@ -258,7 +356,24 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     // containerd cleans up after a dead shim in the background (it runs the
     // shim binary's `delete`), racing the ctr commands above: wait for the
     // clean-up to finish rather than catch it half-way.
-    wait_until("the dead shim's socket removed", || !socket.exists());
+    let deadline = Instant::now() + PATIENCE;
+    while socket.exists() {
+        if Instant::now() > deadline {
+            // Who still listens there (a leaked descriptor would show here).
+            let ss = Command::new("ss").args(["-xlp"]).output().map(|o| text(&o.stdout));
+            let holders: Vec<String> = ss
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&*socket.to_string_lossy()))
+                .map(String::from)
+                .collect();
+            panic!(
+                "the dead shim's socket {} stays; listeners: {holders:?}",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_until("the dead shim's run directory removed", || !run_dir.exists());
     wait_until("the dead shim's bundle removed", || !bundle.exists());
     assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
@@ -281,12 +396,17 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     };
     order("a1", &["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]);
     order("e1", &["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]);
+    order("b5", &["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]);
+    assert!(
+        ev.lines().any(|l| l.contains("/tasks/oom") && l.contains("\"b5\"")),
+        "no TaskOOM for b5 in {ev}"
+    );
     assert!(ev.contains("/tasks/paused") && ev.contains("/tasks/resumed"), "{ev}");
     // The dead VMM's task ended with the shim's "VM gone" status.
     let ev2 = std::fs::read_to_string(&events_after).unwrap();
     let v1_exit: Vec<&str> = ev2
         .lines()
-        .filter(|l| l.contains("/tasks/exit") && l.contains("\"container_id\":\"v1\""))
+        .filter(|l| l.contains("/tasks/exit") && l.contains("\"container_id\":\"v1\",\"id\":\"v1\""))
         .collect();
     assert_eq!(v1_exit.len(), 1, "{ev2}");
     assert!(v1_exit[0].contains("\"exit_status\":255"), "{}", v1_exit[0]);
