@@ -189,7 +189,14 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     }
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         let path = Path::new(socket_path(address.trim()));
-        if path.exists() && UnixStream::connect(path).is_err() {
+        // The pod's shim serves the socket for all of its containers: keep
+        // it while that shim lives. Ask the process table first: a shim
+        // that was just killed can look alive to a connect for a moment.
+        let gone = match shim_alive(&bundle) {
+            Some(alive) => !alive,
+            None => UnixStream::connect(path).is_err(),
+        };
+        if path.exists() && gone {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -212,6 +219,39 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     resp.write_to_writer(&mut out)?;
     out.flush()?;
     Ok(())
+}
+
+/// Whether the shim recorded in the bundle's `shim.pid` still runs: a
+/// process of this binary that is not a zombie. `None` when there is no
+/// record to go by.
+fn shim_alive(bundle: &Path) -> Option<bool> {
+    let pid: u32 = std::fs::read_to_string(bundle.join("shim.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return Some(false);
+    };
+    // The state follows the parenthesised command name, which may hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, None | Some("Z" | "X" | "x")) {
+        return Some(false);
+    }
+    // The pid may have been reused by another program. By name, so that a
+    // shim whose binary was upgraded under it still counts.
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+    };
+    let same_binary = match (std::fs::read_link(proc_dir.join("exe")), std::env::current_exe()) {
+        (Ok(exe), Ok(me)) => name(&exe).is_some() && name(&exe) == name(&me),
+        _ => false,
+    };
+    Some(same_binary)
 }
 
 /// Logs go to the `log` FIFO containerd opened in the bundle, which it
@@ -280,4 +320,35 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     server.shutdown();
     let _ = std::fs::remove_file(socket_path(&flags.socket));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shim_liveness_from_the_pid_file() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(shim_alive(d.path()), None, "no record");
+        std::fs::write(d.path().join("shim.pid"), std::process::id().to_string()).unwrap();
+        assert_eq!(shim_alive(d.path()), Some(true), "this very binary runs");
+        std::fs::write(d.path().join("shim.pid"), "1").unwrap();
+        assert_eq!(shim_alive(d.path()), Some(false), "pid 1 is another program");
+        std::fs::write(d.path().join("shim.pid"), "4194304").unwrap();
+        assert_eq!(shim_alive(d.path()), Some(false), "no such process");
+        // A zombie: a child that exited and is not reaped yet.
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--list")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::fs::write(d.path().join("shim.pid"), child.id().to_string()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while shim_alive(d.path()) == Some(true) {
+            assert!(std::time::Instant::now() < deadline, "the child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(shim_alive(d.path()), Some(false), "a zombie is gone");
+        child.wait().unwrap();
+    }
 }
