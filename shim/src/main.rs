@@ -295,12 +295,15 @@ fn task_v2_methods<V>(methods: std::collections::HashMap<String, V>) -> std::col
 
 fn serve(flags: &Flags) -> anyhow::Result<()> {
     init_logging(flags.debug);
+    // stderr is /dev/null: a panic (which aborts the shim) must reach
+    // containerd's log through ours.
+    std::panic::set_hook(Box::new(|info| tracing::error!("shim panic: {info}")));
     let config = std::env::var_os(CONFIG_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
     let ttrpc = std::env::var(TTRPC_ADDRESS_ENV).context("TTRPC_ADDRESS is not set")?;
     let publisher = containerd_shim::publisher::RemotePublisher::new(&ttrpc)?;
-    let exit = Arc::new(ExitSignal::default());
+    let exit = Arc::new(ExitSignal::removing(PathBuf::from(socket_path(&flags.socket))));
     let task: Arc<dyn Task + Send + Sync> = Arc::new(Service::new(&flags.namespace, publisher, config, exit.clone()));
     // The inherited listener is not close-on-exec: without this every VMM
     // the shim starts would hold containerd's socket for this shim, and

@@ -73,10 +73,29 @@ fn now() -> Timestamp {
 pub struct ExitSignal {
     done: Mutex<bool>,
     cond: Condvar,
+    /// The socket containerd reaches this shim on.
+    socket: Option<PathBuf>,
 }
 
 impl ExitSignal {
+    /// One that also unlinks `socket` when signalled.
+    pub fn removing(socket: PathBuf) -> Self {
+        ExitSignal {
+            socket: Some(socket),
+            ..Default::default()
+        }
+    }
+
     pub fn signal(&self) {
+        // Unlinked before Shutdown is answered: containerd may start a new
+        // shim for the same id at once (another runtime's shim too), and
+        // its `start` must not find this one's socket and connect to a
+        // shim that is going away.
+        if let Some(p) = &self.socket {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::debug!("removing {}: {e}", p.display());
+            }
+        }
         *lock(&self.done) = true;
         self.cond.notify_all();
     }
