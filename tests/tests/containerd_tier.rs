@@ -308,8 +308,30 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let o = ctd.ctr(&["task", "exec", "--exec-id", "v", "v1", "echo", "v1-alive"]);
     assert_eq!(text(&o.stdout), "v1-alive\n", "{}", text(&o.stderr));
 
-    // Kill with a signal: status 128 + 15.
-    ok(&ctd.ctr(&["task", "kill", "-s", "SIGTERM", "b1"]), "kill");
+    // stdin through an exec, ended by CloseIO at EOF.
+    let mut cat = KillOnDrop(
+        ctd.ctr_cmd(&["task", "exec", "--exec-id", "e7", "b1", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    {
+        use std::io::Write;
+        let mut stdin = cat.0.stdin.take().unwrap();
+        stdin.write_all(b"through-stdin\n").unwrap();
+    }
+    let mut out = String::new();
+    cat.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(out, "through-stdin\n");
+    wait_until("the stdin exec ends", || cat.0.try_wait().unwrap().is_some());
+
+    // Kill every process of the container with a signal: status 128 + 15.
+    ok(
+        &ctd.ctr(&["task", "kill", "--all", "-s", "SIGTERM", "b1"]),
+        "kill --all",
+    );
     let mut stopped = false;
     for _ in 0..300 {
         let ls = ok(&ctd.ctr(&["task", "ls"]), "ls");
@@ -416,6 +438,9 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let restores = log.matches("restoring the sandbox VM").count();
     assert_eq!(restores, 4, "a1, b1, v1, k1 restore the template; the log:\n{log}");
     assert!(!log.contains("booting the sandbox VM cold"), "{log}");
+    // Root images are built once per image (the app's and the pause
+    // image) and then come from the cache.
+    assert_eq!(log.matches("building the root filesystem image").count(), 2, "{log}");
     let templates: Vec<_> = std::fs::read_dir(ctd.dir.path().join("templates"))
         .unwrap()
         .flatten()
