@@ -42,6 +42,7 @@ pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
     let hostname = v.get("hostname").and_then(Value::as_str).map(String::from);
     let annotations = annotations(&v);
     let resources = v.pointer("/linux/resources").map(resources).unwrap_or_default();
+    check_mounts(&v)?;
     Ok(BundleSpec {
         process,
         hostname,
@@ -70,6 +71,48 @@ pub fn update_resources(type_url: &str, value: &[u8]) -> Result<Resources, SpecE
         return Err(SpecError::Field(format!("update resources of type {type_url:?}")));
     }
     Ok(resources(&serde_json::from_slice(value)?))
+}
+
+/// Files CRI bind-mounts from the host into every container. The guest
+/// cannot reach host files, so the container keeps its image's (or the
+/// agent's) version of these: they carry no workload data.
+const CRI_MANAGED_FILES: &[&str] = &[
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/dev/shm",
+    "/dev/termination-log",
+];
+
+/// Refuses host bind mounts (volumes): without a file-sharing device the
+/// guest cannot see host files, and a workload writing to a volume that is
+/// not there would lose its data without a word. The spec's other mounts
+/// (proc, sysfs, tmpfs, devpts, ...) are what the agent sets up anyway.
+fn check_mounts(v: &Value) -> Result<(), SpecError> {
+    let Some(mounts) = v.get("mounts") else {
+        return Ok(());
+    };
+    let mounts = mounts
+        .as_array()
+        .ok_or_else(|| SpecError::Field("mounts: not a list".into()))?;
+    for m in mounts {
+        let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
+        let options = strings(m.get("options"), "mounts[].options")?;
+        let bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        if !bind {
+            continue;
+        }
+        let dest = m.get("destination").and_then(Value::as_str).unwrap_or("");
+        if CRI_MANAGED_FILES.contains(&dest) {
+            continue;
+        }
+        let source = m.get("source").and_then(Value::as_str).unwrap_or("");
+        return Err(SpecError::Field(format!(
+            "mounts: the host bind mount {source} -> {dest} cannot be honoured: the sandbox VM has no \
+             file-sharing device, so host directories and volumes are not supported"
+        )));
+    }
+    Ok(())
 }
 
 /// The bundle's annotations (empty when it has none or cannot be read).
@@ -206,5 +249,23 @@ mod tests {
         assert!(update_resources(url, b"not json").is_err());
         let e = update_resources("example.com/Other", b"{}").unwrap_err().to_string();
         assert!(e.contains("example.com/Other"), "{e}");
+    }
+
+    #[test]
+    fn host_bind_mounts_are_refused_but_cri_files_pass() {
+        let spec =
+            |mounts: &str| format!(r#"{{"process":{{"args":["true"],"cwd":"/"}},"mounts":{mounts}}}"#).into_bytes();
+        let ok = spec(
+            r#"[{"destination":"/proc","type":"proc","source":"proc"},
+                {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]},
+                {"destination":"/dev/shm","type":"bind","source":"/run/x/shm","options":["rbind"]}]"#,
+        );
+        parse_bundle(&ok).unwrap();
+        let volume = spec(r#"[{"destination":"/data","type":"none","source":"/srv/data","options":["rbind","rw"]}]"#);
+        let e = parse_bundle(&volume).unwrap_err().to_string();
+        assert!(e.contains("/srv/data -> /data") && e.contains("not supported"), "{e}");
+        let bind = spec(r#"[{"destination":"/x","type":"bind","source":"/y"}]"#);
+        assert!(parse_bundle(&bind).is_err());
+        assert!(parse_bundle(&spec(r#"{"not":"a list"}"#)).is_err());
     }
 }

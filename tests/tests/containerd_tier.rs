@@ -131,6 +131,22 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     assert_eq!(text(&o.stdout), "hello\n");
     assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
 
+    // A host bind mount (a volume) cannot reach the guest: refused with a
+    // reason before any VM starts, not dropped.
+    let o = ctd.ctr(&ctd.run_args(
+        &cfg,
+        &["--rm", "--mount", "type=bind,src=/tmp,dst=/data,options=rbind:ro"],
+        "m1",
+        &["true"],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("/tmp -> /data") && text(&o.stderr).contains("not supported"),
+        "{}",
+        text(&o.stderr)
+    );
+    let _ = ctd.ctr(&["container", "rm", "m1"]);
+
     // 2: a pod as CRI starts one: its sandbox container runs the pause
     // image (its own entrypoint), and what can be done to it.
     const IN_POD_B1: [&str; 4] = [
