@@ -130,6 +130,18 @@ impl Containerd {
     /// Starts containerd with the shim on its PATH and `bulkhead.toml`
     /// (kernel, initramfs, VMM, cache and run directories under the temp dir).
     pub fn start(kernel: &Path, initramfs: &Path, vmm: &Path) -> Containerd {
+        Self::start_with(kernel, initramfs, vmm, false)
+    }
+
+    /// [`Containerd::start`] with the CRI plugin on: runtime handler
+    /// `bulkhead` is our shim, the pod sandbox image is [`PAUSE_IMAGE`], no
+    /// CNI (pods use the node's network), and the images are also in the
+    /// `k8s.io` namespace, where CRI looks for them.
+    pub fn start_cri(kernel: &Path, initramfs: &Path, vmm: &Path) -> Containerd {
+        Self::start_with(kernel, initramfs, vmm, true)
+    }
+
+    fn start_with(kernel: &Path, initramfs: &Path, vmm: &Path, cri: bool) -> Containerd {
         let dir = tempfile::Builder::new().prefix("bh-ctd").tempdir_in("/tmp").unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("bin")).unwrap();
@@ -154,11 +166,27 @@ impl Containerd {
             ),
         )
         .unwrap();
+        let plugins = if cri {
+            for sub in ["cni/bin", "cni/conf"] {
+                std::fs::create_dir_all(d.join(sub)).unwrap();
+            }
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {PAUSE_IMAGE:?}\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {:?}\n  conf_dir = {:?}\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"bulkhead\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.bulkhead]\n  runtime_type = {RUNTIME:?}\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.bulkhead.options]\n  ConfigPath = {:?}\n",
+                d.join("cni/bin"),
+                d.join("cni/conf"),
+                d.join("bulkhead.toml"),
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
         std::fs::write(
             d.join("containerd.toml"),
             format!(
-                "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
+                "version = 2\nroot = {:?}\nstate = {:?}\n{plugins}[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
                 d.join("root"),
                 d.join("state"),
                 d.join("c.sock"),
@@ -178,9 +206,12 @@ impl Containerd {
             ],
             &["/pause"],
         );
-        for image in [app, pause] {
-            let out = c.ctr(&["image", "import", image.to_str().unwrap()]);
-            assert!(out.status.success(), "image import: {}", crate::text(&out.stderr));
+        let namespaces: &[&str] = if cri { &["default", "k8s.io"] } else { &["default"] };
+        for ns in namespaces {
+            for image in [&app, &pause] {
+                let out = c.ctr(&["-n", ns, "image", "import", image.to_str().unwrap()]);
+                assert!(out.status.success(), "image import: {}", crate::text(&out.stderr));
+            }
         }
         c
     }

@@ -1,0 +1,83 @@
+//! CRI tier: containerd's own CRI plugin (what a kubelet talks to) runs a
+//! pod through the `bulkhead` runtime handler, as a Kubernetes
+//! RuntimeClass selects it: the pod sandbox (the pause image), one app
+//! container of another image with its log, an exec, then stop and
+//! remove, after which no shim, VMM or mount of ours remains. The CRI
+//! client is `tests/cri/cri_smoke.py` (Python grpcio, stubs generated from
+//! `tests/cri/cri_subset.proto` at test time).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulkhead_tests::containerd::{pids_matching, require_containerd, Containerd, IMAGE};
+use bulkhead_tests::{kernel, require_kvm, text, vmm_bin};
+
+fn cri_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cri")
+}
+
+#[test]
+fn cri_runs_a_pod_through_the_runtime_handler() {
+    require_kvm();
+    require_containerd();
+    let scratch = tempfile::tempdir().unwrap();
+    let stubs = scratch.path().join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let gen = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(cri_dir())
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg("cri_subset.proto")
+        .output()
+        .expect("python3");
+    assert!(
+        gen.status.success(),
+        "generating the CRI stubs (scripts/setup installs grpcio-tools): {}",
+        text(&gen.stderr)
+    );
+    let initramfs = bulkhead_tests::guest_initramfs(scratch.path());
+    let ctd = Containerd::start_cri(&kernel(), &initramfs, &vmm_bin());
+    let logs = scratch.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+
+    let out = Command::new("python3")
+        .arg(cri_dir().join("cri_smoke.py"))
+        .arg(ctd.dir.path().join("c.sock"))
+        .arg("bulkhead")
+        .arg(IMAGE)
+        .arg(&logs)
+        .env("CRI_STUBS", &stubs)
+        .output()
+        .expect("python3");
+    let log = std::fs::read_to_string(ctd.dir.path().join("containerd.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "CRI client: {}{}\ncontainerd log:\n{log}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(seen["state"], "CONTAINER_RUNNING", "{seen}");
+    assert_eq!(seen["exec"]["stdout"], "exec-ok\n", "{seen}");
+    assert_eq!(seen["exec"]["exit_code"], 4, "{seen}");
+    // CRI's log format: "<time> stdout F <line>"; the app sees its own
+    // image, not the pause image (which has /image-name).
+    let app_log = seen["log"].as_str().unwrap_or_default();
+    assert!(
+        app_log.contains(" stdout F from-cri") && app_log.contains(" stdout F app-root"),
+        "{app_log:?}"
+    );
+    assert_eq!(seen["state_after_stop"], "CONTAINER_EXITED", "{seen}");
+    // One VM for the pod: the sandbox and the app container shared it, the
+    // app's image attached to a spare disk while the VM ran.
+    assert_eq!(log.matches("restoring the sandbox VM").count(), 1, "{log}");
+    assert!(log.contains(" as disk 1"), "{log}");
+    eprintln!("the CRI client saw: {seen}");
+
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let dir = ctd.dir.path().to_string_lossy().into_owned();
+    assert!(pids_matching(&format!("{dir}/bin/containerd-shim-bulkhead-v2")).is_empty());
+    assert!(pids_matching(&format!("{dir}/run")).is_empty());
+    assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
+}
