@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::rootfs::{FsType, ImageCache, RootfsError, RootfsImage};
+use crate::rootfs::{ImageCache, RootfsError, RootfsImage};
 use crate::util::TempDir;
 
 static BUSYBOX: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/busybox"));
@@ -108,11 +108,7 @@ pub fn default_image(cache: &ImageCache, on_build: &mut dyn FnMut(&Path)) -> Res
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).map_err(io_err)?;
     materialize(&root).map_err(io_err)?;
-    let path = cache.image_for_dir(&root, on_build)?;
-    Ok(RootfsImage {
-        path,
-        fstype: FsType::Ext4,
-    })
+    cache.image_for_dir(&root, on_build)
 }
 
 #[cfg(test)]

@@ -308,14 +308,18 @@ impl ImageCache {
         &self.dir
     }
 
-    /// The cached image of `dir`, built first when missing. `on_build` is
-    /// told before a (slow) build starts.
-    pub fn image_for_dir(&self, dir: &Path, on_build: &mut dyn FnMut(&Path)) -> Result<PathBuf, RootfsError> {
+    /// The cached (ext4) image of `dir`, built first when missing.
+    /// `on_build` is told before a (slow) build starts.
+    pub fn image_for_dir(&self, dir: &Path, on_build: &mut dyn FnMut(&Path)) -> Result<RootfsImage, RootfsError> {
         let tree = scan_tree(dir)?;
         let image = self.dir.join(format!("{}.ext4", tree.hash_hex()));
+        let found = |path: PathBuf| RootfsImage {
+            path,
+            fstype: FsType::Ext4,
+        };
         if image.is_file() {
             tracing::debug!("rootfs image cached: {}", image.display());
-            return Ok(image);
+            return Ok(found(image));
         }
         on_build(&image);
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
@@ -334,7 +338,7 @@ impl ImageCache {
         if built.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        built.map(|()| image)
+        built.map(|()| found(image))
     }
 }
 
@@ -429,11 +433,7 @@ fn run_tool(tool: &'static str, mut cmd: Command, dir: &Path, stdin: Option<&[u8
 pub fn resolve(spec: &Path, cache: &ImageCache, on_build: &mut dyn FnMut(&Path)) -> Result<RootfsImage, RootfsError> {
     let meta = std::fs::metadata(spec).map_err(io_err(spec))?;
     if meta.is_dir() {
-        let path = cache.image_for_dir(spec, on_build)?;
-        return Ok(RootfsImage {
-            path,
-            fstype: FsType::Ext4,
-        });
+        return cache.image_for_dir(spec, on_build);
     }
     if meta.is_file() || meta.file_type().is_block_device() {
         let fstype = detect_image(spec)?;
@@ -537,9 +537,9 @@ mod tests {
         sample_tree(&root);
         let cache = ImageCache::new(d.path().join("cache"));
         let mut builds = 0;
-        let img = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap();
+        let img = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap().path;
         assert_eq!(detect_image(&img).unwrap(), FsType::Ext4);
-        let again = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap();
+        let again = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap().path;
         assert_eq!((img.clone(), builds), (again, 1));
 
         // A fresh build from a copy with other atimes and ctimes is the
@@ -551,7 +551,7 @@ mod tests {
         std::fs::read(root.join("data")).unwrap();
         std::fs::set_permissions(root.join("data"), std::fs::Permissions::from_mode(0o644)).unwrap();
         let tree = scan_tree(&root).unwrap();
-        let img2 = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap();
+        let img2 = cache.image_for_dir(&root, &mut |_| builds += 1).unwrap().path;
         assert_eq!(
             img2.file_name().unwrap().to_string_lossy(),
             format!("{}.ext4", tree.hash_hex())

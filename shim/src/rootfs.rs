@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use bulkhead::rootfs::{FsType, ImageCache, RootfsError, RootfsImage};
+use bulkhead::rootfs::{ImageCache, RootfsError, RootfsImage};
 
 /// Where the rootfs is mounted while its image is built; `delete` looks
 /// here after a shim that died mid-build.
@@ -173,8 +173,8 @@ fn lower_layers_only(m: &RootMount) -> RootMount {
 /// bundle's `rootfs` directory.
 pub fn image_for(bundle: &Path, mounts: &[RootMount], cache: &ImageCache) -> Result<RootfsImage, MountError> {
     let log_build = &mut |p: &Path| tracing::info!("building the root filesystem image {}", p.display());
-    let path = match mounts {
-        [] => cache.image_for_dir(&bundle.join("rootfs"), log_build)?,
+    match mounts {
+        [] => Ok(cache.image_for_dir(&bundle.join("rootfs"), log_build)?),
         [m] => {
             let target = bundle.join(BUILD_MOUNT_DIR);
             std::fs::create_dir_all(&target).map_err(|source| MountError::Dir {
@@ -188,14 +188,10 @@ pub fn image_for(bundle: &Path, mounts: &[RootMount], cache: &ImageCache) -> Res
                 r
             });
             cleanup_build_mount(bundle);
-            built?
+            built
         }
-        more => return Err(MountError::TooMany(more.len())),
-    };
-    Ok(RootfsImage {
-        path,
-        fstype: FsType::Ext4,
-    })
+        more => Err(MountError::TooMany(more.len())),
+    }
 }
 
 #[cfg(test)]

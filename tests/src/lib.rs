@@ -54,6 +54,16 @@ pub fn guest_initramfs(dir: &Path) -> PathBuf {
     out
 }
 
+/// What a sandbox boots: the project's kernel, the VMM under test, and the
+/// agent's initramfs written into `dir`.
+pub fn sandbox_artifacts(dir: &Path) -> bulkhead::paths::Artifacts {
+    bulkhead::paths::Artifacts {
+        kernel: kernel(),
+        initramfs: guest_initramfs(dir),
+        vmm: vmm_bin(),
+    }
+}
+
 /// Fails the calling test, with the reason, where KVM cannot run guests.
 pub fn require_kvm() -> HostKind {
     let kind = HostKind::detect();

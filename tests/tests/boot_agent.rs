@@ -14,7 +14,7 @@ use bulkhead::rootfs::{self, ImageCache};
 use bulkhead::sandbox::{Sandbox, SandboxConfig};
 use bulkhead_protocol::messages::{Process, Request, Resources, Response};
 use bulkhead_tests::agent::{sh, sha256};
-use bulkhead_tests::{guest_agent, kernel, require_kvm, target_dir, vmm_bin};
+use bulkhead_tests::{require_kvm, sandbox_artifacts, target_dir};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -28,16 +28,11 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
-        let initramfs = dir.path().join("initramfs.cpio");
-        bulkhead::initramfs::build_agent_initramfs(&guest_agent(), &initramfs).unwrap();
+        let artifacts = sandbox_artifacts(dir.path());
         let runtime = dir.path().join("run");
         std::fs::create_dir(&runtime).unwrap();
         Fixture {
-            artifacts: Artifacts {
-                kernel: kernel(),
-                initramfs,
-                vmm: vmm_bin(),
-            },
+            artifacts,
             cache: ImageCache::new(dir.path().join("cache")),
             runtime,
             _dir: dir,

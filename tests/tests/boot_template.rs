@@ -19,7 +19,7 @@ use bulkhead::template::{self, BuildOptions, Template, TemplateCache};
 use bulkhead::vmm_api;
 use bulkhead_protocol::messages::Request;
 use bulkhead_tests::agent::{sh, sha256};
-use bulkhead_tests::{guest_agent, kernel, require_kvm, target_dir, vmm_bin};
+use bulkhead_tests::{require_kvm, sandbox_artifacts, target_dir};
 
 /// Generous bounds for boots under PVM emulation; never timing claims.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -46,13 +46,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
-        let initramfs = dir.path().join("initramfs.cpio");
-        bulkhead::initramfs::build_agent_initramfs(&guest_agent(), &initramfs).unwrap();
-        let artifacts = Artifacts {
-            kernel: kernel(),
-            initramfs,
-            vmm: vmm_bin(),
-        };
+        let artifacts = sandbox_artifacts(dir.path());
         let cache_root = dir.path().join("cache");
         let image =
             bulkhead::default_rootfs::default_image(&ImageCache::new(cache_root.join("rootfs")), &mut |_| {}).unwrap();
@@ -203,11 +197,7 @@ fn marked_image(name: &str, marker: &str, pad: usize) -> RootfsImage {
     std::fs::write(root.join("marker"), marker).unwrap();
     std::fs::write(root.join("pad"), vec![7u8; pad]).unwrap();
     let cache = ImageCache::new(f.cache_root.join("rootfs"));
-    let path = cache.image_for_dir(&root, &mut |_| {}).unwrap();
-    RootfsImage {
-        path,
-        fstype: bulkhead::rootfs::FsType::Ext4,
-    }
+    cache.image_for_dir(&root, &mut |_| {}).unwrap()
 }
 
 /// Runs `script` in a new container whose root is on `disk` (holding

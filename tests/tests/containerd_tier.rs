@@ -20,10 +20,6 @@ use bulkhead_tests::containerd::{
 };
 use bulkhead_tests::{kernel, require_kvm, text, vmm_bin};
 
-fn initramfs(dir: &std::path::Path) -> PathBuf {
-    bulkhead_tests::guest_initramfs(dir)
-}
-
 fn ok(o: &std::process::Output, what: &str) -> String {
     assert!(o.status.success(), "{what}: {}{}", text(&o.stdout), text(&o.stderr));
     text(&o.stdout)
@@ -109,7 +105,7 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     require_kvm();
     require_containerd();
     let scratch = tempfile::tempdir().unwrap();
-    let initramfs = initramfs(scratch.path());
+    let initramfs = bulkhead_tests::guest_initramfs(scratch.path());
     let mut ctd = Containerd::start(&kernel(), &initramfs, &vmm_bin());
     let cfg = ctd.config_path().to_string_lossy().into_owned();
     let events_out = ctd.dir.path().join("events.log");
