@@ -71,6 +71,9 @@ pub struct Config {
     /// `/dev` gets.
     pub dev_dir: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Tell workloads' glibc to leave alone the vector registers this
+    /// kernel does not switch (see `vector_state`).
+    pub glibc_tunable: bool,
 }
 
 struct Proc {
@@ -410,7 +413,7 @@ impl Agent {
             masked_paths: plan::paths(&c.masked_paths)?,
             readonly_paths: plan::paths(&c.readonly_paths)?,
             stdio: stdio_fds,
-            workload: ExecPlan::new(&c.process)?,
+            workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?,
         };
         let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         // Hold the state lock across the clone, so the reaper cannot see
@@ -526,7 +529,7 @@ impl Agent {
             ),
             namespaces: ns_raw,
             stdio: stdio_fds,
-            process: ExecPlan::new(p)?,
+            process: ExecPlan::new(p, self.cfg.glibc_tunable)?,
         };
         let mut st = self.lock();
         let middle = child::raw_clone(0);

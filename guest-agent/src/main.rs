@@ -14,6 +14,7 @@ mod reseed;
 mod server;
 mod stdio;
 mod transport;
+mod vector_state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,6 +92,20 @@ fn reap_forever(agent: Arc<Agent>) {
     }
 }
 
+/// Whether this kernel leaves vector state unswitched that user space can
+/// use (PVM hosts): then workloads get the glibc tunable too.
+fn unswitched_vector_state() -> bool {
+    let c = vector_state::unswitched_components();
+    if c != 0 {
+        tracing::warn!(
+            "this kernel does not switch XCR0 components {c:#x} between tasks (PVM host): \
+             workloads get {}; other code using AVX can see other processes' vector data",
+            vector_state::TUNABLE
+        );
+    }
+    c != 0
+}
+
 struct Mode {
     config: Config,
     pid1: bool,
@@ -112,6 +127,7 @@ fn mode(args: &Args) -> anyhow::Result<Mode> {
                 state_dir,
                 dev_dir: args.dev_dir.clone().unwrap_or_else(|| PathBuf::from("/dev")),
                 cgroup_root,
+                glibc_tunable: false,
             },
             pid1: false,
         });
@@ -134,6 +150,7 @@ fn mode(args: &Args) -> anyhow::Result<Mode> {
             state_dir: PathBuf::from("/run/bulkhead"),
             dev_dir: PathBuf::from("/dev"),
             cgroup_root,
+            glibc_tunable: unswitched_vector_state(),
         },
         pid1: true,
     })
@@ -168,6 +185,8 @@ fn raise_open_files() {
 }
 
 fn main() {
+    // Before any thread or allocation-heavy work: a re-exec starts over.
+    vector_state::reexec_if_needed();
     ensure_std_fds();
     raise_open_files();
     block_sigchld();

@@ -76,9 +76,16 @@ fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
 }
 
 impl ExecPlan {
-    pub fn new(p: &Process) -> Result<ExecPlan, PlanError> {
+    /// `glibc_tunable`: add [`crate::vector_state::TUNABLE`] to the
+    /// environment (where the kernel does not switch all vector state).
+    pub fn new(p: &Process, glibc_tunable: bool) -> Result<ExecPlan, PlanError> {
         let argv: Vec<CString> = p.args.iter().map(|a| cstr(a, "args")).collect::<Result<_, _>>()?;
-        let envp: Vec<CString> = p.env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?;
+        let env = if glibc_tunable {
+            crate::vector_state::add_tunable(&p.env)
+        } else {
+            p.env.clone()
+        };
+        let envp: Vec<CString> = env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?;
         let arg0 = p.args.first().ok_or(PlanError::NoArgs)?;
         let exec_candidates = if arg0.contains('/') {
             vec![cstr(arg0, "args")?]
@@ -306,17 +313,22 @@ mod tests {
             env: vec!["PATH=/a:/b".into()],
             ..Default::default()
         };
-        let plan = ExecPlan::new(&p).unwrap();
+        let plan = ExecPlan::new(&p, false).unwrap();
         let c: Vec<_> = plan.exec_candidates.iter().map(|c| c.to_str().unwrap()).collect();
         assert_eq!(c, ["/a/sh", "/b/sh"]);
         assert_eq!(plan.argv_ptrs.len(), 2);
         assert!(plan.argv_ptrs[1].is_null());
-        let abs = ExecPlan::new(&Process {
-            args: vec!["/bin/x".into()],
-            ..Default::default()
-        })
+        let abs = ExecPlan::new(
+            &Process {
+                args: vec!["/bin/x".into()],
+                ..Default::default()
+            },
+            true,
+        )
         .unwrap();
         assert_eq!(abs.exec_candidates.len(), 1);
+        let env: Vec<_> = abs._envp.iter().map(|e| e.to_str().unwrap()).collect();
+        assert_eq!(env, [format!("GLIBC_TUNABLES={}", crate::vector_state::TUNABLE)]);
     }
 
     #[test]
@@ -330,7 +342,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let plan = ExecPlan::new(&p).unwrap();
+        let plan = ExecPlan::new(&p, false).unwrap();
         assert_eq!(plan.caps.effective, 0);
         assert_ne!(plan.caps.bounding, 0);
     }
