@@ -165,6 +165,16 @@ impl Connection {
         Some(set)
     }
 
+    /// A host-initiated connection whose REQUEST has not gone out yet.
+    pub fn owes_request(&self) -> bool {
+        self.owed & OWE_REQUEST != 0
+    }
+
+    /// Its next packet opens the connection (REQUEST or RESPONSE).
+    pub fn owes_setup(&self) -> bool {
+        self.owed & (OWE_REQUEST | OWE_RESPONSE) != 0
+    }
+
     /// Whether `next_rx_packet` can make progress given a buffer.
     pub fn wants_rx(&self) -> bool {
         if self.owed != 0 {

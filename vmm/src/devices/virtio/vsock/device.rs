@@ -220,9 +220,13 @@ impl Vsock {
             let _ = self.q.events[TXQ].read();
             notify |= self.process_tx();
         } else if fd == self.q.events[EVQ].as_raw_fd() {
-            // Event buffers are only used after a restore; nothing to do.
+            // The driver re-posts its event buffer (and notifies) only after
+            // it has handled the event: the transport reset is done.
             let _ = self.q.events[EVQ].read();
-            return;
+            if self.muxer.holds_host_connections() {
+                tracing::debug!("vsock: the guest handled the transport reset; host connections go ahead");
+                self.muxer.release_host_connections();
+            }
         } else if fd == self.kick.as_raw_fd() {
             let _ = self.kick.read();
         } else if fd == self.muxer.listener().as_raw_fd() {
@@ -333,6 +337,9 @@ impl VirtioDevice for Vsock {
 
     fn restored(&mut self) {
         if self.send_transport_reset() {
+            // Until the guest has handled it, a connection it accepted
+            // would be reset by it without a word to the host.
+            self.muxer.hold_host_connections();
             tracing::info!("vsock: sent the guest a transport reset after the restore");
         }
     }

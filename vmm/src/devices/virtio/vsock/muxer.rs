@@ -73,6 +73,9 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, Owner>,
     /// Connections with something for the guest, served round-robin.
     rx_ready: VecDeque<ConnKey>,
+    /// Connections whose next packet opens them: served before data, so a
+    /// connection is answered however much bulk data is waiting.
+    rx_setup: VecDeque<ConnKey>,
     /// RSTs owed for connections already freed or never known.
     rst_queue: VecDeque<PacketHeader>,
     /// Closed streams, with what they are registered for, until unregistered.
@@ -81,6 +84,10 @@ pub struct Muxer {
     dirty: Vec<RawFd>,
     host_ports: HashSet<u32>,
     next_port: u32,
+    /// Host connections wait here, REQUEST unsent, while the guest has not
+    /// yet handled a transport reset: its handler resets every connected
+    /// socket, a new one included, and tells the host nothing.
+    held: Option<Vec<ConnKey>>,
 }
 
 impl Muxer {
@@ -115,11 +122,13 @@ impl Muxer {
             pending: HashMap::new(),
             by_fd: HashMap::new(),
             rx_ready: VecDeque::new(),
+            rx_setup: VecDeque::new(),
             rst_queue: VecDeque::new(),
             graveyard: Vec::new(),
             dirty: Vec::new(),
             host_ports: HashSet::new(),
             next_port: first_host_port(),
+            held: None,
         })
     }
 
@@ -153,7 +162,7 @@ impl Muxer {
 
     /// Whether a guest rx buffer could be filled now.
     pub fn has_rx_work(&self) -> bool {
-        !self.rst_queue.is_empty() || !self.rx_ready.is_empty()
+        !self.rst_queue.is_empty() || !self.rx_setup.is_empty() || !self.rx_ready.is_empty()
     }
 
     /// Accepts every waiting host connection.
@@ -282,11 +291,38 @@ impl Muxer {
         self.schedule(key);
     }
 
+    /// Holds new host connections until [`Muxer::release_host_connections`]
+    /// (the guest re-posted its event buffer after a transport reset).
+    pub fn hold_host_connections(&mut self) {
+        self.held.get_or_insert_with(Vec::new);
+    }
+
+    /// The guest handled the transport reset: held connections go ahead.
+    pub fn release_host_connections(&mut self) {
+        for key in self.held.take().unwrap_or_default() {
+            self.schedule(key);
+        }
+    }
+
+    pub fn holds_host_connections(&self) -> bool {
+        self.held.is_some()
+    }
+
     fn schedule(&mut self, key: ConnKey) {
+        if let (Some(held), Some(c)) = (&mut self.held, self.conns.get(&key)) {
+            if c.owes_request() {
+                held.push(key);
+                return;
+            }
+        }
         if let Some(c) = self.conns.get_mut(&key) {
             if !c.in_rx_queue && c.wants_rx() {
                 c.in_rx_queue = true;
-                self.rx_ready.push_back(key);
+                if c.owes_setup() {
+                    self.rx_setup.push_back(key);
+                } else {
+                    self.rx_ready.push_back(key);
+                }
             }
         }
     }
@@ -435,13 +471,17 @@ impl Muxer {
     }
 
     /// The next packet for the guest, its payload in `buf[..len]`; `buf`
-    /// bounds the payload. RSTs first, then connections in turn.
+    /// bounds the payload. RSTs first, then connections being opened, then
+    /// the others in turn.
     pub fn next_rx_packet(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
         if let Some(h) = self.rst_queue.pop_front() {
             return Some(h);
         }
-        for _ in 0..self.rx_ready.len() {
-            let key = self.rx_ready.pop_front()?;
+        for _ in 0..self.rx_setup.len() + self.rx_ready.len() {
+            let key = match self.rx_setup.pop_front() {
+                Some(k) => k,
+                None => self.rx_ready.pop_front()?,
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
@@ -485,6 +525,7 @@ impl Muxer {
         self.by_fd.clear();
         self.host_ports.clear();
         self.rx_ready.clear();
+        self.rx_setup.clear();
         self.rst_queue.clear();
         self.dirty.clear();
     }

@@ -971,3 +971,62 @@ fn transport_reset_event_lands_in_an_event_buffer() {
     assert!(!dev.send_transport_reset());
     assert_eq!(evq.take_used(&mem), vec![(u32::from(head), 0)]);
 }
+
+/// After a restore's transport reset, a host connection gets no REQUEST
+/// until the driver has handled the event (it re-posts its event buffer
+/// and notifies the event queue): the guest would reset a connection it
+/// accepted before that without telling the host. Guest traffic is not
+/// held, and a device without an event buffer holds nothing.
+#[test]
+fn host_connections_wait_for_the_guest_to_handle_a_transport_reset() {
+    let mut r = Rig::new();
+    let mut evq = TestQueue::new(0x2_0000);
+    r.dev().queues_mut()[2] = evq.queue(&r.mem);
+    const EVT_BUF: u64 = 0x30_0000;
+    evq.push(&r.mem, &[(EVT_BUF, 8, WRITE)]);
+    r.dev().restored();
+    assert!(r.dev().muxer().holds_host_connections());
+    r.post_rx(4);
+
+    let mut held = r.host_connect(1024);
+    assert!(r.recv().is_empty(), "a REQUEST went out before the reset was handled");
+    // The guest may still connect out meanwhile.
+    let listener = UnixListener::bind(format!("{}_77", r.uds.display())).unwrap();
+    r.send(gh(Op::Request, 6000, 77), &[]);
+    let (resp, _) = r.recv_one();
+    assert_eq!(resp.op, Op::Response);
+
+    // The driver handled the event and put its buffer back.
+    evq.push(&r.mem, &[(EVT_BUF, 8, WRITE)]);
+    r.notify(2);
+    assert!(!r.dev().muxer().holds_host_connections());
+    let (req, _) = r.recv_one();
+    assert_eq!((req.op, req.dst_port), (Op::Request, 1024));
+    r.send(gh(Op::Response, 1024, req.src_port), &[]);
+    let want = format!("OK {}\n", req.src_port);
+    assert_eq!(read_n(&mut held, want.len()), want.as_bytes());
+    drop(listener);
+
+    // Without an event buffer there is no reset to wait for.
+    let mut r = Rig::new();
+    r.dev().restored();
+    assert!(!r.dev().muxer().holds_host_connections());
+}
+
+/// A new connection's REQUEST takes the next rx buffer ahead of another
+/// connection's waiting bulk data, however much of it there is.
+#[test]
+fn connection_requests_go_ahead_of_bulk_data() {
+    let mut r = Rig::new();
+    let (mut bulk, _) = r.established(40, CONN_BUF_ALLOC);
+    bulk.write_all(&vec![9u8; 64 * 1024]).unwrap();
+    r.pump();
+    assert!(r.recv().is_empty(), "no rx buffers posted yet");
+    let _new = r.host_connect(41);
+    r.post_rx(1);
+    let (h, _) = r.recv_one();
+    assert_eq!((h.op, h.dst_port), (Op::Request, 41));
+    r.post_rx(1);
+    let (h, d) = r.recv_one();
+    assert_eq!((h.op, h.dst_port, d.len()), (Op::Rw, 40, RX_BUF as usize - HDR_LEN));
+}
