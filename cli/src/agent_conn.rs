@@ -1,9 +1,17 @@
 //! Reaching the guest agent through the VMM's vsock Unix socket: connect,
-//! `CONNECT <port>\n`, `OK <n>\n`, then the protocol handshake. Until the
-//! agent listens the VMM resets such a connection (EOF before `OK`), and
-//! before the VMM is up the socket is missing: both mean "retry".
+//! `CONNECT <port>\n`, `OK <n>\n`, then the protocol handshake.
+//!
+//! No timer gives up on a connection the VMM still holds: until the guest
+//! can take it (its vsock driver is not up yet, or a restored guest has
+//! not handled its transport reset) the VMM keeps it waiting, and a busy
+//! host may take its time. While waiting, a caller's `check` runs every
+//! [`POLL_EVERY`] and alone decides to give up (the VMM died, a deadline
+//! the caller chose passed). A reset before `OK` means nothing listens
+//! on the port yet: retry. A missing socket means the VMM is not up yet.
 
+use std::convert::Infallible;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,9 +21,8 @@ use bulkhead_protocol::AGENT_PORT;
 
 /// How often to try again while the guest boots.
 pub const RETRY_EVERY: Duration = Duration::from_millis(100);
-/// A live guest answers `CONNECT` and the hello well within this, even
-/// under emulation; past it the connection is retried.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a waiting connection runs its caller's check.
+pub const POLL_EVERY: Duration = Duration::from_millis(100);
 const MAX_LINE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,112 +44,7 @@ impl ConnError {
     }
 }
 
-/// One attempt at a stream to guest port `port`; `answer_timeout` bounds
-/// the wait for the VMM's `OK`.
-pub fn vsock_connect(uds: &Path, port: u32, answer_timeout: Duration) -> Result<UnixStream, ConnError> {
-    let io_err = |source: io::Error| ConnError::Io {
-        path: uds.display().to_string(),
-        source,
-    };
-    let mut s = match UnixStream::connect(uds) {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
-            return Err(ConnError::NotReady(format!("{}: {e}", uds.display())))
-        }
-        Err(e) => return Err(io_err(e)),
-    };
-    s.set_read_timeout(Some(answer_timeout)).map_err(io_err)?;
-    if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
-        return Err(not_ready_or(e, io_err));
-    }
-    // Byte by byte: whatever follows the line belongs to the stream.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match s.read(&mut byte) {
-            Ok(0) => {
-                return Err(ConnError::NotReady(
-                    "the VMM closed the connection (no listener)".into(),
-                ))
-            }
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if line.len() >= MAX_LINE => {
-                return Err(ConnError::BadAnswer(String::from_utf8_lossy(&line).into_owned()))
-            }
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(not_ready_or(e, io_err)),
-        }
-    }
-    let text = String::from_utf8_lossy(&line);
-    match text.strip_prefix("OK ") {
-        Some(n) if n.trim().parse::<u32>().is_ok() => {}
-        _ => return Err(ConnError::BadAnswer(text.into_owned())),
-    }
-    s.set_read_timeout(None).map_err(io_err)?;
-    Ok(s)
-}
-
-/// Resets and timeouts mean the guest side is not there (yet).
-fn not_ready_or(e: io::Error, other: impl FnOnce(io::Error) -> ConnError) -> ConnError {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset
-        | io::ErrorKind::BrokenPipe
-        | io::ErrorKind::UnexpectedEof
-        | io::ErrorKind::WouldBlock
-        | io::ErrorKind::TimedOut => ConnError::NotReady(e.to_string()),
-        _ => other(e),
-    }
-}
-
-/// One attempt at a request stream to the agent, handshake included.
-pub fn connect_agent(uds: &Path) -> Result<Client<UnixStream>, ConnError> {
-    connect(uds, ANSWER_TIMEOUT, false)
-}
-
-/// As [`connect_agent`], but every later answer on the stream is bounded
-/// by `timeout` too (an agent that hangs fails the call instead of
-/// blocking it): for best-effort requests such as `Shutdown`.
-pub fn connect_agent_bounded(uds: &Path, timeout: Duration) -> Result<Client<UnixStream>, ConnError> {
-    connect(uds, timeout, true)
-}
-
-fn connect(uds: &Path, timeout: Duration, keep_timeout: bool) -> Result<Client<UnixStream>, ConnError> {
-    let s = vsock_connect(uds, AGENT_PORT, timeout)?;
-    handshake(uds, s, timeout, keep_timeout)
-}
-
-fn handshake(
-    uds: &Path,
-    s: UnixStream,
-    timeout: Duration,
-    keep_timeout: bool,
-) -> Result<Client<UnixStream>, ConnError> {
-    let io_err = |source| ConnError::Io {
-        path: uds.display().to_string(),
-        source,
-    };
-    // Socket options are shared by every descriptor of the socket: the
-    // clone changes the timeout once the client owns the stream.
-    let control = s.try_clone().map_err(io_err)?;
-    control.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    let client = match Client::handshake(s, crate::SOFTWARE) {
-        Ok(c) => c,
-        // A stream reset during the hello is still a guest coming up.
-        Err(ClientError::Frame(bulkhead_protocol::frame::FrameError::Closed)) => {
-            return Err(ConnError::NotReady(
-                "the agent closed the stream during the hello".into(),
-            ))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if !keep_timeout {
-        control.set_read_timeout(None).map_err(io_err)?;
-    }
-    Ok(client)
-}
-
-/// Why waiting for the agent ended without a connection.
+/// Why waiting ended without a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError<E: std::error::Error + 'static> {
     #[error(transparent)]
@@ -151,49 +53,180 @@ pub enum WaitError<E: std::error::Error + 'static> {
     Conn(ConnError),
 }
 
-/// Retries [`connect_agent`] every [`RETRY_EVERY`] while it is not ready;
-/// between tries `check(elapsed)` may end the wait (the VMM died, the
-/// user gave up, a deadline passed). Each try waits at most
-/// `attempt_timeout` for the VMM's `OK`: before the guest's vsock driver
-/// is up the VMM holds a connection without answering, and `check` must
-/// still run.
-pub fn wait_for_agent<E: std::error::Error + 'static>(
-    uds: &Path,
-    attempt_timeout: Duration,
-    check: impl FnMut(Duration) -> Result<(), E>,
-) -> Result<Client<UnixStream>, WaitError<E>> {
-    wait_for_agent_every(uds, attempt_timeout, RETRY_EVERY, ANSWER_TIMEOUT, check)
+impl From<WaitError<Infallible>> for ConnError {
+    fn from(e: WaitError<Infallible>) -> Self {
+        match e {
+            WaitError::Conn(c) => c,
+            WaitError::Check(never) => match never {},
+        }
+    }
 }
 
-/// [`wait_for_agent`], trying again every `retry_every` (a guest restored
-/// from a snapshot is ready within milliseconds; a cold boot takes long
-/// enough for the default), and again when the agent's hello does not
-/// come within `hello_timeout`: a stream opened just after a restore can
-/// be dropped by the guest's vsock transport reset without the host side
-/// hearing of it.
-pub fn wait_for_agent_every<E: std::error::Error + 'static>(
+/// Blocks until `s` is readable (or hung up), running `check(elapsed since
+/// start)` every [`POLL_EVERY`].
+fn wait_readable<E: std::error::Error>(
+    s: &UnixStream,
+    start: Instant,
+    check: &mut impl FnMut(Duration) -> Result<(), E>,
+) -> Result<(), WaitError<E>> {
+    loop {
+        let mut p = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd that lives across the call.
+        let n = unsafe { libc::poll(&mut p, 1, POLL_EVERY.as_millis() as libc::c_int) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(WaitError::Conn(ConnError::Io {
+                    path: "vsock stream".into(),
+                    source: e,
+                }));
+            }
+        }
+        check(start.elapsed()).map_err(WaitError::Check)?;
+    }
+}
+
+/// One attempt at a stream to guest port `port`: waits for the VMM's
+/// `OK` as long as the VMM holds the connection and `check` agrees.
+pub fn vsock_connect<E: std::error::Error>(
     uds: &Path,
-    attempt_timeout: Duration,
+    port: u32,
+    start: Instant,
+    check: &mut impl FnMut(Duration) -> Result<(), E>,
+) -> Result<UnixStream, WaitError<E>> {
+    let io_err = |source: io::Error| {
+        WaitError::Conn(ConnError::Io {
+            path: uds.display().to_string(),
+            source,
+        })
+    };
+    let mut s = match UnixStream::connect(uds) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            return Err(WaitError::Conn(ConnError::NotReady(format!("{}: {e}", uds.display()))))
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
+        return Err(WaitError::Conn(not_ready_or(e, uds)));
+    }
+    wait_readable(&s, start, check)?;
+    // Byte by byte: whatever follows the line belongs to the stream.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => {
+                return Err(WaitError::Conn(ConnError::NotReady(format!(
+                    "the VMM closed the connection to port {port} (no listener)"
+                ))))
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() >= MAX_LINE => {
+                return Err(WaitError::Conn(ConnError::BadAnswer(
+                    String::from_utf8_lossy(&line).into_owned(),
+                )))
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WaitError::Conn(not_ready_or(e, uds))),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    match text.strip_prefix("OK ") {
+        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(s),
+        _ => Err(WaitError::Conn(ConnError::BadAnswer(text.into_owned()))),
+    }
+}
+
+/// A reset means the guest side is not there (yet).
+fn not_ready_or(e: io::Error, uds: &Path) -> ConnError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => {
+            ConnError::NotReady(e.to_string())
+        }
+        _ => ConnError::Io {
+            path: uds.display().to_string(),
+            source: e,
+        },
+    }
+}
+
+/// A request stream: connection and hellos, each waited for with `check`.
+fn connect_with<E: std::error::Error>(
+    uds: &Path,
+    start: Instant,
+    check: &mut impl FnMut(Duration) -> Result<(), E>,
+) -> Result<Client<UnixStream>, WaitError<E>> {
+    let s = vsock_connect(uds, AGENT_PORT, start, check)?;
+    Client::handshake_with(s, crate::SOFTWARE, |stream| wait_readable(stream, start, check)).map_err(|e| match e {
+        bulkhead_protocol::client::HandshakeWait::Wait(w) => w,
+        // A stream reset during the hello is still a guest coming up.
+        bulkhead_protocol::client::HandshakeWait::Client(ClientError::Frame(
+            bulkhead_protocol::frame::FrameError::Closed,
+        )) => WaitError::Conn(ConnError::NotReady(
+            "the agent closed the stream during the hello".into(),
+        )),
+        bulkhead_protocol::client::HandshakeWait::Client(c) => WaitError::Conn(c.into()),
+    })
+}
+
+/// A request stream to an agent that is up: waits as long as the VMM
+/// holds the connection.
+pub fn connect_agent(uds: &Path) -> Result<Client<UnixStream>, ConnError> {
+    Ok(connect_with(uds, Instant::now(), &mut |_| Ok::<(), Infallible>(()))?)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the agent within {0:?}")]
+pub struct TimedOut(pub Duration);
+
+/// As [`connect_agent`], but the connection and every later answer on
+/// the stream are bounded by `timeout`: for best-effort requests such as
+/// `Shutdown`, which the caller follows with a kill anyway.
+pub fn connect_agent_bounded(uds: &Path, timeout: Duration) -> Result<Client<UnixStream>, ConnError> {
+    let c = connect_with(uds, Instant::now(), &mut |elapsed| {
+        if elapsed >= timeout {
+            Err(TimedOut(timeout))
+        } else {
+            Ok(())
+        }
+    })
+    .map_err(|e| match e {
+        WaitError::Conn(c) => c,
+        WaitError::Check(t) => ConnError::NotReady(t.to_string()),
+    })?;
+    c.get_ref()
+        .set_read_timeout(Some(timeout))
+        .map_err(|source| ConnError::Io {
+            path: uds.display().to_string(),
+            source,
+        })?;
+    Ok(c)
+}
+
+/// Connects to the agent, trying again every `retry_every` while nothing
+/// listens (the VMM is starting, the guest is booting); `check(elapsed)`
+/// runs between tries and while a connection waits, and may end the wait
+/// (the VMM died, the user gave up, a deadline passed).
+pub fn wait_for_agent<E: std::error::Error + 'static>(
+    uds: &Path,
     retry_every: Duration,
-    hello_timeout: Duration,
     mut check: impl FnMut(Duration) -> Result<(), E>,
 ) -> Result<Client<UnixStream>, WaitError<E>> {
     let start = Instant::now();
     loop {
-        let attempt = vsock_connect(uds, AGENT_PORT, attempt_timeout)
-            .and_then(|s| handshake(uds, s, hello_timeout, false))
-            .map_err(|e| match e {
-                ConnError::Client(ClientError::Frame(bulkhead_protocol::frame::FrameError::Io(io)))
-                    if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-                {
-                    ConnError::NotReady(format!("no hello from the agent within {hello_timeout:?}"))
-                }
-                e => e,
-            });
-        match attempt {
+        match connect_with(uds, start, &mut check) {
             Ok(c) => return Ok(c),
-            Err(e) if e.retryable() => tracing::trace!("agent not ready: {e}"),
-            Err(e) => return Err(WaitError::Conn(e)),
+            Err(WaitError::Conn(e)) if e.retryable() => tracing::trace!("agent not ready: {e}"),
+            Err(e) => return Err(e),
         }
         check(start.elapsed()).map_err(WaitError::Check)?;
         std::thread::sleep(retry_every);
@@ -213,9 +246,10 @@ mod tests {
     #[error("gave up")]
     struct GaveUp;
 
-    /// Plays the VMM: resets the first `resets` connections, then answers
-    /// OK and plays the agent for one request.
-    fn fake_vmm(listener: UnixListener, resets: usize) {
+    /// Plays the VMM: resets the first `resets` connections, holds the
+    /// next one unanswered for `hold`, then answers OK and plays the agent
+    /// for one request.
+    fn fake_vmm(listener: UnixListener, resets: usize, hold: Duration) {
         for _ in 0..resets {
             let (s, _) = listener.accept().unwrap();
             let mut r = std::io::BufReader::new(&s);
@@ -227,29 +261,33 @@ mod tests {
         let mut line = [0u8; 13];
         s.read_exact(&mut line).unwrap();
         assert_eq!(&line, b"CONNECT 1024\n");
+        std::thread::sleep(hold);
         s.write_all(b"OK 1073741824\n").unwrap();
         let _: Hello = frame::recv(&mut s).unwrap();
+        std::thread::sleep(hold);
         frame::send(&mut s, &Hello::ours("fake agent")).unwrap();
         let _: Request = frame::recv(&mut s).unwrap();
         frame::send(&mut s, &Response::Ok).unwrap();
     }
 
     #[test]
-    fn retries_until_the_agent_answers() {
+    fn retries_resets_and_waits_out_a_slow_answer() {
         let d = tempfile::tempdir().unwrap();
         let uds = d.path().join("v.sock");
         // Missing socket: not ready.
         assert!(connect_agent(&uds).err().unwrap().retryable());
         let listener = UnixListener::bind(&uds).unwrap();
-        let t = std::thread::spawn(move || fake_vmm(listener, 2));
+        // Held for several poll intervals: the connection is kept, and
+        // the check runs meanwhile.
+        let t = std::thread::spawn(move || fake_vmm(listener, 2, POLL_EVERY * 4));
         let mut checks = 0;
-        let mut c = wait_for_agent::<GaveUp>(&uds, ANSWER_TIMEOUT, |_| {
+        let mut c = wait_for_agent::<GaveUp>(&uds, Duration::from_millis(1), |_| {
             checks += 1;
             Ok(())
         })
         .unwrap();
         c.call_ok(&Request::Shutdown).unwrap();
-        assert_eq!(checks, 2);
+        assert!(checks >= 2 + 4, "checks ran {checks} times");
         t.join().unwrap();
     }
 
@@ -257,19 +295,29 @@ mod tests {
     fn check_can_end_the_wait_and_bad_answers_are_fatal() {
         let d = tempfile::tempdir().unwrap();
         let uds = d.path().join("v.sock");
-        let r = wait_for_agent(&uds, ANSWER_TIMEOUT, |_| Err(GaveUp));
+        let r = wait_for_agent(&uds, RETRY_EVERY, |_| Err(GaveUp));
         assert!(matches!(r, Err(WaitError::Check(GaveUp))));
 
+        // A held connection: the check ends the wait.
         let listener = UnixListener::bind(&uds).unwrap();
         let t = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            std::thread::sleep(POLL_EVERY * 3);
+            drop(s);
             let (mut s, _) = listener.accept().unwrap();
             let mut line = [0u8; 13];
             s.read_exact(&mut line).unwrap();
             s.write_all(b"NO\n").unwrap();
         });
-        let e = wait_for_agent::<GaveUp>(&uds, ANSWER_TIMEOUT, |_| Ok(()))
-            .err()
-            .unwrap();
+        let r = wait_for_agent(&uds, RETRY_EVERY, |elapsed| {
+            if elapsed > POLL_EVERY {
+                Err(GaveUp)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(r, Err(WaitError::Check(GaveUp))));
+        let e = wait_for_agent::<GaveUp>(&uds, RETRY_EVERY, |_| Ok(())).err().unwrap();
         assert!(e.to_string().contains("answered CONNECT with \"NO\""), "{e}");
         t.join().unwrap();
     }

@@ -20,7 +20,7 @@ use crate::agent_conn::{self, ConnError, WaitError};
 use crate::paths::Artifacts;
 use crate::rootfs::RootfsImage;
 use crate::rundir::{self, RunDir, RunDirError};
-use crate::stdio::{self, StdioError, StdioListeners, StdioPlan, StdioStreams};
+use crate::stdio::{self, StdioError, StdioPlan, StdioStreams};
 use crate::template::Template;
 use crate::util;
 use crate::vm::{self, VmError, VmSpec, VmmProcess};
@@ -32,21 +32,11 @@ pub const DEFAULT_MEM_MIB: u32 = 256;
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest device the root image is attached as (the first `--disk`).
 pub const ROOT_DEVICE: &str = "/dev/vda";
-const FIRST_STDIO_PORT: u32 = 1025;
-/// The agent connects the stdio streams before it answers; this only
-/// covers the VMM relaying the connections.
-const STDIO_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// After `exited`, output still in flight drains within this.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const CONSOLE_LINES: usize = 20;
-/// One connection attempt while booting: the VMM holds a connection
-/// unanswered until the guest's vsock driver is up.
-const BOOT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// A restored guest's agent answers within milliseconds: poll that often.
+/// A restored VMM has its socket up within milliseconds: look that often.
 const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
-/// A restored agent says hello well within this even under emulation; a
-/// stream that hears nothing was lost to the restore's transport reset.
-const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// The image behind an unused spare disk: one page of zeros (the VMM
 /// refuses empty images).
 const EMPTY_DISK_FILE: &str = "empty.img";
@@ -56,7 +46,6 @@ const EMPTY_DISK_BYTES: usize = 4096;
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// Host entropy a restored guest mixes into its pool.
 const RESEED_BYTES: usize = 64;
-const RESEED_ATTEMPTS: u32 = 5;
 
 pub type AgentClient = Client<UnixStream>;
 
@@ -210,7 +199,6 @@ pub struct Sandbox {
     console: PathBuf,
     vmm_log: PathBuf,
     rootfs: RootfsImage,
-    next_port: AtomicU32,
     next_id: AtomicU32,
     api_socket: Option<PathBuf>,
     spare_disks: u8,
@@ -274,29 +262,28 @@ impl Sandbox {
             api_socket: cfg.api_socket.then(|| dir.path().join("api.sock")),
             restore: cfg.template.as_ref().map(|t| t.dir().to_path_buf()),
         };
-        let (retry_every, hello_timeout) = match cfg.template {
-            Some(_) => (RESTORE_RETRY_EVERY, RESTORE_HELLO_TIMEOUT),
-            None => (agent_conn::RETRY_EVERY, agent_conn::ANSWER_TIMEOUT),
+        let retry_every = match cfg.template {
+            Some(_) => RESTORE_RETRY_EVERY,
+            None => agent_conn::RETRY_EVERY,
         };
         let api_socket = spec.api_socket.clone();
         let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
-        let waited =
-            agent_conn::wait_for_agent_every(&vsock, BOOT_ATTEMPT_TIMEOUT, retry_every, hello_timeout, |elapsed| {
-                if let Some(status) = lock(&vmm).try_status()? {
-                    return Err(stopped(status, &console, &vmm_log));
-                }
-                if let Some(limit) = cfg.boot_timeout.filter(|l| elapsed >= *l) {
-                    return Err(SandboxError::BootTimeout {
-                        after: limit,
-                        console: util::tail_lines(&console, CONSOLE_LINES),
-                    });
-                }
-                watch(&BootProgress {
-                    elapsed,
-                    console: &console,
-                })
-                .map_err(SandboxError::Aborted)
-            });
+        let waited = agent_conn::wait_for_agent(&vsock, retry_every, |elapsed| {
+            if let Some(status) = lock(&vmm).try_status()? {
+                return Err(stopped(status, &console, &vmm_log));
+            }
+            if let Some(limit) = cfg.boot_timeout.filter(|l| elapsed >= *l) {
+                return Err(SandboxError::BootTimeout {
+                    after: limit,
+                    console: util::tail_lines(&console, CONSOLE_LINES),
+                });
+            }
+            watch(&BootProgress {
+                elapsed,
+                console: &console,
+            })
+            .map_err(SandboxError::Aborted)
+        });
         let client = match waited {
             Ok(c) => c,
             Err(WaitError::Check(e)) => return Err(e),
@@ -311,22 +298,19 @@ impl Sandbox {
             }
         };
         tracing::debug!("agent reached through {}", vsock.display());
-        let first_client = if cfg.template.is_some() {
+        let mut client = client;
+        if cfg.template.is_some() {
             // Every restored guest starts from the same memory: it must be
             // made unique (random pool, clock) before it runs anything.
-            // On bounded streams of its own: a stream opened this early
-            // can still be dropped by the restore's transport reset.
-            drop(client);
-            reseed_restored(&vsock).map_err(|e| match lock(&vmm).try_status() {
+            // (The VMM holds host connections until the guest has handled
+            // the restore's transport reset, so this stream is not lost.)
+            reseed(&mut client).map_err(|e| match lock(&vmm).try_status() {
                 Ok(Some(status)) => stopped(status, &console, &vmm_log),
                 _ => e,
             })?;
-            None
-        } else {
-            Some(client)
-        };
+        }
         Ok(Sandbox {
-            first_client: Mutex::new(first_client),
+            first_client: Mutex::new(Some(client)),
             vmm,
             _console_keeper: keeper,
             dir,
@@ -334,7 +318,6 @@ impl Sandbox {
             console,
             vmm_log,
             rootfs: cfg.rootfs.clone(),
-            next_port: AtomicU32::new(FIRST_STDIO_PORT),
             next_id: AtomicU32::new(1),
             api_socket,
             spare_disks: cfg.spare_disks,
@@ -431,18 +414,8 @@ impl Sandbox {
         agent_conn::connect_agent(&self.vsock).map_err(|e| self.explain(e))
     }
 
-    /// A fresh vsock port for a stdio stream.
-    pub fn next_port(&self) -> u32 {
-        self.next_port.fetch_add(1, Ordering::Relaxed)
-    }
-
     fn next_id(&self, prefix: &str) -> String {
         format!("{prefix}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Listeners for a process's stdio, named in its request.
-    pub fn stdio_listeners(&self, plan: StdioPlan) -> Result<StdioListeners, SandboxError> {
-        Ok(StdioListeners::bind(&self.vsock, plan, || self.next_port())?)
     }
 
     /// A container over this sandbox's root image with the usual defaults
@@ -451,26 +424,23 @@ impl Sandbox {
         container_spec(id, process, &self.rootfs)
     }
 
-    /// Sends `req` (a `Create` or `Exec`, whose stdio this sets) while
-    /// accepting the streams the agent opens for it; returns the answer
-    /// and the streams.
+    /// Opens and attaches the stdio streams of `plan`, then sends `req` (a
+    /// `Create` or `Exec`) naming them; returns the answer and the streams.
     fn call_with_stdio(
         &self,
         client: &mut AgentClient,
         mut req: Request,
         plan: StdioPlan,
     ) -> Result<(bulkhead_protocol::messages::Response, StdioStreams), SandboxError> {
-        let listeners = self.stdio_listeners(plan)?;
+        let (tokens, streams) = stdio::open_streams(&self.vsock, plan).map_err(|e| self.explain(e))?;
         match &mut req {
-            Request::Create { container } => container.stdio = listeners.ports(),
-            Request::Exec { stdio, .. } => *stdio = listeners.ports(),
+            Request::Create { container } => container.stdio = tokens,
+            Request::Exec { stdio, .. } => *stdio = tokens,
             _ => {}
         }
         req.validate()?;
-        let pending = listeners.accept_in_background();
-        // On failure `pending` is dropped, which stops the accepting.
+        // On failure the streams are dropped, which closes them.
         let answer = client.call(&req).map_err(|e| self.explain(e))?;
-        let streams = pending.finish(STDIO_ACCEPT_TIMEOUT).map_err(|e| self.explain(e))?;
         Ok((answer, streams))
     }
 
@@ -599,46 +569,6 @@ impl Sandbox {
                 Ok(vmm.kill()?)
             }
         }
-    }
-}
-
-/// [`reseed`] on a bounded stream, again on a new one when the stream is
-/// lost without an answer.
-fn reseed_restored(vsock: &Path) -> Result<(), SandboxError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let done = agent_conn::connect_agent_bounded(vsock, RESTORE_HELLO_TIMEOUT)
-            .map_err(SandboxError::from)
-            .and_then(|mut c| reseed(&mut c));
-        match done {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt < RESEED_ATTEMPTS && stream_lost(&e) => {
-                tracing::debug!("reseed attempt {attempt}: {e}; again on a new stream");
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A stream that went away or went silent (as opposed to an answer).
-fn stream_lost(e: &SandboxError) -> bool {
-    use bulkhead_protocol::frame::FrameError;
-    let frame = match e {
-        SandboxError::Conn(c) if c.retryable() => return true,
-        SandboxError::Conn(ConnError::Client(ClientError::Frame(f))) | SandboxError::Agent(ClientError::Frame(f)) => f,
-        _ => return false,
-    };
-    match frame {
-        FrameError::Closed => true,
-        FrameError::Io(io) => matches!(
-            io.kind(),
-            io::ErrorKind::WouldBlock
-                | io::ErrorKind::TimedOut
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-        ),
-        _ => false,
     }
 }
 

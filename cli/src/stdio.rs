@@ -1,28 +1,30 @@
-//! A process's stdio over dedicated vsock streams. The agent connects to
-//! host ports while it handles `create`/`exec`, before it answers, so the
-//! host listens on `<uds>_<port>` first and accepts in the background
-//! while the request is in flight. Then threads copy the bytes.
+//! A process's stdio over dedicated vsock streams. The host opens each
+//! stream to the agent's stdio port before it sends `create` or `exec`,
+//! names it with a fresh random token, and waits until the agent has kept
+//! it; the request then names the tokens. Then threads copy the bytes.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use bulkhead_protocol::messages::StdioPorts;
+use bulkhead_protocol::frame::{self, FrameError};
+use bulkhead_protocol::messages::StdioTokens;
+use bulkhead_protocol::stdio::{Attach, Attached, STDIO_PORT, TOKEN_HEX_LEN};
+
+use crate::agent_conn::{self, ConnError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
-    #[error("waiting for the agent's stdio connections: {0}")]
-    Accept(io::Error),
-    #[error("the agent did not open its {0} stream")]
-    Missing(&'static str),
+    #[error("opening the {name} stream: {source}")]
+    Connect { name: &'static str, source: ConnError },
+    #[error("attaching the {name} stream: {source}")]
+    Attach { name: &'static str, source: FrameError },
+    #[error("the agent refused the {name} stream: {message}")]
+    Refused { name: &'static str, message: String },
+    #[error("cannot make a stream token: {0}")]
+    Token(io::Error),
 }
 
 /// Which streams a process gets.
@@ -30,23 +32,25 @@ pub enum StdioError {
 pub struct StdioPlan {
     /// Forward our input (otherwise the process reads /dev/null).
     pub stdin: bool,
-    /// A terminal: one stream, the stdout port, both ways.
+    /// A terminal: one stream, stdout, both ways.
     pub tty: bool,
 }
 
-struct Listening {
-    name: &'static str,
-    port: u32,
-    path: PathBuf,
-    listener: UnixListener,
+impl StdioPlan {
+    fn names(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.stdin && !self.tty {
+            names.push("stdin");
+        }
+        names.push("stdout");
+        if !self.tty {
+            names.push("stderr");
+        }
+        names
+    }
 }
 
-/// Bound listeners, ready to be named in a request.
-pub struct StdioListeners {
-    slots: Vec<Listening>,
-}
-
-/// The accepted streams; `None` where the plan has no such stream.
+/// The attached streams; `None` where the plan has no such stream.
 #[derive(Debug, Default)]
 pub struct StdioStreams {
     pub stdin: Option<UnixStream>,
@@ -54,165 +58,48 @@ pub struct StdioStreams {
     pub stderr: Option<UnixStream>,
 }
 
-impl StdioListeners {
-    /// Listens on `<uds>_<port>` for each stream of `plan`, taking ports
-    /// from `next_port`.
-    pub fn bind(uds: &Path, plan: StdioPlan, mut next_port: impl FnMut() -> u32) -> Result<Self, StdioError> {
-        let mut names = Vec::new();
-        if plan.stdin && !plan.tty {
-            names.push("stdin");
-        }
-        names.push("stdout");
-        if !plan.tty {
-            names.push("stderr");
-        }
-        let mut slots = Vec::new();
-        for name in names {
-            let port = next_port();
-            let mut p = uds.as_os_str().to_owned();
-            p.push(format!("_{port}"));
-            let path = PathBuf::from(p);
-            let listen_err = |source| StdioError::Listen {
-                path: path.clone(),
-                source,
-            };
-            let listener = UnixListener::bind(&path).map_err(listen_err)?;
-            listener.set_nonblocking(true).map_err(listen_err)?;
-            slots.push(Listening {
-                name,
-                port,
-                path,
-                listener,
-            });
-        }
-        Ok(StdioListeners { slots })
-    }
-
-    /// The ports to put in the request.
-    pub fn ports(&self) -> StdioPorts {
-        let port = |n: &str| self.slots.iter().find(|s| s.name == n).map(|s| s.port);
-        StdioPorts {
-            stdin: port("stdin"),
-            stdout: port("stdout"),
-            stderr: port("stderr"),
-        }
-    }
-
-    /// Accepts one connection per listener on a thread, until all came or
-    /// the result is given up.
-    pub fn accept_in_background(self) -> PendingStdio {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let flag = cancel.clone();
-        let handle = std::thread::Builder::new().name("stdio-accept".into()).spawn(move || {
-            let _ = tx.send(self.accept_all(&flag));
-        });
-        match handle {
-            Ok(h) => PendingStdio {
-                cancel,
-                rx,
-                handle: Some(h),
-            },
-            Err(e) => {
-                let (tx, rx) = mpsc::channel();
-                let _ = tx.send(Err(StdioError::Accept(e)));
-                PendingStdio {
-                    cancel,
-                    rx,
-                    handle: None,
-                }
-            }
-        }
-    }
-
-    fn accept_all(self, cancel: &AtomicBool) -> Result<StdioStreams, StdioError> {
-        let mut out = StdioStreams::default();
-        let mut waiting: Vec<&Listening> = self.slots.iter().collect();
-        while !waiting.is_empty() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(StdioError::Accept(io::Error::from(io::ErrorKind::Interrupted)));
-            }
-            let mut fds: Vec<libc::pollfd> = waiting
-                .iter()
-                .map(|l| libc::pollfd {
-                    fd: l.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(StdioError::Accept(e));
-            }
-            let mut still = Vec::new();
-            for l in waiting {
-                match l.listener.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false).map_err(StdioError::Accept)?;
-                        tracing::debug!(port = l.port, "agent opened {}", l.name);
-                        let slot = match l.name {
-                            "stdin" => &mut out.stdin,
-                            "stdout" => &mut out.stdout,
-                            _ => &mut out.stderr,
-                        };
-                        *slot = Some(s);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => still.push(l),
-                    Err(e) => return Err(StdioError::Accept(e)),
-                }
-            }
-            waiting = still;
-        }
-        Ok(out)
-    }
+/// Opens the streams of `plan` through the VMM's vsock socket `uds` and
+/// attaches them; returns the tokens to name in the request. Waits as
+/// long as the VMM holds the connections (no timer in the guest or here
+/// can fail a start on a busy host).
+pub fn open_streams(uds: &Path, plan: StdioPlan) -> Result<(StdioTokens, StdioStreams), StdioError> {
+    attach_all(plan, |name| {
+        agent_conn::vsock_connect(uds, STDIO_PORT, std::time::Instant::now(), &mut |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| StdioError::Connect { name, source: e.into() })
+    })
 }
 
-impl Drop for StdioListeners {
-    fn drop(&mut self) {
-        for s in &self.slots {
-            let _ = std::fs::remove_file(&s.path);
-        }
+/// Attaches the streams of `plan`, opened by `open`: every `Attach` is
+/// sent before any answer is read, so the round trips overlap.
+pub fn attach_all(
+    plan: StdioPlan,
+    mut open: impl FnMut(&'static str) -> Result<UnixStream, StdioError>,
+) -> Result<(StdioTokens, StdioStreams), StdioError> {
+    let mut opened = Vec::new();
+    for name in plan.names() {
+        let mut s = open(name)?;
+        let token = crate::util::random_hex(TOKEN_HEX_LEN / 2).map_err(StdioError::Token)?;
+        frame::send(&mut s, &Attach { token: token.clone() }).map_err(|source| StdioError::Attach { name, source })?;
+        opened.push((name, token, s));
     }
-}
-
-/// Streams being accepted while a request is in flight.
-pub struct PendingStdio {
-    cancel: Arc<AtomicBool>,
-    rx: mpsc::Receiver<Result<StdioStreams, StdioError>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl PendingStdio {
-    /// The streams, once the request succeeded: the agent connected before
-    /// answering, so they are at most a moment away.
-    pub fn finish(mut self, timeout: Duration) -> Result<StdioStreams, StdioError> {
-        let r = match self.rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(_) => Err(StdioError::Missing("stdio")),
+    let mut tokens = StdioTokens::default();
+    let mut streams = StdioStreams::default();
+    for (name, token, mut s) in opened {
+        match frame::recv(&mut s).map_err(|source| StdioError::Attach { name, source })? {
+            Attached::Ok => {}
+            Attached::Error { message } => return Err(StdioError::Refused { name, message }),
+        }
+        let (t, st) = match name {
+            "stdin" => (&mut tokens.stdin, &mut streams.stdin),
+            "stdout" => (&mut tokens.stdout, &mut streams.stdout),
+            _ => (&mut tokens.stderr, &mut streams.stderr),
         };
-        self.stop();
-        let streams = r?;
-        Ok(streams)
+        *t = Some(token);
+        *st = Some(s);
     }
-
-    fn stop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for PendingStdio {
-    /// Giving up (the request failed): stop accepting.
-    fn drop(&mut self) {
-        self.stop();
-    }
+    Ok((tokens, streams))
 }
 
 /// Copies `from` into `to`, flushing each chunk (a prompt without a
@@ -286,69 +173,75 @@ pub fn collect(mut from: UnixStream) -> io::Result<JoinHandle<io::Result<Vec<u8>
 mod tests {
     use super::*;
 
+    /// Plays the agent's stdio port for `n` streams: reads each Attach,
+    /// answers, and returns the streams by token.
+    fn fake_agent(n: usize, refuse: bool) -> (Vec<UnixStream>, std::thread::JoinHandle<Vec<(String, UnixStream)>>) {
+        let mut host_ends = Vec::new();
+        let mut agent_ends = Vec::new();
+        for _ in 0..n {
+            let (h, a) = UnixStream::pair().unwrap();
+            host_ends.push(h);
+            agent_ends.push(a);
+        }
+        let t = std::thread::spawn(move || {
+            // Every Attach arrives before the first answer goes out.
+            let attaches: Vec<Attach> = agent_ends.iter_mut().map(|a| frame::recv(a).unwrap()).collect();
+            let mut out = Vec::new();
+            for (mut a, at) in agent_ends.into_iter().zip(attaches) {
+                at.validate().unwrap();
+                let answer = if refuse {
+                    Attached::Error { message: "full".into() }
+                } else {
+                    Attached::Ok
+                };
+                frame::send(&mut a, &answer).unwrap();
+                out.push((at.token, a));
+            }
+            out
+        });
+        (host_ends, t)
+    }
+
     #[test]
-    fn listeners_accept_while_a_request_is_in_flight() {
-        let d = tempfile::tempdir().unwrap();
-        let uds = d.path().join("v.sock");
-        let mut port = 1024;
-        let l = StdioListeners::bind(
-            &uds,
+    fn streams_are_attached_under_fresh_tokens_before_the_request() {
+        let (mut ends, agent) = fake_agent(3, false);
+        ends.reverse();
+        let (tokens, streams) = attach_all(
             StdioPlan {
                 stdin: true,
                 tty: false,
             },
-            || {
-                port += 1;
-                port
-            },
+            |_| Ok(ends.pop().unwrap()),
         )
         .unwrap();
-        let ports = l.ports();
-        assert_eq!(
-            (ports.stdin, ports.stdout, ports.stderr),
-            (Some(1025), Some(1026), Some(1027))
-        );
-        let pending = l.accept_in_background();
-        // The "agent" connects to each port, as the VMM would for it.
-        let mut agent: Vec<UnixStream> = [1025, 1026, 1027]
-            .iter()
-            .map(|p| UnixStream::connect(d.path().join(format!("v.sock_{p}"))).unwrap())
-            .collect();
-        let s = pending.finish(Duration::from_secs(5)).unwrap();
-        let (stdin, stdout) = (s.stdin.unwrap(), s.stdout.unwrap());
-        assert!(!d.path().join("v.sock_1025").exists(), "socket files are removed");
-
-        let t = copy_in(&b"hello"[..], stdin).unwrap();
+        tokens.validate(false).unwrap();
+        let kept = agent.join().unwrap();
+        let by_token = |t: &Option<String>| kept.iter().find(|(k, _)| Some(k) == t.as_ref()).map(|(_, s)| s);
+        // Bytes after the answer are the stream's own.
+        let t = copy_in(&b"hello"[..], streams.stdin.unwrap()).unwrap();
         let mut got = String::new();
-        agent[0].read_to_string(&mut got).unwrap();
+        by_token(&tokens.stdin).unwrap().read_to_string(&mut got).unwrap();
         assert_eq!(got, "hello");
         t.join().unwrap();
-
-        agent[1].write_all(b"out").unwrap();
-        drop(agent.remove(1));
-        assert_eq!(collect(stdout).unwrap().join().unwrap().unwrap(), b"out");
+        by_token(&tokens.stdout).unwrap().write_all(b"out").unwrap();
+        let out = collect(streams.stdout.unwrap()).unwrap();
+        drop(kept);
+        assert_eq!(out.join().unwrap().unwrap(), b"out");
+        assert_ne!(tokens.stdout, tokens.stderr);
     }
 
     #[test]
-    fn tty_plan_uses_one_port_and_giving_up_stops_the_thread() {
-        let d = tempfile::tempdir().unwrap();
-        let uds = d.path().join("v.sock");
-        let l = StdioListeners::bind(&uds, StdioPlan { stdin: true, tty: true }, || 2000).unwrap();
-        let p = l.ports();
-        assert_eq!((p.stdin, p.stdout, p.stderr), (None, Some(2000), None));
-        let pending = l.accept_in_background();
-        drop(pending); // returns: the accept thread saw the cancel flag
-        let mut port = 2000;
-        let l = StdioListeners::bind(&uds, StdioPlan::default(), || {
-            port += 1;
-            port
-        })
-        .unwrap();
-        assert_eq!((l.ports().stdout, l.ports().stderr), (Some(2001), Some(2002)));
-        assert!(matches!(
-            l.accept_in_background().finish(Duration::from_millis(100)),
-            Err(StdioError::Missing(_))
-        ));
+    fn a_terminal_gets_one_stream_and_refusals_are_reported() {
+        let (mut ends, agent) = fake_agent(1, false);
+        let (tokens, streams) = attach_all(StdioPlan { stdin: true, tty: true }, |_| Ok(ends.pop().unwrap())).unwrap();
+        assert!(tokens.stdout.is_some() && tokens.stdin.is_none() && tokens.stderr.is_none());
+        assert!(streams.stdout.is_some());
+        agent.join().unwrap();
+        let (mut ends, agent) = fake_agent(2, true);
+        ends.reverse();
+        let e = attach_all(StdioPlan::default(), |_| Ok(ends.pop().unwrap())).unwrap_err();
+        assert!(e.to_string().contains("refused the stdout stream: full"), "{e}");
+        agent.join().unwrap();
     }
 
     #[test]

@@ -16,7 +16,8 @@ use bulkhead::rootfs::{FsType, RootfsImage};
 use bulkhead::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use bulkhead_protocol::frame;
 use bulkhead_protocol::handshake::Hello;
-use bulkhead_protocol::messages::{ErrorKind, Process, Request, Response, StdioPorts};
+use bulkhead_protocol::messages::{ErrorKind, Process, Request, Response, StdioTokens};
+use bulkhead_protocol::stdio::{Attach, Attached};
 
 // ---- the stand-in VMM and agent ----
 
@@ -32,6 +33,8 @@ struct Proc {
 struct Agent {
     procs: Mutex<HashMap<String, Arc<Proc>>>,
     pending: Mutex<HashMap<String, (Process, Streams)>>,
+    /// Stdio streams the host attached, by token.
+    attached: Mutex<HashMap<String, UnixStream>>,
 }
 
 #[derive(Default)]
@@ -74,24 +77,33 @@ fn fake_vmm(args: Vec<String>) -> ! {
     writeln!(con, "[    1.000000] Run /init as init process").unwrap();
     let agent = Arc::new(Agent::default());
     for s in listener.incoming() {
-        let (s, agent, uds) = (s.unwrap(), agent.clone(), uds.clone());
-        std::thread::spawn(move || serve(s, &agent, &uds));
+        let (s, agent) = (s.unwrap(), agent.clone());
+        std::thread::spawn(move || serve(s, &agent));
     }
     std::process::exit(1)
 }
 
-fn connect_stdio(uds: &Path, ports: &StdioPorts) -> Streams {
-    let c = |p: Option<u32>| p.map(|p| UnixStream::connect(format!("{}_{p}", uds.display())).unwrap());
+fn take_streams(agent: &Agent, tokens: &StdioTokens) -> Streams {
+    let mut attached = agent.attached.lock().unwrap();
+    let mut take = |t: &Option<String>| t.as_ref().map(|t| attached.remove(t).expect("an attached stream"));
     Streams {
-        stdin: c(ports.stdin),
-        stdout: c(ports.stdout),
-        stderr: c(ports.stderr),
+        stdin: take(&tokens.stdin),
+        stdout: take(&tokens.stdout),
+        stderr: take(&tokens.stderr),
     }
 }
 
-fn serve(mut s: UnixStream, agent: &Agent, uds: &Path) {
+fn serve(mut s: UnixStream, agent: &Agent) {
     let mut line = [0u8; 13];
     s.read_exact(&mut line).unwrap();
+    if &line == b"CONNECT 1025\n" {
+        s.write_all(b"OK 1025\n").unwrap();
+        let a: Attach = frame::recv(&mut s).unwrap();
+        a.validate().unwrap();
+        agent.attached.lock().unwrap().insert(a.token, s.try_clone().unwrap());
+        frame::send(&mut s, &Attached::Ok).unwrap();
+        return;
+    }
     assert_eq!(&line, b"CONNECT 1024\n");
     s.write_all(b"OK 1024\n").unwrap();
     let _: Hello = frame::recv(&mut s).unwrap();
@@ -100,7 +112,7 @@ fn serve(mut s: UnixStream, agent: &Agent, uds: &Path) {
         req.validate().unwrap();
         let answer = match req {
             Request::Create { container } => {
-                let streams = connect_stdio(uds, &container.stdio);
+                let streams = take_streams(agent, &container.stdio);
                 agent
                     .pending
                     .lock()
@@ -119,7 +131,7 @@ fn serve(mut s: UnixStream, agent: &Agent, uds: &Path) {
                 process,
                 stdio,
             } => {
-                let streams = connect_stdio(uds, &stdio);
+                let streams = take_streams(agent, &stdio);
                 start(agent, format!("{container_id}/{exec_id}"), process, streams);
                 Response::Started { pid: 43 }
             }

@@ -7,9 +7,9 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Response, StdioPorts};
+use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Response, StdioTokens};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::child::{self, TAG_PID, TAG_READY};
@@ -17,7 +17,7 @@ use crate::ctl::{self, Record};
 use crate::disk;
 use crate::oom::OomWatch;
 use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError};
-use crate::stdio::{self, Handles};
+use crate::stdio::{self, Attached, Handles, Streams};
 use crate::transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +206,8 @@ pub struct Agent {
     /// Serialises `create`, so two requests for one id cannot both build.
     creating: Mutex<()>,
     pub oom: OomWatch,
+    /// Stdio streams the host opened, until a request names them.
+    pub attached: Arc<Attached>,
 }
 
 fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
@@ -240,6 +242,7 @@ impl Agent {
             exited: Condvar::new(),
             creating: Mutex::new(()),
             oom: OomWatch::new()?,
+            attached: Arc::default(),
         })
     }
 
@@ -277,9 +280,10 @@ impl Agent {
         if self.lock().containers.contains_key(&c.id) {
             return Err(OpError::AlreadyExists(format!("container {:?} exists", c.id)));
         }
+        let streams = self.take_streams(&c.stdio)?;
         let dir = self.cfg.state_dir.join(&c.id);
         let mut mounts = Vec::new();
-        match self.build(c, &dir, &mut mounts) {
+        match self.build(c, &dir, &mut mounts, streams) {
             Ok(container) => {
                 self.lock().containers.insert(c.id.clone(), container);
                 tracing::info!(container = %c.id, "created");
@@ -297,7 +301,13 @@ impl Agent {
 
     /// Mounts the root, builds the cgroup and starts the container's init,
     /// which waits for `start`. `mounts` collects what to undo on failure.
-    fn build(&self, c: &CreateContainer, dir: &Path, mounts: &mut Vec<PathBuf>) -> Result<Container, OpError> {
+    fn build(
+        &self,
+        c: &CreateContainer,
+        dir: &Path,
+        mounts: &mut Vec<PathBuf>,
+        streams: Streams,
+    ) -> Result<Container, OpError> {
         let (lower, rw, rootfs) = (dir.join("lower"), dir.join("rw"), dir.join("rootfs"));
         for d in [&lower, &rw, &rootfs] {
             fs::create_dir_all(d).map_err(failed("state directory"))?;
@@ -360,7 +370,7 @@ impl Agent {
         }
 
         let cgroup = Cgroup::create(&self.cfg.cgroup_root, &c.id, &c.resources)?;
-        match self.start_init(c, &rootfs, steps, &cgroup) {
+        match self.start_init(c, &rootfs, steps, &cgroup, streams) {
             Ok((init, ctl, namespaces)) => Ok(Container {
                 init,
                 ctl: Some(ctl),
@@ -385,13 +395,14 @@ impl Agent {
         rootfs: &Path,
         steps: Vec<MountStep>,
         cgroup: &Cgroup,
+        streams: Streams,
     ) -> Result<(Proc, OwnedFd, Vec<File>), OpError> {
         let terminal = c.process.terminal;
-        let (child_io, mut handles) = if terminal {
-            (None, Handles::default())
+        let (child_io, mut handles, tty_streams) = if terminal {
+            (None, Handles::default(), Some(streams))
         } else {
-            let (fds, h) = stdio::pipes(&self.cfg.transport, &c.stdio).map_err(failed("connecting stdio"))?;
-            (Some(fds), h)
+            let (fds, h) = stdio::pipes(streams).map_err(failed("stdio"))?;
+            (Some(fds), h, None)
         };
         let (ours, theirs) = ctl::pair().map_err(failed("control socket"))?;
         let procs = cgroup.procs_file()?;
@@ -443,8 +454,8 @@ impl Agent {
             Record::Ok { tag: TAG_READY, fd, .. } => {
                 if terminal {
                     let master = fd.ok_or_else(|| abort("the init sent no terminal".into()))?;
-                    handles = stdio::terminal(&self.cfg.transport, &c.stdio, File::from(master))
-                        .map_err(|e| abort(format!("connecting the terminal: {e}")))?;
+                    handles = stdio::terminal(tty_streams.unwrap_or_default(), File::from(master))
+                        .map_err(|e| abort(format!("the terminal: {e}")))?;
                 }
             }
             other => return Err(abort(format!("creating the container: {}", other.describe()))),
@@ -485,7 +496,14 @@ impl Agent {
         Ok(workload)
     }
 
-    pub fn exec(&self, id: &str, exec_id: &str, p: &Process, ports: &StdioPorts) -> Result<u32, OpError> {
+    /// Takes the streams a request names; a bad token fails it at once.
+    fn take_streams(&self, tokens: &StdioTokens) -> Result<Streams, OpError> {
+        self.attached
+            .take_all(tokens)
+            .map_err(|e| OpError::Invalid(format!("stdio: {e}")))
+    }
+
+    pub fn exec(&self, id: &str, exec_id: &str, p: &Process, tokens: &StdioTokens) -> Result<u32, OpError> {
         let (init_pid, ns_fds, procs) = {
             let st = self.lock();
             let c = st.container(id)?;
@@ -503,12 +521,13 @@ impl Agent {
                 .map_err(failed("namespaces"))?;
             (c.init.pid, ns, c.cgroup.procs_file()?)
         };
+        let streams = self.take_streams(tokens)?;
         let (child_fds, handles): (Vec<OwnedFd>, Handles) = if p.terminal {
             let (master, slave) = stdio::open_container_pty(init_pid).map_err(failed("opening a terminal"))?;
-            let h = stdio::terminal(&self.cfg.transport, ports, master).map_err(failed("connecting the terminal"))?;
+            let h = stdio::terminal(streams, master).map_err(failed("the terminal"))?;
             (vec![slave], h)
         } else {
-            let (fds, h) = stdio::pipes(&self.cfg.transport, ports).map_err(failed("connecting stdio"))?;
+            let (fds, h) = stdio::pipes(streams).map_err(failed("stdio"))?;
             (fds.into(), h)
         };
         let stdio_fds: [RawFd; 3] = if p.terminal {

@@ -23,6 +23,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 use agent::{Agent, Config};
+use bulkhead_protocol::stdio::STDIO_PORT;
+use bulkhead_protocol::AGENT_PORT;
 use transport::Transport;
 
 #[derive(Parser, Debug)]
@@ -158,8 +160,21 @@ fn mode(args: &Args) -> anyhow::Result<Mode> {
 
 fn run(args: Args) -> anyhow::Result<bool> {
     let m = mode(&args)?;
-    let listener = m.config.transport.listen().context("listening for the host")?;
+    let listener = m
+        .config
+        .transport
+        .listen(AGENT_PORT)
+        .context("listening for the host")?;
+    let stdio_listener = m
+        .config
+        .transport
+        .listen(STDIO_PORT)
+        .context("listening for stdio streams")?;
     let agent = Arc::new(Agent::new(m.config).context("agent state")?);
+    let attached = agent.attached.clone();
+    std::thread::Builder::new()
+        .name("stdio-accept".into())
+        .spawn(move || attached.serve(stdio_listener))?;
     let reaper = agent.clone();
     std::thread::Builder::new()
         .name("reaper".into())

@@ -1,16 +1,128 @@
 //! A process's stdio: pipes (or a pty) on the process side, host streams on
-//! the other, and one copying thread per direction.
+//! the other, and one copying thread per direction. The host opens the
+//! streams beforehand ([`Attached`]); a request names them by token.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use bulkhead_protocol::messages::StdioPorts;
+use bulkhead_protocol::frame;
+use bulkhead_protocol::messages::StdioTokens;
+use bulkhead_protocol::stdio::{Attach, Attached as Answer};
 
-use crate::transport::{shutdown_write, Transport};
+use crate::transport::{shutdown_write, Listener};
+
+/// Streams kept at most before the oldest is dropped: three for every
+/// request stream the agent serves at once.
+pub const MAX_ATTACHED: usize = 3 * crate::server::MAX_STREAMS;
+
+/// Stdio streams the host attached and no request has named yet.
+#[derive(Default)]
+pub struct Attached {
+    streams: Mutex<VecDeque<(String, File)>>,
+}
+
+impl Attached {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(String, File)>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts stdio streams until the listener fails for good: reads each
+    /// one's [`Attach`], keeps it, answers. One at a time: the host sends
+    /// its `Attach` with the connection.
+    pub fn serve(self: Arc<Self>, listener: Listener) {
+        loop {
+            let mut s = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    tracing::warn!("stdio: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("stdio accept: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let attach = frame::recv::<Attach, _>(&mut s)
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate().map(|()| a).map_err(|e| e.to_string()));
+            match attach {
+                Ok(a) => {
+                    let answer = s.try_clone();
+                    self.keep(a.token, s);
+                    if let Ok(mut w) = answer {
+                        let _ = frame::send(&mut w, &Answer::Ok);
+                    }
+                }
+                Err(message) => {
+                    tracing::warn!("stdio stream refused: {message}");
+                    let _ = frame::send(&mut s, &Answer::Error { message });
+                }
+            }
+        }
+    }
+
+    /// Keeps a stream under `token`, first dropping streams whose host end
+    /// is gone and, when full, the oldest.
+    fn keep(&self, token: String, stream: File) {
+        let mut all = self.lock();
+        all.retain(|(_, f)| !hung_up(f));
+        all.retain(|(t, _)| *t != token);
+        while all.len() >= MAX_ATTACHED {
+            all.pop_front();
+        }
+        all.push_back((token, stream));
+    }
+
+    fn take(&self, token: &Option<String>, what: &str) -> io::Result<Option<File>> {
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        let mut all = self.lock();
+        match all.iter().position(|(t, _)| t == token) {
+            Some(i) => Ok(all.remove(i).map(|(_, f)| f)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no {what} stream is attached under its token"),
+            )),
+        }
+    }
+
+    /// The streams `tokens` name, taken out (a request takes them first,
+    /// so a bad token fails it before anything is built).
+    pub fn take_all(&self, tokens: &StdioTokens) -> io::Result<Streams> {
+        Ok(Streams {
+            stdin: self.take(&tokens.stdin, "stdin")?,
+            stdout: self.take(&tokens.stdout, "stdout")?,
+            stderr: self.take(&tokens.stderr, "stderr")?,
+        })
+    }
+}
+
+/// One process's host streams; `None` is /dev/null.
+#[derive(Default)]
+pub struct Streams {
+    pub stdin: Option<File>,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+}
+
+/// Whether the host closed or reset its end (nothing waits).
+fn hung_up(f: &File) -> bool {
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
 
 /// The host can close stdin early (`close_stdin`) while a thread copies
 /// into it. The copier holds the lock while a write blocks (the workload is
@@ -89,13 +201,13 @@ fn spawn_output(name: &str, pipe: File, stream: File) -> io::Result<()> {
     })
 }
 
-/// Connects the streams and makes pipes for a non-terminal process.
-/// Returns the child's three descriptors; copying starts at once.
-pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Handles)> {
+/// Makes pipes between a non-terminal process and its streams. Returns
+/// the child's three descriptors; copying starts at once.
+pub fn pipes(streams: Streams) -> io::Result<([OwnedFd; 3], Handles)> {
+    let Streams { stdin, stdout, stderr } = streams;
     let mut handles = Handles::default();
-    let stdin_child = match ports.stdin {
-        Some(port) => {
-            let stream = t.connect(port)?;
+    let stdin_child = match stdin {
+        Some(stream) => {
             let (r, w) = pipe()?;
             let slot = StdinSlot::new(w);
             handles.stdin = Some(slot.clone());
@@ -104,10 +216,9 @@ pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Han
         }
         None => OwnedFd::from(dev_null()?),
     };
-    let out = |port: Option<u32>, name: &str| -> io::Result<OwnedFd> {
-        match port {
-            Some(port) => {
-                let stream = t.connect(port)?;
+    let out = |stream: Option<File>, name: &str| -> io::Result<OwnedFd> {
+        match stream {
+            Some(stream) => {
                 let (r, w) = pipe()?;
                 spawn_output(name, r, stream)?;
                 Ok(OwnedFd::from(w))
@@ -115,8 +226,8 @@ pub fn pipes(t: &Transport, ports: &StdioPorts) -> io::Result<([OwnedFd; 3], Han
             None => Ok(OwnedFd::from(dev_null()?)),
         }
     };
-    let stdout_child = out(ports.stdout, "stdout")?;
-    let stderr_child = out(ports.stderr, "stderr")?;
+    let stdout_child = out(stdout, "stdout")?;
+    let stderr_child = out(stderr, "stderr")?;
     Ok(([stdin_child, stdout_child, stderr_child], handles))
 }
 
@@ -141,12 +252,12 @@ fn copy_stdin(mut stream: File, slot: Arc<StdinSlot>) {
     }
 }
 
-/// Connects the terminal's one stream to a pty master, both directions.
-pub fn terminal(t: &Transport, ports: &StdioPorts, master: File) -> io::Result<Handles> {
-    let port = ports
+/// Joins a terminal's one stream (its stdout) to a pty master, both
+/// directions.
+pub fn terminal(streams: Streams, master: File) -> io::Result<Handles> {
+    let stream = streams
         .stdout
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a terminal needs the stdout port"))?;
-    let stream = t.connect(port)?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a terminal needs the stdout stream"))?;
     let master = Arc::new(master);
     let (m_out, s_out) = (master.clone(), stream.try_clone()?);
     spawn("tty-out", move || {

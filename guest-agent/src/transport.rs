@@ -1,11 +1,10 @@
-//! Where requests come from and stdio goes to: vsock in the VM; Unix
-//! sockets in the debug-only listener mode the agent tier uses.
+//! Where requests and stdio streams come from: vsock ports in the VM;
+//! Unix sockets in the debug-only listener mode the agent tier uses. The
+//! host opens every stream; nothing here connects out.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-
-use bulkhead_protocol::AGENT_PORT;
 
 #[derive(Clone, Debug)]
 pub enum Transport {
@@ -55,11 +54,13 @@ impl Transport {
         matches!(self, Transport::Vsock)
     }
 
-    pub fn listen(&self) -> io::Result<Listener> {
+    /// Listens on `port`: `bulkhead_protocol::AGENT_PORT` (requests) or
+    /// `bulkhead_protocol::stdio::STDIO_PORT`.
+    pub fn listen(&self, port: u32) -> io::Result<Listener> {
         match self {
             Transport::Vsock => {
                 let fd = vsock_socket()?;
-                let addr = vsock_addr(libc::VMADDR_CID_ANY, AGENT_PORT);
+                let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
                 use std::os::fd::AsRawFd;
                 // SAFETY: addr is a sockaddr_vm of ADDR_LEN bytes.
                 check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) })?;
@@ -69,30 +70,21 @@ impl Transport {
             }
             #[cfg(debug_assertions)]
             Transport::Unix(dir) => {
-                let path = dir.join("agent.sock");
+                let path = dir.join(unix_socket_name(port));
                 let _ = std::fs::remove_file(&path);
                 Ok(Listener::Unix(std::os::unix::net::UnixListener::bind(path)?))
             }
         }
     }
+}
 
-    /// Connects a stdio stream to the host's listener for `port`.
-    pub fn connect(&self, port: u32) -> io::Result<File> {
-        match self {
-            Transport::Vsock => {
-                let fd = vsock_socket()?;
-                let addr = vsock_addr(libc::VMADDR_CID_HOST, port);
-                use std::os::fd::AsRawFd;
-                // SAFETY: as in listen.
-                check(unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), ADDR_LEN) })?;
-                Ok(File::from(fd))
-            }
-            #[cfg(debug_assertions)]
-            Transport::Unix(dir) => {
-                let s = std::os::unix::net::UnixStream::connect(dir.join(format!("agent.sock_{port}")))?;
-                Ok(File::from(OwnedFd::from(s)))
-            }
-        }
+/// The listener mode's socket for `port`, in its directory.
+#[cfg(debug_assertions)]
+pub fn unix_socket_name(port: u32) -> String {
+    match port {
+        bulkhead_protocol::AGENT_PORT => "agent.sock".into(),
+        bulkhead_protocol::stdio::STDIO_PORT => "agent-stdio.sock".into(),
+        p => format!("agent.sock_{p}"),
     }
 }
 

@@ -102,7 +102,10 @@ pub fn reexec_if_needed() {
     }
     use std::os::unix::process::CommandExt;
     let e = std::process::Command::new(&program).args(args).env(VAR, value).exec();
-    eprintln!("bulkhead-agent: cannot re-exec {} with {VAR}: {e}", program.to_string_lossy());
+    eprintln!(
+        "bulkhead-agent: cannot re-exec {} with {VAR}: {e}",
+        program.to_string_lossy()
+    );
 }
 
 #[cfg(test)]
@@ -112,11 +115,17 @@ mod tests {
     #[test]
     fn tunable_is_added_or_prepended() {
         let env = vec!["PATH=/bin".to_string()];
-        assert_eq!(add_tunable(&env), vec!["PATH=/bin".to_string(), format!("GLIBC_TUNABLES={TUNABLE}")]);
+        assert_eq!(
+            add_tunable(&env),
+            vec!["PATH=/bin".to_string(), format!("GLIBC_TUNABLES={TUNABLE}")]
+        );
         let env = vec!["GLIBC_TUNABLES=glibc.malloc.check=3".to_string(), "A=1".into()];
         assert_eq!(
             add_tunable(&env),
-            vec![format!("GLIBC_TUNABLES={TUNABLE}:glibc.malloc.check=3"), "A=1".to_string()]
+            vec![
+                format!("GLIBC_TUNABLES={TUNABLE}:glibc.malloc.check=3"),
+                "A=1".to_string()
+            ]
         );
     }
 

@@ -23,6 +23,13 @@ pub enum ClientError {
     Unexpected { op: String, got: Box<Response> },
 }
 
+/// Why [`Client::handshake_with`] failed: its wait, or the exchange.
+#[derive(Debug)]
+pub enum HandshakeWait<W> {
+    Wait(W),
+    Client(ClientError),
+}
+
 pub struct Client<S> {
     stream: S,
 }
@@ -34,6 +41,25 @@ impl<S: Read + Write> Client<S> {
         let theirs: Hello = frame::recv(&mut stream)?;
         handshake::check(&theirs)?;
         Ok(Client { stream })
+    }
+
+    /// [`Client::handshake`], with `wait` run between sending our hello and
+    /// reading the agent's (the caller's chance to wait for the answer in
+    /// its own way, e.g. polling while it checks on the peer).
+    pub fn handshake_with<W>(
+        mut stream: S,
+        software: &str,
+        wait: impl FnOnce(&S) -> Result<(), W>,
+    ) -> Result<Self, HandshakeWait<W>> {
+        frame::send(&mut stream, &Hello::ours(software)).map_err(|e| HandshakeWait::Client(e.into()))?;
+        wait(&stream).map_err(HandshakeWait::Wait)?;
+        let theirs: Hello = frame::recv(&mut stream).map_err(|e| HandshakeWait::Client(e.into()))?;
+        handshake::check(&theirs).map_err(|e| HandshakeWait::Client(e.into()))?;
+        Ok(Client { stream })
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
     }
 
     /// Sends one request and returns the agent's answer; an `Error` answer

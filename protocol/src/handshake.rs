@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages that an older peer would misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const PROTOCOL_NAME: &str = "bulkhead-agent";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@
 //! ([`frame::MAX_FRAME_BYTES`]) before anything is allocated, every message
 //! is validated ([`messages`]) before use, and the first exchange is a
 //! version handshake ([`handshake`]) that refuses a mismatched peer by name.
-//! Stdio does not travel here: it gets dedicated vsock streams.
+//! Stdio does not travel here: the host opens dedicated streams to the
+//! agent's [`stdio::STDIO_PORT`] and names them in requests ([`stdio`]).
 //!
 //! JSON keeps the wire format readable in logs and lets serde reject
 //! unknown fields; the frames are small and rare (one per operation), so
@@ -17,6 +18,7 @@ pub mod defaults;
 pub mod frame;
 pub mod handshake;
 pub mod messages;
+pub mod stdio;
 
 /// The vsock port the agent listens on for requests.
 pub const AGENT_PORT: u32 = 1024;

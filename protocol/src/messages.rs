@@ -142,13 +142,41 @@ pub struct Root {
     pub size_bytes: Option<u64>,
 }
 
-/// Where the container's stdio streams connect: vsock ports on the host.
+/// The process's stdio: tokens of streams the host attached beforehand
+/// (see [`crate::stdio`]); `None` is /dev/null. A terminal uses the
+/// stdout stream both ways.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StdioPorts {
-    pub stdin: Option<u32>,
-    pub stdout: Option<u32>,
-    pub stderr: Option<u32>,
+pub struct StdioTokens {
+    pub stdin: Option<String>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+}
+
+impl StdioTokens {
+    pub fn validate(&self, terminal: bool) -> Result<(), ValidationError> {
+        let named: Vec<(&str, &String)> = [
+            ("stdio.stdin", &self.stdin),
+            ("stdio.stdout", &self.stdout),
+            ("stdio.stderr", &self.stderr),
+        ]
+        .into_iter()
+        .filter_map(|(f, t)| t.as_ref().map(|t| (f, t)))
+        .collect();
+        for (i, (field, token)) in named.iter().enumerate() {
+            crate::stdio::check_token(field, token)?;
+            if named[..i].iter().any(|(_, t)| t == token) {
+                return Err(invalid(field, "names a stream another stdio entry names"));
+            }
+        }
+        if terminal && (self.stdin.is_some() || self.stderr.is_some()) {
+            return Err(invalid(
+                "stdio",
+                "a terminal uses one stream, stdout, for both directions",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// cgroup v2 limits for the container; `None` leaves a limit unset.
@@ -183,7 +211,7 @@ pub struct CreateContainer {
     pub readonly_paths: Vec<String>,
     pub process: Process,
     #[serde(default)]
-    pub stdio: StdioPorts,
+    pub stdio: StdioTokens,
     #[serde(default)]
     pub resources: Resources,
 }
@@ -201,7 +229,7 @@ pub enum Request {
         container_id: String,
         exec_id: String,
         process: Process,
-        stdio: StdioPorts,
+        stdio: StdioTokens,
     },
     /// `exec_id: None` is the container's init; `all` signals every process.
     Signal {
@@ -313,7 +341,7 @@ pub struct ValidationError {
     pub reason: String,
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
+pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
     ValidationError {
         field: field.into(),
         reason: reason.into(),
@@ -461,12 +489,7 @@ impl CreateContainer {
             check_path("masked_paths/readonly_paths", p)?;
         }
         self.resources.validate()?;
-        if self.process.terminal && self.stdio.stdin.is_some() {
-            return Err(invalid(
-                "stdio.stdin",
-                "a terminal uses one stream, the stdout port, for both directions",
-            ));
-        }
+        self.stdio.validate(self.process.terminal)?;
         self.process.validate()
     }
 }
@@ -514,12 +537,7 @@ impl Request {
             } => {
                 check_id("container_id", container_id)?;
                 check_id("exec_id", exec_id)?;
-                if process.terminal && stdio.stdin.is_some() {
-                    return Err(invalid(
-                        "stdio.stdin",
-                        "a terminal uses one stream, the stdout port, for both directions",
-                    ));
-                }
+                stdio.validate(process.terminal)?;
                 process.validate()
             }
             Request::Signal {
@@ -601,10 +619,10 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],
             process: process(),
-            stdio: StdioPorts {
+            stdio: StdioTokens {
                 stdin: None,
-                stdout: Some(2000),
-                stderr: Some(2001),
+                stdout: Some("0123456789abcdef0123456789abcdef".into()),
+                stderr: Some("fedcba9876543210fedcba9876543210".into()),
             },
             resources: Resources {
                 memory_max_bytes: Some(64 << 20),
@@ -639,7 +657,7 @@ mod tests {
                 container_id: "ctr-1".into(),
                 exec_id: "e1".into(),
                 process: process(),
-                stdio: StdioPorts::default(),
+                stdio: StdioTokens::default(),
             },
             Request::Signal {
                 container_id: "ctr-1".into(),
@@ -678,7 +696,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_naming_the_field() {
-        let cases: Vec<(CreateContainer, &str)> = vec![
+        let mut cases: Vec<(CreateContainer, &str)> = vec![
             (
                 CreateContainer {
                     id: "../x".into(),
@@ -768,6 +786,35 @@ mod tests {
                 "readonly_paths",
             ),
         ];
+        let token = |s: &str| Some(s.repeat(32));
+        let stdio_cases = [
+            (
+                StdioTokens {
+                    stdout: Some("xyz".into()),
+                    ..Default::default()
+                },
+                "stdio.stdout",
+            ),
+            (
+                StdioTokens {
+                    stdout: token("a"),
+                    stderr: token("a"),
+                    ..Default::default()
+                },
+                "stdio.stderr",
+            ),
+        ];
+        for (stdio, field) in stdio_cases {
+            cases.push((CreateContainer { stdio, ..create() }, field));
+        }
+        let mut tty = create();
+        tty.process.terminal = true;
+        tty.stdio = StdioTokens {
+            stdin: token("b"),
+            stdout: token("a"),
+            stderr: None,
+        };
+        cases.push((tty, "stdio"));
         for (c, field) in cases {
             let e = c.validate().unwrap_err();
             assert!(e.field.starts_with(field), "{field}: {e}");
@@ -874,7 +921,7 @@ mod tests {
             container_id: "a".into(),
             exec_id: "../e".into(),
             process: process(),
-            stdio: StdioPorts::default(),
+            stdio: StdioTokens::default(),
         };
         assert_eq!(ex.validate().unwrap_err().field, "exec_id");
     }

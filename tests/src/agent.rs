@@ -10,19 +10,20 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{symlink, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bulkhead::stdio::{StdioPlan, StdioStreams};
 use bulkhead_protocol::client::{Client, ClientError};
 use bulkhead_protocol::defaults;
 use bulkhead_protocol::frame::FrameError;
-use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Request, Root, StdioPorts, User};
+use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Request, Root, StdioTokens, User};
 
 use crate::text;
 
@@ -255,8 +256,6 @@ pub fn descendants(pid: u32) -> Vec<ProcInfo> {
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-// Stdio ports name socket files in the agent's own directory; unique per process is plenty.
-static NEXT_PORT: AtomicU32 = AtomicU32::new(3000);
 static NEXT_AGENT: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique_id(prefix: &str) -> String {
@@ -303,7 +302,7 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
         masked_paths: defaults::masked_paths(),
         readonly_paths: defaults::readonly_paths(),
         process,
-        stdio: StdioPorts::default(),
+        stdio: StdioTokens::default(),
         resources: Default::default(),
     }
 }
@@ -331,58 +330,29 @@ pub fn wait_for(c: &mut Client<UnixStream>, container_id: &str, exec_id: Option<
     }
 }
 
-/// Accepts the agent's connection to one stdio port, bounded.
-fn accept(listener: UnixListener, port: u32) -> Result<UnixStream, String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-                s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(format!(
-                    "the agent did not connect to stdio port {port} within {TIMEOUT:?}"
-                ))
-            }
-            Err(e) => return Err(format!("accept on stdio port {port}: {e}")),
-        }
-    }
-}
-
 /// An output stream read to EOF in the background, visible while it grows.
 struct Capture {
-    port: u32,
+    name: &'static str,
     buf: Arc<Mutex<Vec<u8>>>,
     done: JoinHandle<Result<(), String>>,
 }
 
 impl Capture {
-    fn new(listener: UnixListener, port: u32, hand_back: Option<mpsc::Sender<UnixStream>>) -> Capture {
+    fn new(mut s: UnixStream, name: &'static str) -> Capture {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let b = buf.clone();
         let done = thread::spawn(move || {
-            let mut s = accept(listener, port)?;
-            if let Some(tx) = hand_back {
-                let _ = tx.send(s.try_clone().map_err(|e| e.to_string())?);
-            }
             let mut chunk = [0u8; 8192];
             loop {
                 match s.read(&mut chunk) {
                     Ok(0) => return Ok(()),
                     Ok(n) => b.lock().unwrap().extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("stdio port {port}: {e} before EOF")),
+                    Err(e) => return Err(format!("{name}: {e} before EOF")),
                 }
             }
         });
-        Capture { port, buf, done }
+        Capture { name, buf, done }
     }
 
     fn so_far(&self) -> String {
@@ -393,17 +363,17 @@ impl Capture {
         match self.done.join() {
             Ok(Ok(())) => text(&self.buf.lock().unwrap()),
             Ok(Err(e)) => panic!("{e}; read so far: {:?}", text(&self.buf.lock().unwrap())),
-            Err(_) => panic!("the reader of stdio port {} panicked", self.port),
+            Err(_) => panic!("the reader of {} panicked", self.name),
         }
     }
 }
 
-/// The host's ends of a process's stdio: listeners bound before `create` or
-/// `exec`, connected by the agent before it answers.
+/// The host's ends of a process's stdio: streams opened to the agent and
+/// attached before `create` or `exec`, which name them by token.
 pub struct Stdio {
-    pub ports: StdioPorts,
-    stdin: Option<JoinHandle<Result<UnixStream, String>>>,
-    terminal: Option<mpsc::Receiver<UnixStream>>,
+    pub tokens: StdioTokens,
+    stdin: Option<UnixStream>,
+    terminal: Option<UnixStream>,
     stdout: Option<Capture>,
     stderr: Option<Capture>,
 }
@@ -411,24 +381,17 @@ pub struct Stdio {
 impl Stdio {
     /// The stream to write the process's stdin to.
     pub fn stdin(&mut self) -> UnixStream {
-        let h = self.stdin.take().expect("no stdin port, or already taken");
-        h.join()
-            .expect("stdin acceptor panicked")
-            .unwrap_or_else(|e| panic!("{e}"))
+        self.stdin.take().expect("no stdin stream, or already taken")
     }
 
     /// The terminal's stream, for writing; its output is captured as stdout.
     pub fn terminal(&mut self) -> UnixStream {
-        let rx = self.terminal.take().expect("not a terminal, or already taken");
-        rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
-            let why = self.stdout.take().map(|c| c.done.join());
-            panic!("the agent did not connect the terminal's stream: {why:?}")
-        })
+        self.terminal.take().expect("not a terminal, or already taken")
     }
 
     /// Waits (bounded) until the captured stdout contains `needle`.
     pub fn stdout_until(&self, needle: &str) -> String {
-        let c = self.stdout.as_ref().expect("no stdout port");
+        let c = self.stdout.as_ref().expect("no stdout stream");
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let ended = c.done.is_finished();
@@ -600,47 +563,43 @@ impl Agent {
         assert_eq!(kind, ErrorKind::NotFound);
     }
 
-    fn listener(&self) -> (u32, UnixListener) {
-        let port = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        let path = self.sock_dir.join(format!("agent.sock_{port}"));
-        let l = UnixListener::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-        (port, l)
+    /// Opens and attaches the streams of `plan` to the agent's stdio socket.
+    pub fn open_stdio(&self, plan: StdioPlan) -> (StdioTokens, StdioStreams) {
+        let path = self.sock_dir.join("agent-stdio.sock");
+        bulkhead::stdio::attach_all(plan, |_| {
+            let s = UnixStream::connect(&path)
+                .unwrap_or_else(|e| panic!("connect {}: {e}\nagent output:\n{}", path.display(), self.log()));
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(TIMEOUT)).unwrap();
+            Ok(s)
+        })
+        .unwrap_or_else(|e| panic!("attaching stdio: {e}\nagent output:\n{}", self.log()))
     }
 
-    /// Ports for stdout and stderr (captured), and stdin if asked for.
+    /// Streams for stdout and stderr (captured), and stdin if asked for.
     pub fn stdio(&self, with_stdin: bool) -> Stdio {
-        let stdin = with_stdin.then(|| {
-            let (port, l) = self.listener();
-            (port, thread::spawn(move || accept(l, port)))
+        let (tokens, s) = self.open_stdio(StdioPlan {
+            stdin: with_stdin,
+            tty: false,
         });
-        let (out_port, out) = self.listener();
-        let (err_port, err) = self.listener();
         Stdio {
-            ports: StdioPorts {
-                stdin: stdin.as_ref().map(|s| s.0),
-                stdout: Some(out_port),
-                stderr: Some(err_port),
-            },
-            stdin: stdin.map(|s| s.1),
+            tokens,
+            stdin: s.stdin,
             terminal: None,
-            stdout: Some(Capture::new(out, out_port, None)),
-            stderr: Some(Capture::new(err, err_port, None)),
+            stdout: s.stdout.map(|s| Capture::new(s, "stdout")),
+            stderr: s.stderr.map(|s| Capture::new(s, "stderr")),
         }
     }
 
-    /// A terminal's single stream: the stdout port, both ways.
+    /// A terminal's single stream: stdout, both ways.
     pub fn terminal_stdio(&self) -> Stdio {
-        let (port, l) = self.listener();
-        let (tx, rx) = mpsc::channel();
+        let (tokens, s) = self.open_stdio(StdioPlan { stdin: true, tty: true });
+        let out = s.stdout.expect("a terminal stream");
         Stdio {
-            ports: StdioPorts {
-                stdin: None,
-                stdout: Some(port),
-                stderr: None,
-            },
+            tokens,
             stdin: None,
-            terminal: Some(rx),
-            stdout: Some(Capture::new(l, port, Some(tx))),
+            terminal: Some(out.try_clone().unwrap()),
+            stdout: Some(Capture::new(out, "terminal")),
             stderr: None,
         }
     }
@@ -649,7 +608,7 @@ impl Agent {
     /// pid `start` answered.
     pub fn start_container(&self, client: &mut Client<UnixStream>, mut c: CreateContainer) -> (u32, Stdio) {
         let stdio = self.stdio(false);
-        c.stdio = stdio.ports.clone();
+        c.stdio = stdio.tokens.clone();
         let id = c.id.clone();
         client
             .call_ok(&Request::Create { container: c })
@@ -686,7 +645,7 @@ impl Agent {
                 container_id: container_id.into(),
                 exec_id: exec_id.clone(),
                 process,
-                stdio: stdio.ports.clone(),
+                stdio: stdio.tokens.clone(),
             })
             .unwrap_or_else(|e| panic!("exec in {container_id}: {e}\nagent output:\n{}", self.log()));
         let status = wait_for(client, container_id, Some(&exec_id));

@@ -19,7 +19,7 @@ use bulkhead_protocol::defaults::{self, MASKED_PATHS, READONLY_PATHS};
 use bulkhead_protocol::frame::{self, FrameError, MAX_FRAME_BYTES};
 use bulkhead_protocol::handshake::{Hello, PROTOCOL_NAME, PROTOCOL_VERSION};
 use bulkhead_protocol::messages::{
-    CreateContainer, ErrorKind, Mount, Request, Resources, Response, Rlimit, StdioPorts, MAX_ARGS_BYTES,
+    CreateContainer, ErrorKind, Mount, Request, Resources, Response, Rlimit, StdioTokens, MAX_ARGS_BYTES,
 };
 use bulkhead_tests::agent::*;
 
@@ -74,6 +74,37 @@ fn output_and_exit_code() {
         expected.len(),
         out.lines().last()
     );
+}
+
+/// A stdio stream belongs to the one request that names its token: a
+/// second request naming it is refused, and a stream whose host end went
+/// away is gone too. The agent keeps serving.
+#[test]
+fn stdio_streams_are_taken_once() {
+    let mut agent = Agent::start();
+    let mut c = agent.connect();
+    let stdio = agent.stdio(false);
+    let mut a = container(&unique_id("first"), sh("echo mine"));
+    a.stdio = stdio.tokens.clone();
+    c.call_ok(&Request::Create { container: a.clone() }).unwrap();
+    c.call_started(&Request::Start {
+        container_id: a.id.clone(),
+    })
+    .unwrap();
+    let mut b = container(&unique_id("second"), sh("echo stolen"));
+    b.stdio = stdio.tokens.clone();
+    assert_eq!(refusal(c.call(&Request::Create { container: b })), ErrorKind::Invalid);
+    assert_eq!(wait_for(&mut c, &a.id, None), 0);
+    assert_eq!(stdio.finish().0, "mine\n");
+
+    let (tokens, streams) = agent.open_stdio(Default::default());
+    drop(streams);
+    // The next attach prunes streams whose host end is gone.
+    let _other = agent.stdio(false);
+    let mut d = container(&unique_id("late"), sh("true"));
+    d.stdio = tokens;
+    assert_eq!(refusal(c.call(&Request::Create { container: d })), ErrorKind::Invalid);
+    agent.assert_serves();
 }
 
 #[test]
@@ -188,7 +219,7 @@ fn terminal_for_a_container_and_an_exec() {
     p.terminal = true;
     let mut ct = container(&id, p);
     let mut stdio = agent.terminal_stdio();
-    ct.stdio = stdio.ports.clone();
+    ct.stdio = stdio.tokens.clone();
     create(&agent, &mut c, ct);
     let mut term = stdio.terminal();
     start(&agent, &mut c, &id);
@@ -215,7 +246,7 @@ fn terminal_for_a_container_and_an_exec() {
         container_id: id.clone(),
         exec_id: "term".into(),
         process: p,
-        stdio: stdio.ports.clone(),
+        stdio: stdio.tokens.clone(),
     })
     .unwrap_or_else(|e| panic!("exec with a terminal: {e}\n{}", agent.log()));
     let mut term = stdio.terminal();
@@ -244,7 +275,7 @@ fn stdin_reaches_the_process_and_closes() {
     let id = unique_id("stdin");
     let mut stdio = agent.stdio(true);
     let mut ct = container(&id, process(&["/bin/cat"]));
-    ct.stdio = stdio.ports.clone();
+    ct.stdio = stdio.tokens.clone();
     create(&agent, &mut c, ct);
     let mut input = stdio.stdin();
     start(&agent, &mut c, &id);
@@ -257,7 +288,7 @@ fn stdin_reaches_the_process_and_closes() {
     let id = unique_id("close-stdin");
     let mut stdio = agent.stdio(true);
     let mut ct = container(&id, process(&["/bin/cat"]));
-    ct.stdio = stdio.ports.clone();
+    ct.stdio = stdio.tokens.clone();
     create(&agent, &mut c, ct);
     let mut input = stdio.stdin();
     start(&agent, &mut c, &id);
@@ -281,7 +312,7 @@ fn stdin_reaches_the_process_and_closes() {
         container_id: id.clone(),
         exec_id: "cat".into(),
         process: process(&["/bin/cat"]),
-        stdio: stdio.ports.clone(),
+        stdio: stdio.tokens.clone(),
     })
     .unwrap_or_else(|e| panic!("exec with stdin: {e}\n{}", agent.log()));
     let mut input = stdio.stdin();
@@ -338,7 +369,7 @@ fn exec_joins_a_running_container() {
             container_id: id.clone(),
             exec_id: "sleeper".into(),
             process: process(&["/bin/sleep", "1000"]),
-            stdio: StdioPorts::default(),
+            stdio: StdioTokens::default(),
         })
         .unwrap();
     let pids = list_processes(&mut c, &id);
@@ -364,7 +395,7 @@ fn exec_joins_a_running_container() {
         container_id: id.clone(),
         exec_id: "sleeper".into(),
         process: process(&["/bin/true"]),
-        stdio: StdioPorts::default(),
+        stdio: StdioTokens::default(),
     });
     assert_eq!(refusal(again), ErrorKind::AlreadyExists);
 
@@ -392,7 +423,7 @@ fn wait_after_exit_and_for_unknown_ids() {
         container_id: id.clone(),
         exec_id: "e".into(),
         process: sh("exit 9"),
-        stdio: stdio.ports.clone(),
+        stdio: stdio.tokens.clone(),
     })
     .unwrap();
     stdio.finish();
@@ -739,8 +770,14 @@ fn invalid_requests_are_refused() {
     cases.push(("a memory limit below 1 MiB", x));
     let mut x = good();
     x.process.terminal = true;
-    x.stdio.stdin = Some(1);
-    cases.push(("a terminal with a stdin port", x));
+    x.stdio.stdin = Some("a".repeat(32));
+    cases.push(("a terminal with a stdin stream", x));
+    let mut x = good();
+    x.stdio.stdout = Some("b".repeat(32));
+    cases.push(("a stdio token no stream was attached under", x));
+    let mut x = good();
+    x.stdio.stdout = Some("not-a-token".into());
+    cases.push(("a malformed stdio token", x));
     for (what, ct) in cases {
         assert_eq!(
             refusal(c.call(&Request::Create { container: ct })),
@@ -765,7 +802,7 @@ fn invalid_requests_are_refused() {
             container_id: "a".into(),
             exec_id: "../e".into(),
             process: process(&["/bin/true"]),
-            stdio: StdioPorts::default(),
+            stdio: StdioTokens::default(),
         },
         Request::Wait {
             container_id: "".into(),
@@ -795,7 +832,7 @@ fn invalid_requests_are_refused() {
             container_id: none.clone(),
             exec_id: "e".into(),
             process: process(&["/bin/true"]),
-            stdio: StdioPorts::default(),
+            stdio: StdioTokens::default(),
         },
         Request::Signal {
             container_id: none.clone(),
@@ -1013,7 +1050,7 @@ fn shutdown_ends_the_agent_and_every_container() {
         container_id: id.clone(),
         exec_id: "e".into(),
         process: process(&["/bin/sleep", "999"]),
-        stdio: StdioPorts::default(),
+        stdio: StdioTokens::default(),
     })
     .unwrap();
     let ours: Vec<ProcInfo> = agent.descendants();
@@ -1070,7 +1107,7 @@ fn close_stdin_does_not_wait_for_a_blocked_copy() {
     let id = unique_id("stuck-stdin");
     let mut stdio = agent.stdio(true);
     let mut ct = container(&id, process(&["/bin/sleep", "1000"]));
-    ct.stdio = stdio.ports.clone();
+    ct.stdio = stdio.tokens.clone();
     create(&agent, &mut c, ct);
     let mut input = stdio.stdin();
     start(&agent, &mut c, &id);

@@ -10,11 +10,11 @@
 //!
 //! Each figure is a median and p95 over its runs; nothing here asserts.
 
+use bulkhead::stdio::StdioPlan;
 use std::io::Read;
-use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use bulkhead_protocol::messages::{Request, StdioPorts};
+use bulkhead_protocol::messages::{Request, StdioTokens};
 use bulkhead_tests::agent::{self, Agent};
 
 fn summary(name: &str, mut v: Vec<Duration>) {
@@ -37,21 +37,16 @@ fn host(n: usize) {
     let mut first_output = Vec::new();
     for i in 0..n {
         let id = format!("bench-{i}");
-        let port = 30_000 + i as u32;
-        let l = UnixListener::bind(a.socket().with_file_name(format!("agent.sock_{port}"))).unwrap();
         let mut spec = agent::container(&id, agent::process(&["echo", "hi"]));
-        spec.stdio = StdioPorts {
-            stdin: None,
-            stdout: Some(port),
-            stderr: None,
-        };
+        let (tokens, streams) = a.open_stdio(StdioPlan::default());
+        spec.stdio = StdioTokens { stderr: None, ..tokens };
+        let mut out = streams.stdout.unwrap();
         let reader = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
             let mut b = [0u8; 1];
-            s.read_exact(&mut b).unwrap();
+            out.read_exact(&mut b).unwrap();
             let t = Instant::now();
             let mut rest = Vec::new();
-            s.read_to_end(&mut rest).unwrap();
+            out.read_to_end(&mut rest).unwrap();
             t
         });
         let t0 = Instant::now();
@@ -75,7 +70,7 @@ fn host(n: usize) {
             container_id: "long".into(),
             exec_id: format!("e{i}"),
             process: agent::process(&["true"]),
-            stdio: StdioPorts::default(),
+            stdio: StdioTokens::default(),
         })
         .unwrap();
         assert_eq!(c.wait("long", Some(&format!("e{i}"))).unwrap(), 0);

@@ -1,0 +1,75 @@
+//! Stdio streams. The host opens each one to the agent's [`STDIO_PORT`]
+//! and names it with a fresh random token in an [`Attach`] frame; the agent
+//! keeps the stream until a `create` or `exec` names the token, and
+//! answers [`Attached`] once it is kept. The host sends the request only
+//! after every answer, so the agent never waits for a stream, and nothing
+//! in the guest connects out: no guest timer guards a container's start,
+//! and a guest process cannot race for another process's stdio (only the
+//! host, CID 2, reaches the port).
+
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{invalid, ValidationError};
+
+/// The vsock port the agent accepts stdio streams on.
+pub const STDIO_PORT: u32 = 1025;
+/// Hex digits in a token: 128 random bits.
+pub const TOKEN_HEX_LEN: usize = 32;
+
+/// The first frame on a stdio stream, host to agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    pub token: String,
+}
+
+/// The agent's answer on the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Attached {
+    /// Kept: a request may name the token now.
+    Ok,
+    Error {
+        message: String,
+    },
+}
+
+/// A token as the host makes them: [`TOKEN_HEX_LEN`] lowercase hex digits.
+pub fn check_token(field: &str, token: &str) -> Result<(), ValidationError> {
+    if token.len() != TOKEN_HEX_LEN || !token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid(field, format!("must be {TOKEN_HEX_LEN} lowercase hex digits")));
+    }
+    Ok(())
+}
+
+impl Attach {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_token("token", &self.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked() {
+        let ok = "0123456789abcdef0123456789abcdef";
+        Attach { token: ok.into() }.validate().unwrap();
+        for bad in [
+            "",
+            "0123",
+            &ok.to_uppercase(),
+            &format!("{ok}0"),
+            "0123456789abcdef0123456789abcdeg",
+        ] {
+            assert!(Attach { token: bad.into() }.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(serde_json::to_string(&Attached::Ok).unwrap(), r#"{"result":"ok"}"#);
+        assert!(serde_json::from_str::<Attach>(r#"{"token":"x","port":1}"#).is_err());
+    }
+}
