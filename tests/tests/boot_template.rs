@@ -411,3 +411,117 @@ fn bench_template_against_cold() {
         );
     }
 }
+
+/// Processes that spin on the host's CPUs until dropped.
+struct CpuHogs(Vec<std::process::Child>);
+
+impl CpuHogs {
+    fn start(n: usize) -> CpuHogs {
+        CpuHogs(
+            (0..n)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("cannot start a CPU hog")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One sandbox's share of a load round: restore, create and start a
+/// container, exec into it and check the output; the sandbox is killed
+/// when dropped.
+fn load_one(name: &str) -> Result<(), String> {
+    let cfg = config(name, Some(fixture().template.clone()));
+    let sb = Sandbox::boot(&cfg).map_err(|e| format!("restore: {e}"))?;
+    load_steps(&sb).map_err(|e| {
+        // The guest's and the VMM's view, for whoever investigates.
+        let keep = fixture().dir.path().join("load-failures").join(name);
+        let _ = std::fs::create_dir_all(&keep);
+        for f in ["vmm.log", "console.log"] {
+            let _ = std::fs::copy(sb.run_dir().join(f), keep.join(f));
+        }
+        format!(
+            "{e}\nlogs kept in {}\nconsole:\n  {}",
+            keep.display(),
+            sb.console_tail(15).join("\n  ")
+        )
+    })
+}
+
+fn load_steps(sb: &Sandbox) -> Result<(), String> {
+    let mut c = sb.client().map_err(|e| format!("client: {e}"))?;
+    let spec = sb.container("long", sh("echo started; exec sleep 100000"));
+    let streams = sb
+        .create(&mut c, spec, Default::default())
+        .map_err(|e| format!("create: {e}"))?;
+    sb.start(&mut c, "long").map_err(|e| format!("start: {e}"))?;
+    let out = sb
+        .exec("long", sh("echo exec-ok"), None)
+        .map_err(|e| format!("exec: {e}"))?;
+    if (out.status, out.stdout_text().as_str()) != (0, "exec-ok\n") {
+        return Err(format!("exec gave {} {:?}", out.status, out.stdout_text()));
+    }
+    drop(streams);
+    Ok(())
+}
+
+/// Containers start on a CPU-starved host: rounds of 6 sandboxes restored
+/// at once while two CPU hogs spin, each creating a container and exec'ing
+/// into it. No step of the start path may give up on a short timer.
+/// `BULKHEAD_LOAD_ROUNDS` rounds (default 2, about 4 minutes each on a
+/// 2-core PVM host); 10 rounds, 60 starts, make a 1-in-20 failure show
+/// with 95% odds.
+#[test]
+fn containers_start_under_cpu_load() {
+    const SANDBOXES: usize = 6;
+    let rounds: usize = std::env::var("BULKHEAD_LOAD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    fixture();
+    let _hogs = CpuHogs::start(2);
+    let mut failures = Vec::new();
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let results: Vec<(String, Result<(), String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..SANDBOXES)
+                .map(|i| {
+                    let name = format!("load-{round}-{i}");
+                    s.spawn(move || {
+                        let r = load_one(&name);
+                        (name, r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| ("?".into(), Err("panicked".into()))))
+                .collect()
+        });
+        let failed: Vec<_> = results.into_iter().filter(|(_, r)| r.is_err()).collect();
+        eprintln!(
+            "load round {round}: {} of {SANDBOXES} failed, {:.1} s",
+            failed.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        failures.extend(failed);
+    }
+    eprintln!(
+        "load: {} failures in {} sandbox starts",
+        failures.len(),
+        rounds * SANDBOXES
+    );
+    assert!(failures.is_empty(), "failed under load: {failures:#?}");
+}
