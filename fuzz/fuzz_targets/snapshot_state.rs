@@ -8,7 +8,7 @@
 //! feeds the bytes as they are, header included.
 #![no_main]
 
-use bulkhead_vmm::snapshot::{crc32, decode, encode, FORMAT_VERSION, MAGIC};
+use bulkhead_vmm::snapshot::{checksum, decode, encode, FORMAT_VERSION, MAGIC};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         b.extend_from_slice(&(rest.len() as u64).to_le_bytes());
-        b.extend_from_slice(&crc32::checksum(rest).to_le_bytes());
+        b.extend_from_slice(&checksum(rest).to_le_bytes());
         b.extend_from_slice(rest);
         b
     } else {

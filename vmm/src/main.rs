@@ -6,12 +6,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bulkhead_vmm::arch::cpu_template::CpuTemplate;
-use bulkhead_vmm::config::{parse_disk, parse_vsock, BlockConfig, SerialOutput, VmConfig, VsockConfig};
-use bulkhead_vmm::vmm::{self, RestoreConfig, VmmError};
-
-/// Exit status for a configuration the VMM refuses before booting.
-const EXIT_BAD_CONFIG: u8 = 2;
+use bulkhead_vmm::config::{
+    parse_disk, parse_vsock, BlockConfig, CpuTemplate, RestoreConfig, SerialOutput, VmConfig, VsockConfig,
+};
+use bulkhead_vmm::vmm::{self, VmmError};
+use bulkhead_vmm_api::exit::VmmExit;
 
 #[derive(Parser, Debug)]
 #[command(name = "bulkhead-vmm", version, about = "Boot a Linux kernel in a KVM microVM.", after_help = EXIT_HELP)]
@@ -71,20 +70,54 @@ struct Args {
         conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "no_rng", "config"]
     )]
     restore: Option<PathBuf>,
+    /// JSON file for a restore (field names: snapshot_dir, api_socket,
+    /// vsock, serial, timeout_secs, disks); restore flags given as well
+    /// override it.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "no_rng", "config", "restore"]
+    )]
+    restore_config: Option<PathBuf>,
 }
 
 const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration \
 or an unusable snapshot, 3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout.";
 
 impl Args {
+    /// A restore's configuration, when the flags ask for one.
+    fn restore_config(&self) -> Result<Option<RestoreConfig>, VmmError> {
+        let mut rc = match (&self.restore_config, &self.restore) {
+            (Some(path), _) => RestoreConfig::from_json_file(path)?,
+            (None, Some(dir)) => RestoreConfig::new(dir),
+            (None, None) => return Ok(None),
+        };
+        if self.api_sock.is_some() {
+            rc.api_socket = self.api_sock.clone();
+        }
+        if self.vsock.is_some() {
+            rc.vsock = self.vsock.clone();
+        }
+        if let Some(s) = &self.serial {
+            rc.serial = s.clone();
+        }
+        if self.timeout.is_some() {
+            rc.timeout_secs = self.timeout;
+        }
+        if !self.disks.is_empty() {
+            rc.disks = Some(self.disks.clone());
+        }
+        Ok(Some(rc))
+    }
+
     fn into_config(self) -> Result<VmConfig, VmmError> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_json_file(path)?,
             None => VmConfig::new(self.kernel.clone().ok_or_else(|| {
-                VmmError::Config(bulkhead_vmm::config::ConfigError::Invalid {
-                    field: "kernel",
-                    message: "required (give --kernel PATH or --config PATH)".into(),
-                })
+                VmmError::Config(bulkhead_vmm::config::ConfigError::invalid(
+                    "kernel",
+                    "required (give --kernel PATH or --config PATH)",
+                ))
             })?),
         };
         if let Some(k) = self.kernel {
@@ -154,9 +187,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = match e.downcast_ref::<VmmError>() {
-                Some(VmmError::Config(_) | VmmError::BadSnapshot { .. }) => EXIT_BAD_CONFIG,
-                _ => 1,
-            };
+                Some(VmmError::Config(_) | VmmError::BadSnapshot { .. }) => VmmExit::BadConfig,
+                _ => VmmExit::Error,
+            }
+            .code();
             eprintln!("bulkhead-vmm: error: {e:#}");
             ExitCode::from(code)
         }
@@ -165,16 +199,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<u8> {
     let args = Args::parse();
-    let outcome = match args.restore.clone() {
-        Some(dir) => vmm::restore(&RestoreConfig {
-            dir,
-            api_socket: args.api_sock,
-            vsock: args.vsock,
-            serial: args.serial.unwrap_or_default(),
-            timeout_secs: args.timeout,
-            disks: (!args.disks.is_empty()).then_some(args.disks),
-        }),
-        None => vmm::run(&args.into_config()?),
+    let outcome = match args.restore_config()? {
+        Some(rc) => vmm::restore(&rc),
+        None => vmm::boot(&args.into_config()?),
     }
     .map_err(anyhow::Error::from)?;
     let code = outcome.stopped.exit_code();

@@ -326,7 +326,10 @@ impl Response {
 
     /// An error with a `{"fault_message": ...}` body, as Firecracker sends.
     pub fn fault(status: u16, message: impl Into<String>) -> Self {
-        Self::json(status, &serde_json::json!({ "fault_message": message.into() }))
+        let fault = bulkhead_vmm_api::control::Fault {
+            fault_message: message.into(),
+        };
+        Self::json(status, &fault)
     }
 
     /// The answer to a request that could not be parsed; the connection

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use bulkhead_vmm_api::control::{DriveUpdate, Metrics, RunState, SnapshotCreate, TargetState, VmInfo, VmStateChange};
 use tracing::{info, warn};
 
 use super::http::{Request, Response};
 use crate::devices::virtio::block::{DriveError, Drives};
 use crate::snapshot::create::Snapshotter;
 use crate::snapshot::SnapshotError;
-use crate::vcpu::control::{ControlError, ExitCounts, VcpuControl};
+use crate::vcpu::control::{ControlError, VcpuControl};
 
 /// How long a pause or resume may take before it is undone and reported;
 /// parking takes microseconds, so this only catches a wedged vCPU thread.
@@ -28,61 +28,6 @@ pub struct ApiContext {
     pub drives: Option<Arc<Drives>>,
     /// Takes snapshots; `None` where this VMM cannot (tests).
     pub snapshot: Option<Arc<Snapshotter>>,
-}
-
-/// The body of `PATCH /drives/{index}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriveUpdate {
-    /// The new image; the drive keeps its read-only mode.
-    pub path_on_host: std::path::PathBuf,
-}
-
-/// The body of `PUT /snapshot/create`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotCreate {
-    /// The directory to write `memory` and `state` into (created if missing).
-    pub snapshot_path: std::path::PathBuf,
-}
-
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VmInfo {
-    pub state: RunState,
-    pub vcpus: u8,
-    pub mem_mib: u32,
-    pub version: &'static str,
-}
-
-/// The body of `PATCH /vm`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmStateChange {
-    pub state: TargetState,
-}
-
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-pub enum TargetState {
-    Paused,
-    Resumed,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Metrics {
-    pub uptime_ms: u64,
-    pub paused: bool,
-    /// KVM_RUN returns by kind, summed over the vCPUs; `other` includes
-    /// interruptions for pauses.
-    pub vcpu_exits: ExitCounts,
-    /// The VMM's resident set (guest memory it has touched included);
-    /// `null` where /proc cannot say.
-    pub rss_bytes: Option<u64>,
 }
 
 /// Answers one request. Errors that leave the connection in step (unknown
@@ -132,7 +77,7 @@ pub fn vm_info(ctx: &ApiContext) -> VmInfo {
         },
         vcpus: ctx.vcpus,
         mem_mib: ctx.mem_mib,
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 

@@ -1,11 +1,6 @@
 //! Named CPU templates: which CPUID features a guest may see, and which
 //! kernel parameters go with them.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 use crate::host::HostKind;
 
 /// A CPUID register bit to hide from the guest.
@@ -108,48 +103,41 @@ rdrand,rdseed,rdpid,abm,avx,avx2,fma,f16c,aes,pclmulqdq,sha_ni";
 /// which the emulator cannot run. Other kernels ignore the unknown parameter.
 const PVM_CMDLINE: &[&str] = &["noxsave", PVM_CLEARCPUID, "bulkhead.no_int3_selftest"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CpuTemplate {
-    /// Everything KVM supports, for hosts with hardware virtualization.
-    Host,
-    /// Emulator-safe subset for PVM hosts without VT-x/AMD-V.
-    Pvm,
+pub use bulkhead_vmm_api::config::CpuTemplate;
+
+/// What each template means to this VMM: its CPUID changes and the kernel
+/// parameters that go with them.
+pub trait TemplateTables {
+    /// The template a host of `kind` needs when none is asked for.
+    fn for_host(kind: HostKind) -> Self;
+    fn hidden_features(self) -> &'static [FeatureBit];
+    fn added_features(self) -> &'static [FeatureBit];
+    fn kernel_params(self) -> &'static [&'static str];
 }
 
-impl CpuTemplate {
-    pub const ALL: [CpuTemplate; 2] = [CpuTemplate::Host, CpuTemplate::Pvm];
-
-    /// The template a host of this kind needs.
-    pub fn for_host(kind: HostKind) -> CpuTemplate {
+impl TemplateTables for CpuTemplate {
+    fn for_host(kind: HostKind) -> CpuTemplate {
         match kind {
             HostKind::Pvm => CpuTemplate::Pvm,
             HostKind::HardwareVirtualization | HostKind::NoKvm => CpuTemplate::Host,
         }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            CpuTemplate::Host => "host",
-            CpuTemplate::Pvm => "pvm",
-        }
-    }
-
-    pub fn hidden_features(self) -> &'static [FeatureBit] {
+    fn hidden_features(self) -> &'static [FeatureBit] {
         match self {
             CpuTemplate::Host => &[],
             CpuTemplate::Pvm => PVM_HIDDEN,
         }
     }
 
-    pub fn added_features(self) -> &'static [FeatureBit] {
+    fn added_features(self) -> &'static [FeatureBit] {
         match self {
             CpuTemplate::Host => &[],
             CpuTemplate::Pvm => PVM_ADDED,
         }
     }
 
-    pub fn kernel_params(self) -> &'static [&'static str] {
+    fn kernel_params(self) -> &'static [&'static str] {
         match self {
             CpuTemplate::Host => &[],
             CpuTemplate::Pvm => PVM_CMDLINE,
@@ -157,38 +145,9 @@ impl CpuTemplate {
     }
 }
 
-impl fmt::Display for CpuTemplate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("unknown CPU template {0:?}; known templates: host, pvm")]
-pub struct UnknownTemplate(pub String);
-
-impl FromStr for CpuTemplate {
-    type Err = UnknownTemplate;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CpuTemplate::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| UnknownTemplate(s.to_string()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for t in CpuTemplate::ALL {
-            assert_eq!(t.name().parse::<CpuTemplate>().unwrap(), t);
-        }
-        let err = "t2".parse::<CpuTemplate>().unwrap_err().to_string();
-        assert!(err.contains("host, pvm"), "{err}");
-    }
 
     #[test]
     fn host_kind_picks_template() {

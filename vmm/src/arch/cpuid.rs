@@ -3,7 +3,7 @@
 
 use kvm_bindings::kvm_cpuid_entry2;
 
-use super::cpu_template::{CpuTemplate, FeatureBit, Reg};
+use super::cpu_template::{CpuTemplate, FeatureBit, Reg, TemplateTables};
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;

@@ -77,9 +77,10 @@ impl Snapshotter {
 
         let state = SnapshotState {
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: SavedConfig {
-                disks: self.drives.configs(),
-                ..self.config.clone()
+            config: {
+                let mut c = self.config.clone();
+                c.devices.disks = self.drives.configs();
+                c
             },
             memory: regions,
             vm,

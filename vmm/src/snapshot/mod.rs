@@ -20,7 +20,6 @@
 //! and bit rot, not tampering: whoever can write the snapshot directory can
 //! also write the guest's memory.
 
-pub mod crc32;
 pub mod create;
 pub mod memory;
 pub mod pod;
@@ -31,22 +30,25 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::cpu_template::CpuTemplate;
-use crate::devices::virtio::block::BlockConfig;
+use crate::config::DeviceSet;
 use crate::devices::virtio::mmio::TransportState;
-use crate::devices::virtio::vsock::VsockConfig;
 pub use pod::Hex;
 
 pub const MAGIC: &[u8; 8] = b"BLKHDSNP";
 /// Bumped on any change to the payload's meaning or layout: a VMM refuses
 /// every other version rather than guess.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 24;
 /// Far above any real state (vCPUs × a few KiB); bounds what a corrupt
 /// length field can make the parser allocate.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 
-pub const STATE_FILE: &str = "state";
-pub const MEMORY_FILE: &str = "memory";
+pub use bulkhead_vmm_api::snapshot::{MEMORY_FILE, STATE_FILE};
+
+/// The header's checksum of the payload: IEEE CRC-32 (as zlib and PNG).
+pub fn checksum(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
@@ -98,9 +100,7 @@ pub struct SavedConfig {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub cpu_template: CpuTemplate,
-    pub disks: Vec<BlockConfig>,
-    pub vsock: Option<VsockConfig>,
-    pub rng: bool,
+    pub devices: DeviceSet,
 }
 
 /// One guest RAM region and where it sits in the memory file.
@@ -221,8 +221,7 @@ impl SnapshotState {
             }
             expected_offset = r.file_offset.saturating_add(r.size);
         }
-        let expected_devices =
-            self.config.disks.len() + usize::from(self.config.vsock.is_some()) + usize::from(self.config.rng);
+        let expected_devices = self.config.devices.count();
         if expected_devices != self.virtio.len() {
             return bad(format!(
                 "{expected_devices} virtio devices configured but {} saved",
@@ -245,7 +244,7 @@ pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, SnapshotError> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32::checksum(&payload).to_le_bytes());
+    out.extend_from_slice(&checksum(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
     Ok(out)
 }
@@ -284,7 +283,7 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotState, StateFileError> {
         });
     }
     let stored = le_u32(&header[20..24]);
-    let computed = crc32::checksum(payload);
+    let computed = checksum(payload);
     if stored != computed {
         return Err(StateFileError::Checksum { stored, computed });
     }

@@ -41,15 +41,17 @@ fn sample() -> SnapshotState {
             vcpus: 2,
             mem_mib: 64,
             cpu_template: CpuTemplate::Pvm,
-            disks: vec![BlockConfig {
-                path: "/img/root.ext4".into(),
-                read_only: true,
-            }],
-            vsock: Some(VsockConfig {
-                guest_cid: 3,
-                uds_path: "/run/v.sock".into(),
-            }),
-            rng: false,
+            devices: crate::config::DeviceSet {
+                disks: vec![crate::config::BlockConfig {
+                    path: "/img/root.ext4".into(),
+                    read_only: true,
+                }],
+                vsock: Some(crate::config::VsockConfig {
+                    guest_cid: 3,
+                    uds_path: "/run/v.sock".into(),
+                }),
+                rng: false,
+            },
         },
         memory: vec![MemoryRegionState {
             guest_addr: 0,
@@ -140,11 +142,15 @@ fn every_component_round_trips() {
 #[test]
 fn another_format_version_is_refused() {
     let mut bytes = encode(&sample()).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let other = FORMAT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&other.to_le_bytes());
     let e = decode(&bytes).unwrap_err();
-    assert!(matches!(e, StateFileError::Version { found: 2 }), "{e:?}");
-    assert!(e.to_string().contains("format version 2"), "{e}");
-    assert!(e.to_string().contains("only version 1"), "{e}");
+    assert!(
+        matches!(e, StateFileError::Version { found } if found == other),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&format!("format version {other}")), "{e}");
+    assert!(e.to_string().contains(&format!("only version {FORMAT_VERSION}")), "{e}");
 }
 
 #[test]
@@ -194,7 +200,7 @@ fn reencode(edit: impl FnOnce(&mut serde_json::Value)) -> Result<SnapshotState, 
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32::checksum(&payload).to_le_bytes());
+    bytes.extend_from_slice(&checksum(&payload).to_le_bytes());
     bytes.extend_from_slice(&payload);
     decode(&bytes)
 }
@@ -205,7 +211,7 @@ fn inconsistent_payloads_are_refused() {
     assert!(e.to_string().contains("3 vCPUs configured but 2 saved"), "{e}");
     let e = reencode(|v| v["config"]["mem_mib"] = 128.into()).unwrap_err();
     assert!(e.to_string().contains("not the configured 128 MiB"), "{e}");
-    let e = reencode(|v| v["config"]["rng"] = true.into()).unwrap_err();
+    let e = reencode(|v| v["config"]["devices"]["rng"] = true.into()).unwrap_err();
     assert!(e.to_string().contains("3 virtio devices configured but 2 saved"), "{e}");
     let e = reencode(|v| v["vcpus"][1]["id"] = 5.into()).unwrap_err();
     assert!(e.to_string().contains("saved with id 5"), "{e}");

@@ -22,7 +22,6 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
-use serde::Serialize;
 use tracing::warn;
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
 
@@ -102,14 +101,7 @@ impl ExitCounters {
     }
 }
 
-/// Exit counts summed over the vCPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ExitCounts {
-    pub io: u64,
-    pub mmio: u64,
-    pub hlt: u64,
-    pub other: u64,
-}
+pub use bulkhead_vmm_api::control::ExitCounts;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {

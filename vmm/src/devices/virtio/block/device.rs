@@ -1,7 +1,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -26,14 +26,7 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap`.
 const CONFIG_LEN: usize = 60;
 
-/// One disk as the user describes it (`--disk PATH[,ro]`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-}
+pub use bulkhead_vmm_api::config::BlockConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

@@ -16,20 +16,12 @@ mod unix;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
-
 pub use connection::CONN_BUF_ALLOC;
 pub use device::Vsock;
 pub use muxer::MAX_CONNECTIONS;
 pub use packet::{parse_header, PacketError, PacketHeader};
 
-/// The device as the user describes it (`--vsock CID,UDS_PATH`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    pub guest_cid: u32,
-    pub uds_path: PathBuf,
-}
+pub use bulkhead_vmm_api::config::VsockConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
