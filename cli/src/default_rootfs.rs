@@ -9,8 +9,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::rootfs::{ImageCache, RootfsError, RootfsImage};
-use crate::util::TempDir;
+use bulkhead_runtime::rootfs::{ImageCache, RootfsError, RootfsImage};
+use bulkhead_runtime::util::TempDir;
 
 static BUSYBOX: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/busybox"));
 static APPLETS: &str = include_str!(concat!(env!("OUT_DIR"), "/busybox-applets.txt"));
@@ -114,7 +114,7 @@ pub fn default_image(cache: &ImageCache, on_build: &mut dyn FnMut(&Path)) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::scan_tree;
+    use bulkhead_runtime::rootfs::scan_tree;
 
     #[test]
     fn default_tree_has_busybox_applets_and_etc() {

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use bulkhead::host_check;
-use bulkhead::paths::ArtifactFlags;
 use bulkhead::process::ProcessFlags;
 use bulkhead::run::{self, RunOptions};
-use bulkhead::{default_rootfs, initramfs, sandbox};
+use bulkhead::{default_rootfs, initramfs};
+use bulkhead_runtime::host_check;
+use bulkhead_runtime::paths::ArtifactFlags;
+use bulkhead_runtime::sandbox;
 
 #[derive(Parser, Debug)]
 #[command(name = "bulkhead", version, about = "Run commands in KVM microVM sandboxes.")]

@@ -3,7 +3,6 @@
 //! pipes, forward signals and window changes, and return its exit status.
 //! Every path out removes the run directory and leaves no VMM behind.
 
-use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -13,15 +12,17 @@ use std::time::Duration;
 
 use bulkhead_protocol::messages::{CreateContainer, Request};
 
+use bulkhead_runtime::host_check::{self, CheckReport};
+use bulkhead_runtime::paths::ArtifactFlags;
+use bulkhead_runtime::rootfs::{self, ImageCache};
+use bulkhead_runtime::sandbox::{self, AgentClient, BootProgress, Sandbox, SandboxConfig, SandboxError};
+use bulkhead_runtime::start::{self, BootMode, Observer};
+use bulkhead_runtime::stdio::{self, StdioPlan};
+use bulkhead_runtime::template::TemplateCache;
+
 use crate::default_rootfs;
-use crate::host_check::{self, CheckReport};
-use crate::paths::ArtifactFlags;
 use crate::process::{self, ProcessFlags};
-use crate::rootfs::{self, ImageCache};
-use crate::sandbox::{self, AgentClient, Sandbox, SandboxConfig, SandboxError};
 use crate::signals::{self, SignalFd};
-use crate::stdio::{self, StdioPlan};
-use crate::template::{self, Template, TemplateCache};
 use crate::tty::{self, RawMode};
 use crate::EXIT_SANDBOX_FAILED;
 
@@ -131,93 +132,28 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         ..SandboxConfig::new(artifacts, image)
     };
 
-    // Cells: the watcher reads and sets these between the boot attempts.
-    let interrupted: Cell<Option<i32>> = Cell::new(None);
-    let next_report = Cell::new(PROGRESS_EVERY);
-    let mut watch = |p: &sandbox::BootProgress| {
-        while let Some(sig) = sigs.read() {
-            if sig != libc::SIGWINCH {
-                interrupted.set(Some(sig));
-                return Err(format!("interrupted by {} while booting", signals::name(sig)));
-            }
-        }
-        if !quiet && p.elapsed >= next_report.get() {
-            // The next multiple of the period, however late this call is.
-            let periods = p.elapsed.as_secs() / PROGRESS_EVERY.as_secs() + 1;
-            next_report.set(PROGRESS_EVERY * periods as u32);
-            let line = p.last_console_line().unwrap_or_default();
-            say(&format!("still booting ({} s): {line}", p.elapsed.as_secs()));
-        }
-        Ok(())
+    let mut progress = Progress {
+        sigs: &sigs,
+        quiet,
+        emulated: report.emulated(),
+        interrupted: None,
+        next_report: PROGRESS_EVERY,
     };
-    let announce_cold_boot = || {
-        // Each boot counts its own time.
-        next_report.set(PROGRESS_EVERY);
-        if !quiet {
-            say("booting sandbox…");
-            if report.emulated() {
-                say(
-                    "this host has no hardware virtualization (PVM): the guest kernel is emulated, so the boot takes \
-                     tens of seconds to minutes",
-                );
-            }
-        }
-    };
-
-    let template = if opts.cold {
-        None
-    } else {
-        let found = find_template(&cfg, quiet, &mut || announce_cold_boot(), &mut watch);
-        next_report.set(PROGRESS_EVERY);
-        match found {
-            Ok(t) => Some(t),
-            Err(e) if interrupted.get().is_some() => {
-                return Err(Failure {
-                    message: e.to_string(),
-                    code: interrupted.get().map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
-                })
-            }
-            Err(e) => {
-                // Never silently: the user should know why this run is slow.
-                say(&format!("cannot use a sandbox template ({e}); booting cold"));
-                None
-            }
-        }
-    };
-    let booted = match template {
-        Some(t) => {
-            let restored = Sandbox::boot_with(
-                &SandboxConfig {
-                    template: Some(t),
-                    ..cfg.clone()
-                },
-                &mut watch,
-            );
-            match restored {
-                Ok(s) => Ok(s),
-                Err(e) if interrupted.get().is_none() => {
-                    say(&format!("cannot restore the sandbox template ({e}); booting cold"));
-                    announce_cold_boot();
-                    Sandbox::boot_with(&cfg, &mut watch)
-                }
-                Err(e) => Err(e),
-            }
-        }
-        None => {
-            if opts.cold {
-                announce_cold_boot();
-            }
-            Sandbox::boot_with(&cfg, &mut watch)
-        }
-    };
-    let sandbox = match booted {
-        Ok(s) => s,
-        Err(e) => {
-            return Err(Failure {
+    let mode = if opts.cold { BootMode::Cold } else { BootMode::Template };
+    let started = TemplateCache::default_location()
+        .map_err(|e| Failure::sandbox(format!("sandbox templates: {e}")))
+        .and_then(|templates| {
+            start::start(&cfg, mode, &templates, &mut progress).map_err(|e| Failure {
                 message: e.to_string(),
-                code: interrupted.get().map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
+                code: progress.interrupted.map_or(EXIT_SANDBOX_FAILED, |s| 128 + s),
             })
+        });
+    let sandbox = match started {
+        Ok((sb, how)) => {
+            tracing::debug!("sandbox started: {how:?}");
+            sb
         }
+        Err(f) => return Err(f),
     };
     let status = attach(&sandbox, container, &sigs, opts.interactive);
     // Stop the VM whatever happened; the workload's status is the answer.
@@ -231,43 +167,64 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
     result
 }
 
-/// The checked template for this run's configuration, built (with a
-/// message) on first use.
-fn find_template(
-    cfg: &SandboxConfig,
+/// What the user sees while the sandbox starts: a line per slow step,
+/// the boot's progress every [`PROGRESS_EVERY`], and Ctrl-C.
+struct Progress<'a> {
+    sigs: &'a SignalFd,
     quiet: bool,
-    announce_build: &mut dyn FnMut(),
-    watch: &mut dyn FnMut(&sandbox::BootProgress) -> Result<(), String>,
-) -> Result<Template, template::TemplateError> {
-    // The guest sees the template placeholder's capacity, not the image's.
-    let size = std::fs::metadata(&cfg.rootfs.path).map(|m| m.len()).unwrap_or(0);
-    if size > template::PLACEHOLDER_BYTES {
-        return Err(template::TemplateError::TooLarge {
-            path: cfg.rootfs.path.clone(),
-            size,
-        });
-    }
-    let cache = TemplateCache::default_location()?;
-    let opts = template::BuildOptions {
-        runtime_root: cfg.runtime_root.clone(),
-        ..Default::default()
-    };
-    let mut on_build = |why: Option<&str>| {
-        if !quiet {
+    /// A PVM host: the guest kernel runs in an emulator.
+    emulated: bool,
+    /// The signal that ended the start, for the exit status.
+    interrupted: Option<i32>,
+    /// When the next "still booting" line is due (each boot counts its own time).
+    next_report: Duration,
+}
+
+impl Observer for Progress<'_> {
+    fn building_template(&mut self, why: Option<&str>) {
+        if !self.quiet {
             match why {
                 None => say("building a sandbox template (first use; boots cold once)…"),
                 Some(why) => say(&format!("rebuilding the sandbox template ({why}); boots cold once…")),
             }
         }
-        announce_build();
-    };
-    cache.ensure(
-        &cfg.artifacts,
-        template::Shape::new(cfg.vcpus, cfg.mem_mib),
-        &opts,
-        &mut on_build,
-        watch,
-    )
+        self.booting_cold();
+    }
+
+    fn falling_back(&mut self, reason: &str) {
+        // Never silently: the user should know why this run is slow.
+        say(&format!("{reason}; booting cold"));
+    }
+
+    fn booting_cold(&mut self) {
+        self.next_report = PROGRESS_EVERY;
+        if !self.quiet {
+            say("booting sandbox…");
+            if self.emulated {
+                say(
+                    "this host has no hardware virtualization (PVM): the guest kernel is emulated, so the boot takes \
+                     tens of seconds to minutes",
+                );
+            }
+        }
+    }
+
+    fn watch(&mut self, p: &BootProgress) -> Result<(), String> {
+        while let Some(sig) = self.sigs.read() {
+            if sig != libc::SIGWINCH {
+                self.interrupted = Some(sig);
+                return Err(format!("interrupted by {} while booting", signals::name(sig)));
+            }
+        }
+        if !self.quiet && p.elapsed >= self.next_report {
+            // The next multiple of the period, however late this call is.
+            let periods = p.elapsed.as_secs() / PROGRESS_EVERY.as_secs() + 1;
+            self.next_report = PROGRESS_EVERY * periods as u32;
+            let line = p.last_console_line().unwrap_or_default();
+            say(&format!("still booting ({} s): {line}", p.elapsed.as_secs()));
+        }
+        Ok(())
+    }
 }
 
 /// Creates and starts the container, attaches stdio, forwards signals

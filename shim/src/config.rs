@@ -67,26 +67,16 @@ pub struct Config {
 /// Each disk takes one of the VM's interrupt lines.
 pub const MAX_SPARE_DISKS: u8 = 15;
 
-/// `boot = "template" | "cold"`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BootMode {
-    /// Restore the configuration's template, building it on first use;
-    /// boot cold (with a warning) when it cannot be used.
-    #[default]
-    Template,
-    /// Always boot the guest kernel.
-    Cold,
-}
+pub use bulkhead_runtime::start::BootMode;
 
 fn default_spare_disks() -> u8 {
     7
 }
 fn default_vcpus() -> u8 {
-    bulkhead::sandbox::DEFAULT_VCPUS
+    bulkhead_runtime::sandbox::DEFAULT_VCPUS
 }
 fn default_memory_mib() -> u32 {
-    bulkhead::sandbox::DEFAULT_MEM_MIB
+    bulkhead_runtime::sandbox::DEFAULT_MEM_MIB
 }
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("/var/lib/bulkhead/rootfs")

@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use bulkhead::rootfs::{ImageCache, RootfsError, RootfsImage};
+use bulkhead_runtime::rootfs::{ImageCache, RootfsError, RootfsImage};
 
 /// Where the rootfs is mounted while its image is built; `delete` looks
 /// here after a shim that died mid-build.

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use bulkhead::paths::Artifacts;
-use bulkhead::rootfs::{ImageCache, RootfsImage};
-use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
-use bulkhead::stdio::{StdioPlan, StdioStreams};
-use bulkhead::template::{self, Template, TemplateCache, TemplateError};
 use bulkhead_protocol::messages::{Process, Request, Response};
+use bulkhead_runtime::paths::Artifacts;
+use bulkhead_runtime::rootfs::{ImageCache, RootfsImage};
+use bulkhead_runtime::sandbox::{self, Sandbox, SandboxConfig};
+use bulkhead_runtime::start;
+use bulkhead_runtime::stdio::{StdioPlan, StdioStreams};
+use bulkhead_runtime::template::TemplateCache;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::api;
 use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
@@ -33,7 +34,7 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, context::Context, Code, TtrpcContext};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
-use crate::config::{BootMode, Config};
+use crate::config::Config;
 use crate::disks::{Claim, DiskSlots};
 use crate::rootfs::{self, RootMount};
 use crate::spec;
@@ -477,64 +478,13 @@ impl Inner {
     }
 }
 
-/// Starts the pod's VM as the configuration says: restored from the
-/// template for its (kernel, initramfs, VMM, vCPUs, memory), built on first
-/// use, exactly as `bulkhead run` does; booted cold when `boot = "cold"`
-/// or when the template cannot be built or restored (said in the log).
+/// Starts the pod's VM as the configuration says (the runtime's one start
+/// path: the template, built on first use, or cold; the log says which).
 fn start_sandbox(cfg: &Config, sc: SandboxConfig) -> TResult<Sandbox> {
-    let (vcpus, mem_mib) = (sc.vcpus, sc.mem_mib);
-    if cfg.boot == BootMode::Template {
-        match find_template(cfg, &sc) {
-            Ok(t) => {
-                tracing::info!(
-                    "restoring the sandbox VM ({vcpus} vCPUs, {mem_mib} MiB) from the template {}",
-                    t.dir().display()
-                );
-                let restored = Sandbox::boot(&SandboxConfig {
-                    template: Some(t),
-                    ..sc.clone()
-                });
-                match restored {
-                    Ok(sb) => return Ok(sb),
-                    Err(e) => tracing::warn!("cannot restore the sandbox template ({e}); booting cold"),
-                }
-            }
-            Err(e) => tracing::warn!("cannot use a sandbox template ({e}); booting cold"),
-        }
-    }
-    tracing::info!("booting the sandbox VM cold ({vcpus} vCPUs, {mem_mib} MiB)");
-    Sandbox::boot(&sc).map_err(|e| rpc_err(Code::INTERNAL, format!("sandbox boot: {e}")))
-}
-
-/// The checked template for `sc`'s configuration under the configured
-/// template directory, built (a cold boot, once) when missing or stale.
-fn find_template(cfg: &Config, sc: &SandboxConfig) -> Result<Template, TemplateError> {
-    // The guest sees the template placeholder's capacity, not the image's.
-    let size = std::fs::metadata(&sc.rootfs.path).map(|m| m.len()).unwrap_or(0);
-    if size > template::PLACEHOLDER_BYTES {
-        return Err(TemplateError::TooLarge {
-            path: sc.rootfs.path.clone(),
-            size,
-        });
-    }
-    let cache = TemplateCache::new(&cfg.template_dir);
-    let opts = template::BuildOptions {
-        runtime_root: sc.runtime_root.clone(),
-        ..Default::default()
-    };
-    let mut on_build = |why: Option<&str>| match why {
-        None => tracing::info!(
-            "building the sandbox template in {} (first use; boots cold once)",
-            cache.dir().display()
-        ),
-        Some(why) => tracing::info!("rebuilding the sandbox template ({why}); boots cold once"),
-    };
-    let shape = template::Shape {
-        vcpus: sc.vcpus,
-        mem_mib: sc.mem_mib,
-        spare_disks: sc.spare_disks,
-    };
-    cache.ensure(&sc.artifacts, shape, &opts, &mut on_build, &mut |_| Ok(()))
+    let templates = TemplateCache::new(&cfg.template_dir);
+    start::start(&sc, cfg.boot, &templates, &mut start::Quiet)
+        .map(|(sb, _)| sb)
+        .map_err(|e| rpc_err(Code::INTERNAL, format!("sandbox boot: {e}")))
 }
 
 /// Opens a FIFO on a thread (a FIFO open blocks until the other end is
@@ -553,7 +503,7 @@ fn bridge_out(from: UnixStream, fifo: String, name: &'static str) -> io::Result<
                 }
             }
         };
-        let done = bulkhead::stdio::copy_out(from, sink, name).map(|h| h.join());
+        let done = bulkhead_runtime::stdio::copy_out(from, sink, name).map(|h| h.join());
         if let Err(e) = done {
             tracing::warn!("{name}: {e}");
         }
@@ -567,7 +517,7 @@ fn bridge_in(to: UnixStream, fifo: String) -> io::Result<()> {
         match File::open(&fifo) {
             Ok(f) => {
                 // copy_in closes the guest's stdin at EOF.
-                match bulkhead::stdio::copy_in(f, to) {
+                match bulkhead_runtime::stdio::copy_in(f, to) {
                     Ok(h) => {
                         let _ = h.join();
                     }
@@ -611,11 +561,11 @@ fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
     rpc_err(Code::INTERNAL, e)
 }
 
-fn agent_err(e: bulkhead::sandbox::SandboxError) -> ttrpc::Error {
+fn agent_err(e: bulkhead_runtime::sandbox::SandboxError) -> ttrpc::Error {
     use bulkhead_protocol::client::ClientError;
     use bulkhead_protocol::messages::ErrorKind;
     match &e {
-        bulkhead::sandbox::SandboxError::Agent(ClientError::Agent { kind, .. }) => {
+        bulkhead_runtime::sandbox::SandboxError::Agent(ClientError::Agent { kind, .. }) => {
             let code = match kind {
                 ErrorKind::NotFound => Code::NOT_FOUND,
                 ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,

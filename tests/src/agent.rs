@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use bulkhead::stdio::{StdioPlan, StdioStreams};
 use bulkhead_protocol::client::{Client, ClientError};
 use bulkhead_protocol::defaults;
 use bulkhead_protocol::frame::FrameError;
 use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Request, Root, StdioTokens, User};
+use bulkhead_runtime::stdio::{StdioPlan, StdioStreams};
 
 use crate::text;
 
@@ -566,7 +566,7 @@ impl Agent {
     /// Opens and attaches the streams of `plan` to the agent's stdio socket.
     pub fn open_stdio(&self, plan: StdioPlan) -> (StdioTokens, StdioStreams) {
         let path = self.sock_dir.join("agent-stdio.sock");
-        bulkhead::stdio::attach_all(plan, |_| {
+        bulkhead_runtime::stdio::attach_all(plan, |_| {
             let s = UnixStream::connect(&path)
                 .unwrap_or_else(|e| panic!("connect {}: {e}\nagent output:\n{}", path.display(), self.log()));
             s.set_read_timeout(Some(TIMEOUT)).unwrap();

@@ -56,8 +56,8 @@ pub fn guest_initramfs(dir: &Path) -> PathBuf {
 
 /// What a sandbox boots: the project's kernel, the VMM under test, and the
 /// agent's initramfs written into `dir`.
-pub fn sandbox_artifacts(dir: &Path) -> bulkhead::paths::Artifacts {
-    bulkhead::paths::Artifacts {
+pub fn sandbox_artifacts(dir: &Path) -> bulkhead_runtime::paths::Artifacts {
+    bulkhead_runtime::paths::Artifacts {
         kernel: kernel(),
         initramfs: guest_initramfs(dir),
         vmm: vmm_bin(),

@@ -9,10 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use bulkhead::paths::Artifacts;
-use bulkhead::rootfs::{self, ImageCache};
-use bulkhead::sandbox::{Sandbox, SandboxConfig};
 use bulkhead_protocol::messages::{Process, Request, Resources, Response};
+use bulkhead_runtime::paths::Artifacts;
+use bulkhead_runtime::rootfs::{self, ImageCache};
+use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig};
 use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{require_kvm, sandbox_artifacts, target_dir};
 

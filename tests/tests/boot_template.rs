@@ -12,14 +12,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bulkhead::paths::Artifacts;
-use bulkhead::rootfs::{ImageCache, RootfsImage};
-use bulkhead::sandbox::{self, Sandbox, SandboxConfig};
-use bulkhead::template::{self, BuildOptions, Template, TemplateCache};
-use bulkhead::vmm_api;
 use bulkhead_protocol::messages::Request;
+use bulkhead_runtime::paths::Artifacts;
+use bulkhead_runtime::rootfs::{ImageCache, RootfsImage};
+use bulkhead_runtime::sandbox::{self, Sandbox, SandboxConfig};
+use bulkhead_runtime::template::{self, BuildOptions, Template, TemplateCache};
 use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{require_kvm, sandbox_artifacts, target_dir};
+use bulkhead_vmm_api::client::ApiClient;
 
 /// Generous bounds for boots under PVM emulation; never timing claims.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -104,7 +104,7 @@ fn config(name: &str, template: Option<Template>) -> SandboxConfig {
     let mut cfg = SandboxConfig::new(f.artifacts.clone(), f.image.clone());
     cfg.runtime_root = Some(runtime(f.dir.path(), name));
     cfg.boot_timeout = Some(BOOT_TIMEOUT);
-    cfg.template = template;
+    cfg.restore_from = template.map(|t| t.dir().to_path_buf());
     cfg.spare_disks = SHAPE.spare_disks;
     cfg.api_socket = true;
     cfg
@@ -273,11 +273,9 @@ fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
     assert!(!waiter.is_finished());
 
     let snap = f.dir.path().join("open-stream-snapshot");
-    let api = sb.api_socket_path().unwrap().to_path_buf();
-    let t = Duration::from_secs(120);
-    vmm_api::call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#, t).unwrap();
-    let body = format!(r#"{{"snapshot_path":"{}"}}"#, snap.display());
-    vmm_api::call(&api, "PUT", "/snapshot/create", &body, t).unwrap();
+    let api = ApiClient::new(sb.api_socket_path().unwrap(), Duration::from_secs(120));
+    api.pause().unwrap();
+    api.snapshot(&snap).unwrap();
     drop(sb);
     // The old stream ends with its VMM.
     assert!(waiter.join().unwrap().is_err(), "the blocked call outlived its VM");

@@ -4,13 +4,13 @@
 //! tier's debug listener mode); time from `create` to the workload's first
 //! output byte, and the round trip of `exec true` into a running container.
 //!
-//! `bench-agent vm [BOOTS] [N]`: real sandboxes (`bulkhead::Sandbox`, the
+//! `bench-agent vm [BOOTS] [N]`: real sandboxes (`bulkhead_runtime::sandbox::Sandbox`, the
 //! project's kernel and the static agent's initramfs); boot to agent-ready,
 //! then `run echo` and `exec true` round trips inside one sandbox.
 //!
 //! Each figure is a median and p95 over its runs; nothing here asserts.
 
-use bulkhead::stdio::StdioPlan;
+use bulkhead_runtime::stdio::StdioPlan;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -80,9 +80,9 @@ fn host(n: usize) {
 }
 
 fn vm(boots: usize, n: usize) {
-    use bulkhead::paths::Artifacts;
-    use bulkhead::rootfs::ImageCache;
-    use bulkhead::sandbox::{Sandbox, SandboxConfig};
+    use bulkhead_runtime::paths::Artifacts;
+    use bulkhead_runtime::rootfs::ImageCache;
+    use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let initramfs = bulkhead_tests::guest_initramfs(dir.path());

@@ -21,10 +21,11 @@ use crate::paths::Artifacts;
 use crate::rootfs::RootfsImage;
 use crate::rundir::{self, RunDir, RunDirError};
 use crate::stdio::{self, StdioError, StdioPlan, StdioStreams};
-use crate::template::Template;
 use crate::util;
-use crate::vm::{self, VmError, VmSpec, VmmProcess};
-use crate::vmm_api::{self, ApiCallError};
+use crate::vmm_process::{Launch, LaunchConfig, VmmProcess, VmmProcessError, GUEST_CID};
+use bulkhead_vmm_api::client::{ApiCallError, ApiClient};
+use bulkhead_vmm_api::config::{BlockConfig, RestoreConfig, SerialOutput, VmConfig, VsockConfig};
+use bulkhead_vmm_api::control::TargetState;
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 256;
@@ -66,10 +67,11 @@ pub struct SandboxConfig {
     /// Start the VMM with its control API (`<run dir>/api.sock`), for
     /// pause/resume by a runtime such as the containerd shim.
     pub api_socket: bool,
-    /// Restore this template instead of booting cold (the root image
-    /// replaces the template's placeholder disk). It must have as many
+    /// Restore this snapshot directory (a template's) instead of booting
+    /// cold (the root image replaces the snapshot's placeholder disk). It
+    /// must have as many
     /// spare disks.
-    pub template: Option<Template>,
+    pub restore_from: Option<PathBuf>,
     /// Read-only disks after the root one (/dev/vdb, ...), empty until
     /// [`Sandbox::attach_image`] gives one an image; they need `api_socket`.
     pub spare_disks: u8,
@@ -86,7 +88,7 @@ impl SandboxConfig {
             boot_timeout: None,
             keep_console: None,
             api_socket: false,
-            template: None,
+            restore_from: None,
             spare_disks: 0,
         }
     }
@@ -97,7 +99,7 @@ pub enum SandboxError {
     #[error(transparent)]
     RunDir(#[from] RunDirError),
     #[error(transparent)]
-    Vm(#[from] VmError),
+    Vm(#[from] VmmProcessError),
     #[error("guest agent: {0}")]
     Conn(#[from] ConnError),
     #[error(transparent)]
@@ -216,7 +218,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn stopped(status: ExitStatus, console: &Path, vmm_log: &Path) -> SandboxError {
     SandboxError::VmStopped {
-        reason: vm::describe_exit(status),
+        reason: bulkhead_vmm_api::exit::describe(status),
         console: util::tail_lines(console, CONSOLE_LINES),
         vmm_log: util::tail_lines(vmm_log, 10),
     }
@@ -243,30 +245,48 @@ impl Sandbox {
             from: console.clone(),
             to: cfg.keep_console.clone(),
         };
-        let mut disks = vec![cfg.rootfs.path.clone()];
+        let ro = |path: PathBuf| BlockConfig { path, read_only: true };
+        let mut disks = vec![ro(cfg.rootfs.path.clone())];
         if cfg.spare_disks > 0 {
             let empty = dir.path().join(EMPTY_DISK_FILE);
             std::fs::write(&empty, [0u8; EMPTY_DISK_BYTES])?;
-            disks.extend(std::iter::repeat_n(empty, usize::from(cfg.spare_disks)));
+            disks.extend(std::iter::repeat_n(ro(empty), usize::from(cfg.spare_disks)));
         }
-        let spec = VmSpec {
-            vmm: cfg.artifacts.vmm.clone(),
-            kernel: cfg.artifacts.kernel.clone(),
-            initrd: cfg.artifacts.initramfs.clone(),
-            vcpus: cfg.vcpus,
-            mem_mib: cfg.mem_mib,
-            disks,
-            vsock_uds: vsock.clone(),
-            console: console.clone(),
-            log: vmm_log.clone(),
-            api_socket: cfg.api_socket.then(|| dir.path().join("api.sock")),
-            restore: cfg.template.as_ref().map(|t| t.dir().to_path_buf()),
+        let api_socket = cfg.api_socket.then(|| dir.path().join("api.sock"));
+        let vsock_config = VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: vsock.clone(),
         };
-        let retry_every = match cfg.template {
+        let serial = SerialOutput::File(console.clone());
+        let config = match &cfg.restore_from {
+            Some(snapshot_dir) => LaunchConfig::Restore(RestoreConfig {
+                api_socket: api_socket.clone(),
+                vsock: Some(vsock_config),
+                serial,
+                disks: Some(disks),
+                ..RestoreConfig::new(snapshot_dir)
+            }),
+            None => LaunchConfig::Boot(VmConfig {
+                initrd: Some(cfg.artifacts.initramfs.clone()),
+                vcpus: cfg.vcpus,
+                mem_mib: cfg.mem_mib,
+                serial,
+                disks,
+                vsock: Some(vsock_config),
+                api_socket: api_socket.clone(),
+                ..VmConfig::new(&cfg.artifacts.kernel)
+            }),
+        };
+        let spec = Launch {
+            vmm: cfg.artifacts.vmm.clone(),
+            config,
+            config_file: dir.path().join("vmm.json"),
+            log: vmm_log.clone(),
+        };
+        let retry_every = match cfg.restore_from {
             Some(_) => RESTORE_RETRY_EVERY,
             None => agent_conn::RETRY_EVERY,
         };
-        let api_socket = spec.api_socket.clone();
         let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
         let waited = agent_conn::wait_for_agent(&vsock, retry_every, |elapsed| {
             if let Some(status) = lock(&vmm).try_status()? {
@@ -299,7 +319,7 @@ impl Sandbox {
         };
         tracing::debug!("agent reached through {}", vsock.display());
         let mut client = client;
-        if cfg.template.is_some() {
+        if cfg.restore_from.is_some() {
             // Every restored guest starts from the same memory: it must be
             // made unique (random pool, clock) before it runs anything.
             // (The VMM holds host connections until the guest has handled
@@ -328,15 +348,20 @@ impl Sandbox {
         self.spare_disks
     }
 
-    fn api(&self, method: &str, target: &str, body: &str) -> Result<(), SandboxError> {
+    /// The VMM's control API, when [`SandboxConfig::api_socket`] asked for one.
+    pub fn api(&self) -> Result<ApiClient, SandboxError> {
         let sock = self.api_socket.as_deref().ok_or(SandboxError::NoApi)?;
-        vmm_api::call(sock, method, target, body, API_TIMEOUT).map_err(|e| self.explain(e))
+        Ok(ApiClient::new(sock, API_TIMEOUT))
     }
 
     /// Pauses (or resumes) every vCPU of the VM.
     pub fn set_paused(&self, paused: bool) -> Result<(), SandboxError> {
-        let state = if paused { "Paused" } else { "Resumed" };
-        self.api("PATCH", "/vm", &format!("{{\"state\":\"{state}\"}}"))
+        let state = if paused {
+            TargetState::Paused
+        } else {
+            TargetState::Resumed
+        };
+        self.api()?.set_state(state).map_err(|e| self.explain(e))
     }
 
     /// Gives spare disk `slot` (1-based: slot 1 is /dev/vdb) the image at
@@ -349,8 +374,7 @@ impl Sandbox {
                 count: self.spare_disks,
             });
         }
-        let body = serde_json::json!({ "path_on_host": path }).to_string();
-        self.api("PATCH", &format!("/drives/{slot}"), &body)
+        self.api()?.replace_drive(slot, path).map_err(|e| self.explain(e))
     }
 
     /// Empties spare disk `slot` again, so the VMM lets go of its image.

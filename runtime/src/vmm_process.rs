@@ -2,97 +2,67 @@
 //! bound to our lifetime (it gets SIGKILL when we die, however we die), and
 //! always reaped.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bulkhead_vmm_api::config::{RestoreConfig, VmConfig};
+
 /// The guest's vsock context id; any value above 2 (the host) works.
 pub const GUEST_CID: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum VmmProcessError {
     #[error("cannot start the VMM {path}: {source}")]
     Spawn { path: PathBuf, source: io::Error },
     #[error("cannot create the VMM log {path}: {source}")]
     Log { path: PathBuf, source: io::Error },
+    #[error("cannot write the VMM configuration {path}: {source}")]
+    Config { path: PathBuf, source: io::Error },
     #[error("cannot check on the VMM: {0}")]
     Wait(io::Error),
 }
 
-/// What to boot and where its files go.
+/// What the VMM is told: a configuration to boot, or a snapshot to
+/// restore. It travels as the JSON file the VMM reads (`--config`,
+/// `--restore-config`), typed on both sides.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LaunchConfig {
+    Boot(VmConfig),
+    Restore(RestoreConfig),
+}
+
+/// One VMM to start.
 #[derive(Clone, Debug)]
-pub struct VmSpec {
+pub struct Launch {
     pub vmm: PathBuf,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub vcpus: u8,
-    pub mem_mib: u32,
-    /// Read-only disks in order: the root filesystem image (/dev/vda),
-    /// then spare slots for images attached later.
-    pub disks: Vec<PathBuf>,
-    /// The VMM's vsock Unix socket.
-    pub vsock_uds: PathBuf,
-    /// The guest's serial console.
-    pub console: PathBuf,
+    pub config: LaunchConfig,
+    /// Where the configuration is written for the VMM to read.
+    pub config_file: PathBuf,
     /// The VMM's own stdout and stderr.
     pub log: PathBuf,
-    /// Where the VMM serves its control API (`--api-sock`); `None`: no API.
-    pub api_socket: Option<PathBuf>,
-    /// Restore this snapshot directory instead of booting `kernel` and
-    /// `initrd` (its vCPUs and memory come from the snapshot; `disks`
-    /// replace the snapshot's, one for one).
-    pub restore: Option<PathBuf>,
 }
 
-impl VmSpec {
-    pub fn args(&self) -> Vec<std::ffi::OsString> {
-        let mut vsock = std::ffi::OsString::from(format!("{GUEST_CID},"));
-        vsock.push(&self.vsock_uds);
-        let mut args: Vec<std::ffi::OsString> = match &self.restore {
-            Some(dir) => vec!["--restore".into(), dir.clone().into()],
-            None => vec![
-                "--kernel".into(),
-                self.kernel.clone().into(),
-                "--initrd".into(),
-                self.initrd.clone().into(),
-                "--vcpus".into(),
-                self.vcpus.to_string().into(),
-                "--mem-mib".into(),
-                self.mem_mib.to_string().into(),
-            ],
+impl Launch {
+    /// Writes the configuration file; returns the VMM's arguments.
+    fn write_config(&self) -> Result<Vec<OsString>, VmmProcessError> {
+        let (flag, json) = match &self.config {
+            LaunchConfig::Boot(c) => ("--config", serde_json::to_vec_pretty(c)),
+            LaunchConfig::Restore(r) => ("--restore-config", serde_json::to_vec_pretty(r)),
         };
-        for d in &self.disks {
-            let mut disk = d.as_os_str().to_owned();
-            disk.push(",ro");
-            args.push("--disk".into());
-            args.push(disk);
-        }
-        args.extend(["--vsock".into(), vsock, "--serial".into(), self.console.clone().into()]);
-        if let Some(api) = &self.api_socket {
-            args.push("--api-sock".into());
-            args.push(api.clone().into());
-        }
-        args
-    }
-}
-
-/// The VMM's exit status in words (see `bulkhead-vmm --help`).
-pub fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(0), _) => "the guest shut down (exit status 0)".into(),
-        (Some(1), _) => "VMM error (exit status 1)".into(),
-        (Some(2), _) => "the VMM refused its configuration (exit status 2)".into(),
-        (Some(3), _) => "KVM internal error, e.g. an instruction the emulator cannot run (exit status 3)".into(),
-        (Some(4), _) => "the guest triple-faulted (exit status 4)".into(),
-        (Some(5), _) => "the VMM's timeout expired (exit status 5)".into(),
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        (None, None) => "unknown exit".into(),
+        let err = |source| VmmProcessError::Config {
+            path: self.config_file.clone(),
+            source,
+        };
+        let json = json.map_err(|e| err(io::Error::other(e)))?;
+        std::fs::write(&self.config_file, json).map_err(err)?;
+        Ok(vec![flag.into(), self.config_file.clone().into()])
     }
 }
 
@@ -109,17 +79,18 @@ impl VmmProcess {
     /// long as this value: PR_SET_PDEATHSIG fires when the *thread* that
     /// forked the child ends, and a caller's thread (a test's, say) may end
     /// long before the sandbox should.
-    pub fn spawn(spec: &VmSpec) -> Result<VmmProcess, VmError> {
-        let log = File::create(&spec.log).map_err(|source| VmError::Log {
+    pub fn spawn(spec: &Launch) -> Result<VmmProcess, VmmProcessError> {
+        let args = spec.write_config()?;
+        let log = File::create(&spec.log).map_err(|source| VmmProcessError::Log {
             path: spec.log.clone(),
             source,
         })?;
-        let log2 = log.try_clone().map_err(|source| VmError::Log {
+        let log2 = log.try_clone().map_err(|source| VmmProcessError::Log {
             path: spec.log.clone(),
             source,
         })?;
         let mut cmd = Command::new(&spec.vmm);
-        cmd.args(spec.args())
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -161,7 +132,7 @@ impl VmmProcess {
                     let _ = released.recv();
                 }
             })
-            .map_err(|source| VmError::Spawn {
+            .map_err(|source| VmmProcessError::Spawn {
                 path: spec.vmm.clone(),
                 source,
             })?;
@@ -172,7 +143,7 @@ impl VmmProcess {
             Ok(c) => c,
             Err(source) => {
                 let _ = owner.join();
-                return Err(VmError::Spawn {
+                return Err(VmmProcessError::Spawn {
                     path: spec.vmm.clone(),
                     source,
                 });
@@ -192,15 +163,15 @@ impl VmmProcess {
     }
 
     /// The exit status if the VMM has ended (it is reaped here).
-    pub fn try_status(&mut self) -> Result<Option<ExitStatus>, VmError> {
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>, VmmProcessError> {
         if self.exit.is_none() {
-            self.exit = self.child.try_wait().map_err(VmError::Wait)?;
+            self.exit = self.child.try_wait().map_err(VmmProcessError::Wait)?;
         }
         Ok(self.exit)
     }
 
     /// Waits up to `timeout` for the VMM to end.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmError> {
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmmProcessError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_status()? {
@@ -214,14 +185,14 @@ impl VmmProcess {
     }
 
     /// SIGKILL (if still running) and reap.
-    pub fn kill(&mut self) -> Result<ExitStatus, VmError> {
+    pub fn kill(&mut self) -> Result<ExitStatus, VmmProcessError> {
         if let Some(s) = self.try_status()? {
             return Ok(s);
         }
         if let Err(e) = self.child.kill() {
             tracing::debug!("kill VMM: {e}");
         }
-        let s = self.child.wait().map_err(VmError::Wait)?;
+        let s = self.child.wait().map_err(VmmProcessError::Wait)?;
         self.exit = Some(s);
         Ok(s)
     }
@@ -239,47 +210,44 @@ impl Drop for VmmProcess {
     }
 }
 
-/// Reads a log's last lines for an error message.
-pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
-    crate::util::tail_lines(path, n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn flags_for_the_vmm() {
-        let spec = VmSpec {
-            vmm: "/x/bulkhead-vmm".into(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
+    use std::path::Path;
+
+    fn boot_config(dir: &Path) -> VmConfig {
+        VmConfig {
+            initrd: Some("/i".into()),
             vcpus: 2,
             mem_mib: 256,
-            disks: vec!["/img,with,commas.ext4".into(), "/spare".into()],
-            vsock_uds: "/run/v.sock".into(),
-            console: "/run/console.log".into(),
-            log: "/run/vmm.log".into(),
-            api_socket: None,
-            restore: None,
+            serial: bulkhead_vmm_api::config::SerialOutput::File(dir.join("console.log")),
+            ..VmConfig::new("/k")
+        }
+    }
+
+    #[test]
+    fn the_vmm_gets_its_configuration_as_a_typed_file() {
+        let d = tempfile::tempdir().unwrap();
+        let boot = Launch {
+            vmm: "/x/bulkhead-vmm".into(),
+            config: LaunchConfig::Boot(boot_config(d.path())),
+            config_file: d.path().join("vmm.json"),
+            log: d.path().join("vmm.log"),
         };
-        let args: Vec<String> = spec.args().into_iter().map(|a| a.into_string().unwrap()).collect();
-        assert_eq!(
-            args.join(" "),
-            "--kernel /k --initrd /i --vcpus 2 --mem-mib 256 --disk /img,with,commas.ext4,ro \
-             --disk /spare,ro --vsock 3,/run/v.sock --serial /run/console.log"
-        );
-        let restored = VmSpec {
-            restore: Some("/cache/t1".into()),
-            api_socket: Some("/run/api.sock".into()),
-            ..spec
+        let args = boot.write_config().unwrap();
+        assert_eq!(args, [OsString::from("--config"), d.path().join("vmm.json").into()]);
+        let back = VmConfig::from_json_file(&d.path().join("vmm.json")).unwrap();
+        assert_eq!(LaunchConfig::Boot(back), boot.config);
+
+        let restore = Launch {
+            config: LaunchConfig::Restore(RestoreConfig::new("/cache/t1")),
+            ..boot
         };
-        let args: Vec<String> = restored.args().into_iter().map(|a| a.into_string().unwrap()).collect();
-        assert_eq!(
-            args.join(" "),
-            "--restore /cache/t1 --disk /img,with,commas.ext4,ro --disk /spare,ro \
-             --vsock 3,/run/v.sock --serial /run/console.log --api-sock /run/api.sock"
-        );
+        let args = restore.write_config().unwrap();
+        assert_eq!(args[0], "--restore-config");
+        let back = RestoreConfig::from_json_file(&d.path().join("vmm.json")).unwrap();
+        assert_eq!(LaunchConfig::Restore(back), restore.config);
     }
 
     #[test]
@@ -289,18 +257,11 @@ mod tests {
         let script = d.path().join("fake-vmm");
         std::fs::write(&script, "#!/bin/sh\necho started >&2\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let spec = VmSpec {
+        let spec = Launch {
             vmm: script,
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            vcpus: 1,
-            mem_mib: 64,
-            disks: vec!["/d".into()],
-            vsock_uds: d.path().join("v.sock"),
-            console: d.path().join("console.log"),
+            config: LaunchConfig::Boot(boot_config(d.path())),
+            config_file: d.path().join("vmm.json"),
             log: d.path().join("vmm.log"),
-            api_socket: None,
-            restore: None,
         };
         // Started from a short-lived thread: the VMM must outlive it.
         let mut vm = std::thread::spawn(move || VmmProcess::spawn(&spec).unwrap())

@@ -7,17 +7,18 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use bulkhead::paths::Artifacts;
-use bulkhead::rootfs::{FsType, RootfsImage};
-use bulkhead::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use bulkhead_protocol::frame;
 use bulkhead_protocol::handshake::Hello;
 use bulkhead_protocol::messages::{ErrorKind, Process, Request, Response, StdioTokens};
 use bulkhead_protocol::stdio::{Attach, Attached};
+use bulkhead_runtime::paths::Artifacts;
+use bulkhead_runtime::rootfs::{FsType, RootfsImage};
+use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use bulkhead_vmm_api::config::{SerialOutput, VmConfig};
 
 // ---- the stand-in VMM and agent ----
 
@@ -49,10 +50,15 @@ fn arg(args: &[String], flag: &str) -> String {
     args[i + 1].clone()
 }
 
+/// Reads the configuration the runtime wrote (`--config FILE`), as the
+/// real VMM does.
 fn fake_vmm(args: Vec<String>) -> ! {
-    let kernel = arg(&args, "--kernel");
-    let console = arg(&args, "--serial");
-    let uds = PathBuf::from(arg(&args, "--vsock").split_once(',').unwrap().1);
+    let config = VmConfig::from_json_file(Path::new(&arg(&args, "--config"))).unwrap();
+    let kernel = config.kernel.display().to_string();
+    let SerialOutput::File(console) = config.serial else {
+        panic!("the runtime sends the console to a file")
+    };
+    let uds = config.vsock.expect("the runtime asks for vsock").uds_path;
     let mut con = std::fs::File::create(&console).unwrap();
     writeln!(con, "[    0.000000] Linux version 6.1 (fake)").unwrap();
     match Path::new(&kernel).file_name().unwrap().to_str().unwrap() {
@@ -354,7 +360,7 @@ fn dropping_kills_the_vmm() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--vsock") {
+    if args.iter().any(|a| a == "--config") {
         fake_vmm(args);
     }
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();

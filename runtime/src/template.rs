@@ -24,7 +24,7 @@ use crate::paths::Artifacts;
 use crate::rootfs::{FsType, RootfsImage};
 use crate::sandbox::{BootProgress, Sandbox, SandboxConfig, SandboxError};
 use crate::util;
-use crate::vmm_api::{self, ApiCallError};
+use bulkhead_vmm_api::client::{ApiCallError, ApiClient};
 
 /// Bumped whenever what a template holds, or how it is built, changes.
 pub const TEMPLATE_FORMAT: u32 = 2;
@@ -33,8 +33,7 @@ pub const TEMPLATE_FORMAT: u32 = 2;
 pub const PLACEHOLDER_BYTES: u64 = 64 << 30;
 pub const META_FILE: &str = "meta.json";
 /// The VMM's snapshot files.
-pub const STATE_FILE: &str = "state";
-pub const MEMORY_FILE: &str = "memory";
+pub use bulkhead_vmm_api::snapshot::{MEMORY_FILE, STATE_FILE};
 const PLACEHOLDER_FILE: &str = "placeholder.img";
 const BULKHEAD_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Bounds each control API answer (a pause or a snapshot of a few hundred
@@ -486,9 +485,9 @@ fn build_snapshot(
     // the agent waiting in accept, not serving a host that is gone.
     drop(sandbox.client()?);
     let api = sandbox.api_socket_path().ok_or(TemplateError::NoApi)?.to_path_buf();
-    vmm_api::call(&api, "PATCH", "/vm", r#"{"state":"Paused"}"#, API_TIMEOUT)?;
-    let body = serde_json::json!({ "snapshot_path": out }).to_string();
-    vmm_api::call(&api, "PUT", "/snapshot/create", &body, API_TIMEOUT)?;
+    let api = ApiClient::new(api, API_TIMEOUT);
+    api.pause()?;
+    api.snapshot(out)?;
     // Dropping kills the VMM and removes its run directory.
     drop(sandbox);
     std::fs::remove_file(&placeholder).map_err(io_err(&placeholder))?;
