@@ -4,7 +4,10 @@
 //! and none of them is interrupted; the VMM unblocks them for itself.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SfdFlags;
 
 /// Forwarded to the workload as they arrive.
 pub const FORWARDED: [libc::c_int; 6] = [
@@ -16,88 +19,62 @@ pub const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// Signals as a readable descriptor: blocked in the calling thread (and
+/// the threads it starts later) until dropped, then unblocked again.
 pub struct SignalFd {
-    fd: OwnedFd,
-    old_mask: libc::sigset_t,
+    fd: nix::sys::signalfd::SignalFd,
+    blocked: SigSet,
 }
 
 impl SignalFd {
     /// Blocks `signals` in the calling thread (threads it starts later
     /// inherit the mask) and returns a descriptor that reports them.
     pub fn block(signals: &[libc::c_int]) -> io::Result<SignalFd> {
-        // SAFETY: sigset_t is plain data that sigemptyset initialises.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut old_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a sigset_t owned by this frame.
-        unsafe { libc::sigemptyset(&mut set) };
+        let mut set = SigSet::empty();
         for &sig in signals {
-            // SAFETY: `set` is initialised; an invalid number only fails.
-            if unsafe { libc::sigaddset(&mut set, sig) } != 0 {
-                return Err(io::Error::last_os_error());
+            set.add(Signal::try_from(sig).map_err(io::Error::from)?);
+        }
+        // Only what was not blocked already is unblocked again on drop.
+        let before = SigSet::thread_get_mask().map_err(io::Error::from)?;
+        let mut blocked = SigSet::empty();
+        for sig in set.iter() {
+            if !before.contains(sig) {
+                blocked.add(sig);
             }
         }
-        // SAFETY: both sets are valid; the old mask is kept for Drop.
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask) };
-        if r != 0 {
-            return Err(io::Error::from_raw_os_error(r));
+        set.thread_block().map_err(io::Error::from)?;
+        match nix::sys::signalfd::SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+            Ok(fd) => Ok(SignalFd { fd, blocked }),
+            Err(e) => {
+                let _ = blocked.thread_unblock();
+                Err(e.into())
+            }
         }
-        // SAFETY: -1 asks for a new signalfd for the initialised `set`.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: restores the mask saved above.
-            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
-            return Err(e);
-        }
-        Ok(SignalFd {
-            // SAFETY: signalfd returned a new descriptor nothing else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            old_mask,
-        })
     }
 
     /// The next pending signal, if any (never blocks).
     pub fn read(&self) -> Option<libc::c_int> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`, which is that big.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as libc::c_int)
+        match self.fd.read_signal() {
+            Ok(Some(info)) => Some(info.ssi_signo as libc::c_int),
+            _ => None,
+        }
     }
 }
 
 impl AsRawFd for SignalFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.fd.as_fd().as_raw_fd()
     }
 }
 
 impl Drop for SignalFd {
     fn drop(&mut self) {
-        // SAFETY: restores the calling thread's mask saved in `block`.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+        let _ = self.blocked.thread_unblock();
     }
 }
 
 pub fn name(sig: libc::c_int) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGWINCH => "SIGWINCH",
-        _ => "signal",
-    }
+    Signal::try_from(sig).map_or("signal", Signal::as_str)
 }
 
 #[cfg(test)]
