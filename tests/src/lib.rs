@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod initramfs;
+pub mod vmm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -464,7 +464,7 @@ fn oom_kill_is_reported() {
         // Past the test harness's capture, so CI logs show it.
         let _ = writeln!(
             io::stderr(),
-            "agent_tier oom_kill_is_reported skipped: {why} (the boot tier covers OOM)"
+            "agent tier: oom_kill_is_reported skipped: {why} (the boot tier covers OOM)"
         );
         return;
     }

@@ -4,116 +4,13 @@
 //! it), the memory file is unchanged afterwards (it is mapped privately),
 //! and damaged snapshots are refused with exit status 2.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use bulkhead_tests::{require_kvm, run_vmm, text, vmm_bin};
+use bulkhead_tests::vmm::VmmChild;
+use bulkhead_tests::{require_kvm, run_vmm, text};
 
 /// Prints an incrementing counter, one 8-digit hex line at a time.
 const COUNTER: &str = env!("GUEST_SERIAL_COUNTER");
-
-/// Bounds waits for things that take milliseconds, so a broken VMM fails
-/// the test instead of hanging it; never a performance claim.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-struct Vmm {
-    child: Option<Child>,
-    api: PathBuf,
-    serial: PathBuf,
-}
-
-impl Vmm {
-    fn spawn(args: &[&std::ffi::OsStr], api: PathBuf, serial: PathBuf) -> Vmm {
-        let child = Command::new(vmm_bin())
-            .args(args)
-            .arg("--api-sock")
-            .arg(&api)
-            .arg("--serial")
-            .arg(&serial)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut vm = Vmm {
-            child: Some(child),
-            api,
-            serial,
-        };
-        let api = vm.api.clone();
-        vm.wait_for("the API socket to appear", || api.exists());
-        vm
-    }
-
-    fn wait_for(&mut self, what: &str, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("the VMM ended ({status}) while waiting for {what}: {err}");
-            }
-            assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn console(&self) -> String {
-        text(&std::fs::read(&self.serial).unwrap_or_default())
-    }
-
-    /// Waits until the console holds at least `n` newlines.
-    fn wait_for_lines(&mut self, n: usize) {
-        let serial = self.serial.clone();
-        self.wait_for(&format!("{n} console lines"), || {
-            std::fs::read(&serial)
-                .map(|b| b.iter().filter(|c| **c == b'\n').count() >= n)
-                .unwrap_or(false)
-        });
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One request on its own connection: the status and the body.
-fn call(sock: &Path, method: &str, target: &str, body: Option<&str>) -> (u16, String) {
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or(""));
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not HTTP: {out:?}"));
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {head:?}"));
-    (status, body.to_string())
-}
 
 /// The counter values of the complete lines after the first newline (the
 /// first line may be the tail of one the snapshot interrupted).
@@ -137,23 +34,20 @@ fn last_complete_value(console: &str) -> u32 {
 /// Boots the counter guest, lets it count, pauses it and snapshots it into
 /// `dir/snap`; returns the last counter value printed before the pause.
 fn take_snapshot(dir: &Path, vcpus: &str) -> (PathBuf, u32) {
-    let args: Vec<&std::ffi::OsStr> = ["--kernel", COUNTER, "--mem-mib", "32", "--no-rng", "--vcpus", vcpus]
-        .into_iter()
-        .map(std::ffi::OsStr::new)
-        .collect();
-    let mut vm = Vmm::spawn(&args, dir.join("boot.api"), dir.join("boot.console"));
+    let args = ["--kernel", COUNTER, "--mem-mib", "32", "--no-rng", "--vcpus", vcpus];
+    let mut vm = VmmChild::spawn(&args, &dir.join("boot.api"), &dir.join("boot.console"));
     vm.wait_for_lines(20);
     let snap = dir.join("snap");
     let body = format!(r#"{{"snapshot_path":"{}"}}"#, snap.display());
 
-    let (status, fault) = call(&vm.api, "PUT", "/snapshot/create", Some(&body));
+    let (status, fault) = vm.call("PUT", "/snapshot/create", Some(&body));
     assert_eq!(status, 400, "{fault}");
     assert!(fault.contains("must be paused"), "{fault}");
     assert!(!snap.join("state").exists());
 
-    let (status, fault) = call(&vm.api, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    let (status, fault) = vm.call("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(status, 204, "{fault}");
-    let (status, fault) = call(&vm.api, "PUT", "/snapshot/create", Some(&body));
+    let (status, fault) = vm.call("PUT", "/snapshot/create", Some(&body));
     assert_eq!(status, 204, "{fault}");
     let last = last_complete_value(&vm.console());
     vm.kill();
@@ -171,14 +65,19 @@ fn two_restores_at_once_continue_from_the_snapshot_and_leave_the_memory_file_alo
 
     let restore = |name: &str| {
         let args = [std::ffi::OsStr::new("--restore"), snap.as_os_str()];
-        Vmm::spawn(
+        VmmChild::spawn(
             &args,
-            dir.path().join(format!("{name}.api")),
-            dir.path().join(format!("{name}.console")),
+            &dir.path().join(format!("{name}.api")),
+            &dir.path().join(format!("{name}.console")),
         )
     };
     let mut a = restore("a");
-    let mut b = restore("b");
+    // The other from a restore configuration file, as the runtime starts it.
+    let config = dir.path().join("b.json");
+    let rc = bulkhead_vmm_api::config::RestoreConfig::new(&snap);
+    std::fs::write(&config, serde_json::to_string(&rc).unwrap()).unwrap();
+    let args = [std::ffi::OsStr::new("--restore-config"), config.as_os_str()];
+    let mut b = VmmChild::spawn(&args, &dir.path().join("b.api"), &dir.path().join("b.console"));
     a.wait_for_lines(10);
     b.wait_for_lines(10);
 
@@ -195,7 +94,7 @@ fn two_restores_at_once_continue_from_the_snapshot_and_leave_the_memory_file_alo
         for pair in values.windows(2) {
             assert_eq!(pair[1], pair[0] + 1, "consecutive values: {console:?}");
         }
-        let (status, info) = call(&vm.api, "GET", "/", None);
+        let (status, info) = vm.call("GET", "/", None);
         assert_eq!(status, 200);
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(
@@ -205,11 +104,11 @@ fn two_restores_at_once_continue_from_the_snapshot_and_leave_the_memory_file_alo
         assert_eq!(info["mem_mib"], 32);
     }
     // A restored VM can be paused and snapshotted again.
-    let (status, fault) = call(&a.api, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    let (status, fault) = a.call("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(status, 204, "{fault}");
     let again = dir.path().join("again");
     let body = format!(r#"{{"snapshot_path":"{}"}}"#, again.display());
-    let (status, fault) = call(&a.api, "PUT", "/snapshot/create", Some(&body));
+    let (status, fault) = a.call("PUT", "/snapshot/create", Some(&body));
     assert_eq!(status, 204, "{fault}");
     a.kill();
     b.kill();
