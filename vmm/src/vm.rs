@@ -9,7 +9,23 @@ use tracing::debug;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::layout::{ram_ranges, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::snapshot::{Hex, VmState};
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::Hex;
+
+/// The VM-wide in-kernel devices and clock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// `kvm_irqchip` for chip 0 (PIC master), 1 (PIC slave), 2 (I/O APIC).
+    pub pic_master: Hex,
+    pub pic_slave: Hex,
+    pub ioapic: Hex,
+    /// `kvm_pit_state2`.
+    pub pit: Hex,
+    /// `kvm_clock_data`.
+    pub clock: Hex,
+}
 
 const KVM_API_VERSION: i32 = 12;
 const REQUIRED_CAPS: &[(Cap, &str)] = &[

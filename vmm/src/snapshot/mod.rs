@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::cpu_template::CpuTemplate;
 use crate::config::DeviceSet;
+use crate::devices::legacy::serial::SerialSaved;
 use crate::devices::virtio::mmio::TransportState;
+pub use crate::vcpu::state::{MsrValue, VcpuState};
+use crate::vm::VmState;
 pub use pod::Hex;
 
 pub const MAGIC: &[u8; 8] = b"BLKHDSNP";
@@ -110,66 +113,6 @@ pub struct MemoryRegionState {
     pub guest_addr: u64,
     pub size: u64,
     pub file_offset: u64,
-}
-
-/// One MSR's index and value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MsrValue {
-    pub index: u32,
-    pub data: u64,
-}
-
-/// A vCPU as KVM holds it. Every `Hex` is the raw bytes of the KVM
-/// structure its name says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VcpuState {
-    pub id: u8,
-    /// `kvm_cpuid_entry2` each, as the VMM set them at boot.
-    pub cpuid: Vec<Hex>,
-    pub regs: Hex,
-    pub sregs: Hex,
-    pub fpu: Hex,
-    /// `kvm_xsave` where KVM has KVM_CAP_XSAVE (it covers what `fpu` holds).
-    pub xsave: Option<Hex>,
-    /// `kvm_xcrs` where KVM has KVM_CAP_XCRS.
-    pub xcrs: Option<Hex>,
-    pub msrs: Vec<MsrValue>,
-    pub lapic: Hex,
-    pub debug_regs: Hex,
-    pub vcpu_events: Hex,
-    pub mp_state: Hex,
-}
-
-/// The VM-wide in-kernel devices and clock.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmState {
-    /// `kvm_irqchip` for chip 0 (PIC master), 1 (PIC slave), 2 (I/O APIC).
-    pub pic_master: Hex,
-    pub pic_slave: Hex,
-    pub ioapic: Hex,
-    /// `kvm_pit_state2`.
-    pub pit: Hex,
-    /// `kvm_clock_data`.
-    pub clock: Hex,
-}
-
-/// vm-superio's `SerialState`, which has no serde of its own.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SerialSaved {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
 }
 
 /// Everything in the state file.

@@ -6,7 +6,39 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use tracing::{debug, warn};
 
 use super::{Vcpu, VcpuError};
-use crate::snapshot::{Hex, MsrValue, VcpuState};
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::Hex;
+
+/// One MSR's index and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrValue {
+    pub index: u32,
+    pub data: u64,
+}
+
+/// A vCPU as KVM holds it. Every `Hex` is the raw bytes of the KVM
+/// structure its name says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuState {
+    pub id: u8,
+    /// `kvm_cpuid_entry2` each, as the VMM set them at boot.
+    pub cpuid: Vec<Hex>,
+    pub regs: Hex,
+    pub sregs: Hex,
+    pub fpu: Hex,
+    /// `kvm_xsave` where KVM has KVM_CAP_XSAVE (it covers what `fpu` holds).
+    pub xsave: Option<Hex>,
+    /// `kvm_xcrs` where KVM has KVM_CAP_XCRS.
+    pub xcrs: Option<Hex>,
+    pub msrs: Vec<MsrValue>,
+    pub lapic: Hex,
+    pub debug_regs: Hex,
+    pub vcpu_events: Hex,
+    pub mp_state: Hex,
+}
 
 /// What this KVM can save, found once per snapshot.
 #[derive(Clone, Debug)]

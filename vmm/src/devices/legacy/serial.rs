@@ -9,7 +9,23 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
-use crate::snapshot::SerialSaved;
+use serde::{Deserialize, Serialize};
+
+/// vm-superio's `SerialState`, which has no serde of its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSaved {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
 
 /// vm-superio's receive FIFO size: a saved state with more is corrupt.
 const FIFO_SIZE: usize = 64;

@@ -470,13 +470,13 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::guest_memory;
-    use crate::devices::virtio::{ActivateError, QueueSet};
+    use crate::devices::virtio::{ActivateError, DeviceCore, QueueSet};
     use event_manager::{EventOps, Events, MutEventSubscriber};
     use virtio_queue::Queue;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Dummy {
-        q: QueueSet,
+        core: DeviceCore,
         config: [u8; 8],
         activated: Option<u64>,
         resets: u32,
@@ -485,9 +485,12 @@ mod tests {
     impl Dummy {
         fn new() -> Self {
             Dummy {
-                q: QueueSet {
-                    queues: vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()],
-                    events: vec![EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+                core: DeviceCore {
+                    q: QueueSet {
+                        queues: vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()],
+                        events: vec![EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+                    },
+                    active: None,
                 },
                 config: *b"config!!",
                 activated: None,
@@ -508,11 +511,11 @@ mod tests {
         fn avail_features(&self) -> u64 {
             VIRTIO_F_VERSION_1 | 0b101
         }
-        fn queue_set(&self) -> &QueueSet {
-            &self.q
+        fn core(&self) -> &DeviceCore {
+            &self.core
         }
-        fn queue_set_mut(&mut self) -> &mut QueueSet {
-            &mut self.q
+        fn core_mut(&mut self) -> &mut DeviceCore {
+            &mut self.core
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&self.config, offset, data);
@@ -600,8 +603,8 @@ mod tests {
         w(&mut x.t, reg::STATUS, OK);
         {
             let mut d = x.dev.lock().unwrap();
-            d.q.queues[0].set_next_avail(3);
-            d.q.queues[0].set_next_used(2);
+            d.core.q.queues[0].set_next_avail(3);
+            d.core.q.queues[0].set_next_used(2);
         }
         x.t.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
         let saved = x.t.save_state(&*x.dev.lock().unwrap());
@@ -756,7 +759,7 @@ mod tests {
         let d = x.dev.lock().unwrap();
         assert_eq!(d.resets, 1);
         assert!(d.activated.is_none());
-        assert!(!d.q.queues[0].ready());
+        assert!(!d.core.q.queues[0].ready());
     }
 
     #[test]
@@ -841,7 +844,7 @@ mod tests {
         x.t.write(reg::STATUS, &[1, 0]);
         assert_eq!(r(&mut x.t, reg::STATUS), 0, "16-bit register write is ignored");
         w(&mut x.t, reg::QUEUE_NOTIFY, 1);
-        assert_eq!(x.dev.lock().unwrap().q.events[1].read().unwrap(), 1);
+        assert_eq!(x.dev.lock().unwrap().core.q.events[1].read().unwrap(), 1);
         w(&mut x.t, reg::QUEUE_NOTIFY, 99);
     }
 

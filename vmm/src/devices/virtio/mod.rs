@@ -14,7 +14,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use event_manager::MutEventSubscriber;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -105,6 +105,49 @@ impl QueueSet {
     }
 }
 
+/// What every device model keeps for the transport, so that a device
+/// implements only its own logic: its queues and their notification
+/// events, and, once the driver activated it, guest memory and the
+/// interrupt line.
+pub struct DeviceCore {
+    pub q: QueueSet,
+    pub active: Option<ActiveState>,
+}
+
+impl DeviceCore {
+    /// `count` queues of at most `max_size` entries.
+    pub fn new(count: usize, max_size: u16) -> std::io::Result<Self> {
+        Ok(DeviceCore {
+            q: QueueSet::new(count, max_size)?,
+            active: None,
+        })
+    }
+
+    /// Every queue must be ready; then the device works with `mem`.
+    pub fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Result<(), ActivateError> {
+        self.q.check_ready()?;
+        self.active = Some(ActiveState { mem, interrupt });
+        Ok(())
+    }
+
+    /// Tells the driver that buffers came back, if the device is active.
+    pub fn signal_used(&self) {
+        if let Some(a) = &self.active {
+            a.signal_used();
+        }
+    }
+
+    /// Has the event loop watch every queue's notification event; `name`
+    /// is for the log.
+    pub fn watch_queues(&self, ops: &mut EventOps, name: &str) {
+        for e in &self.q.events {
+            if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
+                tracing::warn!("{name}: cannot watch a queue event: {err}");
+            }
+        }
+    }
+}
+
 /// What an activated device works with: guest memory and its interrupt.
 pub struct ActiveState {
     pub mem: GuestMemoryMmap,
@@ -126,23 +169,25 @@ pub enum ActivateError {
     Device(String),
 }
 
-/// What the transport needs from a device model.
+/// What the transport needs from a device model. A device provides its
+/// identity, features, configuration space and what to do once active;
+/// [`DeviceCore`] carries the queues and the activation for all of them.
 pub trait VirtioDevice: MutEventSubscriber + Send {
     fn device_type(&self) -> u32;
     /// Features the device offers (VIRTIO_F_VERSION_1 included).
     fn avail_features(&self) -> u64;
-    fn queue_set(&self) -> &QueueSet;
-    fn queue_set_mut(&mut self) -> &mut QueueSet;
+    fn core(&self) -> &DeviceCore;
+    fn core_mut(&mut self) -> &mut DeviceCore;
     /// The queues, as the transport configures them before activation.
     fn queues(&self) -> &[Queue] {
-        &self.queue_set().queues
+        &self.core().q.queues
     }
     fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queue_set_mut().queues
+        &mut self.core_mut().q.queues
     }
     /// Eventfds signalled when the driver notifies a queue, one per queue.
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_set().events
+        &self.core().q.events
     }
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Most devices have no writable configuration.
@@ -153,10 +198,21 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         acked_features: u64,
-    ) -> Result<(), ActivateError>;
-    fn is_activated(&self) -> bool;
+    ) -> Result<(), ActivateError> {
+        self.core_mut().activate(mem, interrupt)?;
+        self.activated(acked_features);
+        Ok(())
+    }
+    /// The device's own work once active, e.g. serving requests the driver
+    /// queued before its first notification.
+    fn activated(&mut self, _acked_features: u64) {}
+    fn is_activated(&self) -> bool {
+        self.core().active.is_some()
+    }
     /// Stops processing and returns the device to its initial state.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.core_mut().active = None;
+    }
     /// Gives back host resources (sockets, files) when the VM ends; vCPU
     /// threads may still hold the device, so `Drop` would come too late.
     fn release_host_resources(&mut self) {}

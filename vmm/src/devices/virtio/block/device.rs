@@ -2,17 +2,14 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::debug;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::request::{self, Disk, RequestHeader, DISK_ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{read_config_bytes, DeviceCore, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -44,8 +41,7 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; DISK_ID_BYTES],
     config_space: [u8; CONFIG_LEN],
-    q: QueueSet,
-    active: Option<ActiveState>,
+    core: DeviceCore,
 }
 
 /// An opened image: its file, addressable size and the serial the guest
@@ -110,8 +106,7 @@ impl Block {
             read_only: cfg.read_only,
             capacity_sectors: backing.capacity_sectors,
             id: backing.id,
-            q: QueueSet::new(1, QUEUE_SIZE).map_err(BlockError::Queues)?,
-            active: None,
+            core: DeviceCore::new(1, QUEUE_SIZE).map_err(BlockError::Queues)?,
         })
     }
 
@@ -134,7 +129,7 @@ impl Block {
 
     /// Serves every available request; returns whether to interrupt the guest.
     pub fn process_queue(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return false;
         };
         let mem = &active.mem;
@@ -144,7 +139,7 @@ impl Block {
             read_only: self.read_only,
             id: &self.id,
         };
-        let queue = &mut self.q.queues[0];
+        let queue = &mut self.core.q.queues[0];
         let mut used_any = false;
         // A guest that keeps refilling the ring must not keep the event loop
         // here: serve one ring's worth, then come back through the eventfd.
@@ -163,15 +158,13 @@ impl Block {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.q.events[0].write(1);
+            let _ = self.core.q.events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
 
     fn signal(&self) {
-        if let Some(a) = &self.active {
-            a.signal_used();
-        }
+        self.core.signal_used();
     }
 }
 
@@ -226,45 +219,29 @@ impl VirtioDevice for Block {
         }
         f
     }
-    fn queue_set(&self) -> &QueueSet {
-        &self.q
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
-    fn queue_set_mut(&mut self) -> &mut QueueSet {
-        &mut self.q
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        _features: u64,
-    ) -> Result<(), ActivateError> {
-        self.q.check_ready()?;
-        self.active = Some(ActiveState { mem, interrupt });
+    fn activated(&mut self, _features: u64) {
         if self.process_queue() {
             self.signal();
         }
-        Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-    fn reset(&mut self) {
-        self.active = None;
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.q.events[0], EventSet::IN)) {
-            warn!("virtio-blk: cannot watch the queue event: {e}");
-        }
+        self.core.watch_queues(ops, "virtio-blk");
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.q.events[0].read();
+        let _ = self.core.q.events[0].read();
         if self.process_queue() {
             self.signal();
         }
@@ -276,6 +253,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::request::*;
     use crate::devices::virtio::test_utils::{guest_memory, queue_with_chains, WRITE};
+    use crate::devices::virtio::Interrupt;
+    use std::sync::Arc;
     use virtio_queue::desc::split::VirtqUsedElem;
     use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -322,7 +301,7 @@ mod tests {
             read_only: ro,
         })
         .unwrap();
-        dev.q.queues[0] = queue_with_chains(&mem, 64, chains);
+        dev.core.q.queues[0] = queue_with_chains(&mem, 64, chains);
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.activate(
             mem.clone(),
@@ -334,7 +313,7 @@ mod tests {
     }
 
     fn used(r: &Rig, i: u64) -> VirtqUsedElem {
-        let used_ring = r.dev.q.queues[0].used_ring();
+        let used_ring = r.dev.core.q.queues[0].used_ring();
         r.mem
             .read_obj(GuestAddress(used_ring).unchecked_add(4 + 8 * i))
             .unwrap()
@@ -408,7 +387,7 @@ mod tests {
         ];
         let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
         assert_eq!(
-            r.dev.q.queues[0].next_used(),
+            r.dev.core.q.queues[0].next_used(),
             chains.len() as u16,
             "every chain was returned"
         );
@@ -439,11 +418,11 @@ mod tests {
             .unwrap();
         mock.avail().ring().ref_at(0).unwrap().store(0u16);
         mock.avail().idx().store(1u16);
-        dev.q.queues[0] = mock.create_queue().unwrap();
+        dev.core.q.queues[0] = mock.create_queue().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.activate(mem.clone(), Arc::new(Interrupt::new(irq)), VIRTIO_F_VERSION_1)
             .unwrap();
-        assert_eq!(dev.q.queues[0].next_used(), 1, "the looping chain was returned");
+        assert_eq!(dev.core.q.queues[0].next_used(), 1, "the looping chain was returned");
     }
 
     #[test]
@@ -452,9 +431,9 @@ mod tests {
         // One-descriptor chains, so that the 64-entry ring fills up.
         let chains: Vec<Chain> = (0..64).map(|_| vec![(HDR, 16, 0)]).collect();
         let r = rig_with(img.path(), true, VIRTIO_BLK_T_IN, 0, &chains);
-        assert_eq!(r.dev.q.queues[0].next_used(), 64);
+        assert_eq!(r.dev.core.q.queues[0].next_used(), 64);
         // The budget (one ring) ran out, so the event loop will come back.
-        assert_eq!(r.dev.q.events[0].read().unwrap(), 1);
+        assert_eq!(r.dev.core.q.events[0].read().unwrap(), 1);
     }
 
     #[test]

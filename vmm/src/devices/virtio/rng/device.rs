@@ -1,14 +1,10 @@
 use std::io::Write;
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
-use crate::devices::virtio::{
-    ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{DeviceCore, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes handed out per request at most, so one request cannot make the
@@ -16,8 +12,7 @@ const QUEUE_SIZE: u16 = 256;
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
 pub struct Rng {
-    q: QueueSet,
-    active: Option<ActiveState>,
+    core: DeviceCore,
 }
 
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -42,18 +37,17 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
         Ok(Rng {
-            q: QueueSet::new(1, QUEUE_SIZE)?,
-            active: None,
+            core: DeviceCore::new(1, QUEUE_SIZE)?,
         })
     }
 
     /// Serves every available request; returns whether the guest must be told.
     pub fn process_queue(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.q.queues[0];
+        let queue = &mut self.core.q.queues[0];
         let mut used_any = false;
         let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
         // A guest that keeps refilling the ring must not keep the event loop
@@ -88,7 +82,7 @@ impl Rng {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.q.events[0].write(1);
+            let _ = self.core.q.events[0].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -101,54 +95,36 @@ impl VirtioDevice for Rng {
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn queue_set(&self) -> &QueueSet {
-        &self.q
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
-    fn queue_set_mut(&mut self) -> &mut QueueSet {
-        &mut self.q
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        _features: u64,
-    ) -> Result<(), ActivateError> {
-        self.q.check_ready()?;
-        self.active = Some(ActiveState { mem, interrupt });
+    fn activated(&mut self, _features: u64) {
         // Requests may have been queued before the driver's first notification.
         if self.process_queue() {
             self.signal();
         }
-        Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-    fn reset(&mut self) {
-        self.active = None;
     }
 }
 
 impl Rng {
     fn signal(&self) {
-        if let Some(a) = &self.active {
-            a.signal_used();
-        }
+        self.core.signal_used();
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.q.events[0], EventSet::IN)) {
-            warn!("virtio-rng: cannot watch the queue event: {e}");
-        }
+        self.core.watch_queues(ops, "virtio-rng");
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.q.events[0].read();
+        let _ = self.core.q.events[0].read();
         if self.process_queue() {
             self.signal();
         }
@@ -159,9 +135,12 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::guest_memory;
+    use crate::devices::virtio::Interrupt;
+    use std::sync::Arc;
     use virtio_queue::desc::split::VirtqUsedElem;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
     use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -169,7 +148,7 @@ mod tests {
 
     fn activated(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>) -> (Rng, EventFd) {
         let mut rng = Rng::new().unwrap();
-        rng.q.queues[0] = mock.create_queue().unwrap();
+        rng.core.q.queues[0] = mock.create_queue().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         rng.activate(
             mem.clone(),

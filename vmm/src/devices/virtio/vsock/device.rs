@@ -1,6 +1,5 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, warn};
@@ -11,9 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::Muxer;
 use super::packet::{parse_header, Op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD};
 use super::{VsockConfig, VsockError};
-use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveState, Interrupt, QueueSet, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{read_config_bytes, DeviceCore, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 pub const RXQ: usize = 0;
@@ -26,11 +23,10 @@ pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 pub struct Vsock {
     /// `struct virtio_vsock_config`: the guest CID as le64.
     config_space: [u8; 8],
-    q: QueueSet,
+    core: DeviceCore,
     /// Wakes the event loop when state changed outside it (activation,
     /// reset), so that fd registrations are brought up to date.
     kick: EventFd,
-    active: Option<ActiveState>,
     muxer: Muxer,
     tx_payload: Vec<u8>,
     rx_payload: Vec<u8>,
@@ -49,14 +45,13 @@ impl Vsock {
         if cfg.guest_cid <= 2 || cfg.guest_cid == u32::MAX {
             return Err(VsockError::ReservedCid(cfg.guest_cid));
         }
-        let q = QueueSet::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string()))?;
+        let core = DeviceCore::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string()))?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let muxer = Muxer::new(cfg.guest_cid, &cfg.uds_path)?;
         Ok(Vsock {
             config_space: u64::from(cfg.guest_cid).to_le_bytes(),
-            q,
+            core,
             kick,
-            active: None,
             muxer,
             tx_payload: vec![0; MAX_PKT_PAYLOAD],
             rx_payload: vec![0; MAX_PKT_PAYLOAD],
@@ -65,11 +60,11 @@ impl Vsock {
 
     /// Consumes every tx chain; returns whether the guest must be told.
     pub fn process_tx(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.q.queues[TXQ];
+        let queue = &mut self.core.q.queues[TXQ];
         let mut used_any = false;
         // A guest that keeps refilling the ring must not keep the event loop
         // here: serve one ring's worth, then come back through the eventfd.
@@ -98,7 +93,7 @@ impl Vsock {
         }
         if budget == 0 {
             // Possibly more waiting: a spurious wake-up costs nothing.
-            let _ = self.q.events[TXQ].write(1);
+            let _ = self.core.q.events[TXQ].write(1);
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
@@ -106,11 +101,11 @@ impl Vsock {
     /// Fills rx buffers while there is something for the guest; returns
     /// whether the guest must be told.
     pub fn process_rx(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.q.queues[RXQ];
+        let queue = &mut self.core.q.queues[RXQ];
         let mut used_any = false;
         while self.muxer.has_rx_work() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -164,11 +159,11 @@ impl Vsock {
     /// its connected sockets and re-reads the CID; listeners stay. Returns
     /// whether an event was delivered.
     pub fn send_transport_reset(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut self.q.queues[EVQ];
+        let queue = &mut self.core.q.queues[EVQ];
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             warn!("vsock: the driver posted no event buffer; cannot announce the transport reset");
             return false;
@@ -214,15 +209,15 @@ impl Vsock {
     /// registrations (`process` does that with its `EventOps`).
     fn dispatch(&mut self, fd: RawFd, set: EventSet) {
         let mut notify = false;
-        if fd == self.q.events[RXQ].as_raw_fd() {
-            let _ = self.q.events[RXQ].read();
-        } else if fd == self.q.events[TXQ].as_raw_fd() {
-            let _ = self.q.events[TXQ].read();
+        if fd == self.core.q.events[RXQ].as_raw_fd() {
+            let _ = self.core.q.events[RXQ].read();
+        } else if fd == self.core.q.events[TXQ].as_raw_fd() {
+            let _ = self.core.q.events[TXQ].read();
             notify |= self.process_tx();
-        } else if fd == self.q.events[EVQ].as_raw_fd() {
+        } else if fd == self.core.q.events[EVQ].as_raw_fd() {
             // The driver re-posts its event buffer (and notifies) only after
             // it has handled the event: the transport reset is done.
-            let _ = self.q.events[EVQ].read();
+            let _ = self.core.q.events[EVQ].read();
             if self.muxer.holds_host_connections() {
                 tracing::debug!("vsock: the guest handled the transport reset; host connections go ahead");
                 self.muxer.release_host_connections();
@@ -242,9 +237,7 @@ impl Vsock {
     }
 
     fn signal(&self) {
-        if let Some(a) = &self.active {
-            a.signal_used();
-        }
+        self.core.signal_used();
     }
 
     fn kick_event_loop(&self) {
@@ -296,42 +289,31 @@ impl VirtioDevice for Vsock {
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn queue_set(&self) -> &QueueSet {
-        &self.q
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
-    fn queue_set_mut(&mut self) -> &mut QueueSet {
-        &mut self.q
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        _features: u64,
-    ) -> Result<(), ActivateError> {
-        self.q.check_ready()?;
-        self.active = Some(ActiveState { mem, interrupt });
+    fn activated(&mut self, _features: u64) {
         // Host connections may have queued REQUESTs before the driver came.
         let notify = self.process_tx() | self.process_rx();
         if notify {
             self.signal();
         }
         self.kick_event_loop();
-        Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
     fn reset(&mut self) {
-        self.active = None;
+        self.core.active = None;
         self.muxer.close_all();
         self.kick_event_loop();
     }
 
     fn release_host_resources(&mut self) {
-        self.active = None;
+        self.core.active = None;
         self.muxer.release();
     }
 
@@ -347,13 +329,8 @@ impl VirtioDevice for Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        let fds = self
-            .q
-            .events
-            .iter()
-            .map(AsRawFd::as_raw_fd)
-            .chain([self.kick.as_raw_fd(), self.muxer.listener().as_raw_fd()]);
-        for fd in fds.collect::<Vec<_>>() {
+        self.core.watch_queues(ops, "vsock");
+        for fd in [self.kick.as_raw_fd(), self.muxer.listener().as_raw_fd()] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 warn!("vsock: cannot watch fd {fd}: {e}");
             }
