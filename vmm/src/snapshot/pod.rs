@@ -1,63 +1,12 @@
 //! KVM's structures as bytes, and bytes as hex strings in the JSON payload.
+//! The byte views come from kvm-bindings' zerocopy derives (its `serde`
+//! feature), not from our own unsafe code. Its serde implementations are
+//! not used: their deserializers zero-fill a short input and cut a long
+//! one, where a snapshot must refuse a structure of the wrong size.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-};
-
-/// A KVM ABI structure that can be copied to and from bytes.
-///
-/// # Safety
-///
-/// Implementors must be `repr(C)` plain data made only of integers (and
-/// arrays and unions of them), with no implicit padding, so that every bit
-/// pattern is a valid value and every byte of a value is initialised. The
-/// kernel's KVM structures are built that way (their padding is explicit
-/// fields, because they are copied to and from user space byte for byte),
-/// and kvm-bindings generates them as such.
-pub unsafe trait Pod: Sized {}
-
-macro_rules! pod {
-    ($($t:ty),* $(,)?) => {
-        // SAFETY: each is a bindgen-generated KVM ABI struct: repr(C),
-        // integers only, padding spelled out (see the trait's contract).
-        $(unsafe impl Pod for $t {})*
-    };
-}
-
-pod!(
-    kvm_regs,
-    kvm_sregs,
-    kvm_fpu,
-    kvm_xsave,
-    kvm_xcrs,
-    kvm_lapic_state,
-    kvm_debugregs,
-    kvm_vcpu_events,
-    kvm_mp_state,
-    kvm_irqchip,
-    kvm_pit_state2,
-    kvm_clock_data,
-    kvm_cpuid_entry2,
-);
-
-pub fn to_bytes<T: Pod>(v: &T) -> Vec<u8> {
-    // SAFETY: `T: Pod` has every byte initialised, and the slice borrows `v`
-    // for exactly `size_of::<T>()` bytes.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
-}
-
-/// The value whose bytes are `b`, which must be exactly `size_of::<T>()` long.
-pub fn from_bytes<T: Pod>(b: &[u8]) -> Option<T> {
-    if b.len() != std::mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length is checked above, `read_unaligned` copes with any
-    // alignment of the buffer, and `T: Pod` makes every bit pattern valid.
-    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
-}
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Bytes that serialize as a lower-case hex string.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -70,13 +19,13 @@ impl std::fmt::Debug for Hex {
 }
 
 impl Hex {
-    pub fn of<T: Pod>(v: &T) -> Hex {
-        Hex(to_bytes(v))
+    pub fn of<T: IntoBytes + Immutable>(v: &T) -> Hex {
+        Hex(v.as_bytes().to_vec())
     }
 
     /// The structure back, or an error naming `what` when the size is wrong.
-    pub fn get<T: Pod>(&self, what: &str) -> Result<T, String> {
-        from_bytes(&self.0).ok_or_else(|| {
+    pub fn get<T: FromBytes>(&self, what: &str) -> Result<T, String> {
+        T::read_from_bytes(&self.0).map_err(|_| {
             format!(
                 "{what} is {} bytes, not the {} of this KVM's structure",
                 self.0.len(),
@@ -126,6 +75,7 @@ impl<'de> Deserialize<'de> for Hex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::kvm_regs;
 
     #[test]
     fn structs_round_trip_through_bytes_and_hex() {

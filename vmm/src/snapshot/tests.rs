@@ -23,7 +23,7 @@ fn sample() -> SnapshotState {
         cpuid: vec![Hex(vec![1; std::mem::size_of::<kvm_bindings::kvm_cpuid_entry2>()])],
         regs: Hex::of(&regs),
         sregs: Hex::of(&sregs),
-        fpu: Hex::of(&kvm_bindings::kvm_fpu::default()),
+        fpu: crate::vcpu::state::FpuSaved::default(),
         xsave: None,
         xcrs: Some(Hex::of(&kvm_bindings::kvm_xcrs::default())),
         msrs: vec![MsrValue {

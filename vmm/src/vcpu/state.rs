@@ -6,6 +6,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use tracing::{debug, warn};
 
 use super::{Vcpu, VcpuError};
+use kvm_bindings::kvm_fpu;
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::Hex;
@@ -18,6 +19,54 @@ pub struct MsrValue {
     pub data: u64,
 }
 
+/// `kvm_fpu`, field by field: kvm-bindings gives it no byte view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FpuSaved {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuSaved {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuSaved {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&FpuSaved> for kvm_fpu {
+    fn from(f: &FpuSaved) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
 /// A vCPU as KVM holds it. Every `Hex` is the raw bytes of the KVM
 /// structure its name says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +77,7 @@ pub struct VcpuState {
     pub cpuid: Vec<Hex>,
     pub regs: Hex,
     pub sregs: Hex,
-    pub fpu: Hex,
+    pub fpu: FpuSaved,
     /// `kvm_xsave` where KVM has KVM_CAP_XSAVE (it covers what `fpu` holds).
     pub xsave: Option<Hex>,
     /// `kvm_xcrs` where KVM has KVM_CAP_XCRS.
@@ -132,7 +181,7 @@ pub fn save(fd: &VcpuFd, cpu: u8, caps: &SaveCaps) -> Result<VcpuState, VcpuErro
         cpuid: cpuid.as_slice().iter().map(Hex::of).collect(),
         regs: Hex::of(&fd.get_regs().map_err(ioctl(cpu, "registers (get)"))?),
         sregs: Hex::of(&fd.get_sregs().map_err(ioctl(cpu, "special registers (get)"))?),
-        fpu: Hex::of(&fd.get_fpu().map_err(ioctl(cpu, "FPU (get)"))?),
+        fpu: FpuSaved::from(&fd.get_fpu().map_err(ioctl(cpu, "FPU (get)"))?),
         xsave,
         xcrs,
         msrs: read_msrs(fd, cpu, &caps.msr_indices)?,
@@ -173,8 +222,7 @@ impl Vcpu {
                 unsafe { self.fd.set_xsave(&xsave) }.map_err(ioctl(cpu, "XSAVE"))?;
             }
             None => {
-                let fpu = state.fpu.get("fpu").map_err(&bad)?;
-                self.fd.set_fpu(&fpu).map_err(ioctl(cpu, "FPU"))?;
+                self.fd.set_fpu(&kvm_fpu::from(&state.fpu)).map_err(ioctl(cpu, "FPU"))?;
             }
         }
         if let Some(x) = &state.xcrs {
