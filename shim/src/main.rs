@@ -7,9 +7,13 @@
 
 mod config;
 mod disks;
+mod events;
+mod io;
+mod pod;
+mod process;
 mod rootfs;
-mod service;
 mod spec;
+mod task;
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsRawFd;
@@ -17,7 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{bail, Context as _};
 use containerd_shim::Flags;
@@ -26,7 +30,7 @@ use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim::shim_ttrpc::{create_task, Task};
 use containerd_shim_protos::ttrpc::Server;
 
-use crate::service::{ExitSignal, Service};
+use crate::task::Service;
 
 /// The fd the server inherits its listening socket on.
 const LISTENER_FD: i32 = 3;
@@ -37,6 +41,50 @@ const ANN_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 const ANN_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// A stale socket is one nobody answers on within this.
 const SOCKET_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Set when the shim should stop serving.
+#[derive(Default)]
+pub struct ExitSignal {
+    done: Mutex<bool>,
+    cond: Condvar,
+    /// The socket containerd reaches this shim on.
+    socket: Option<PathBuf>,
+}
+
+impl ExitSignal {
+    /// One that also unlinks `socket` when signalled.
+    pub fn removing(socket: PathBuf) -> Self {
+        ExitSignal {
+            socket: Some(socket),
+            ..Default::default()
+        }
+    }
+
+    pub fn signal(&self) {
+        // Unlinked before Shutdown is answered: containerd may start a new
+        // shim for the same id at once (another runtime's shim too), and
+        // its `start` must not find this one's socket and connect to a
+        // shim that is going away.
+        if let Some(p) = &self.socket {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::debug!("removing {}: {e}", p.display());
+            }
+        }
+        *lock(&self.done) = true;
+        self.cond.notify_all();
+    }
+    pub fn wait(&self) {
+        let mut d = lock(&self.done);
+        while !*d {
+            d = self.cond.wait(d).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A lock a panicking thread left behind still guards good data here.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn main() {
     let args: Vec<_> = std::env::args_os().collect();
@@ -85,9 +133,7 @@ fn runtime_options_config_path() -> anyhow::Result<Option<PathBuf>> {
 /// workload container, else the container itself.
 fn grouping(bundle: &Path, id: &str) -> String {
     let ann = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .map(|v| spec::annotations(&v))
+        .map(|b| spec::annotations(&b))
         .unwrap_or_default();
     match (ann.get(ANN_CONTAINER_TYPE), ann.get(ANN_SANDBOX_ID)) {
         (Some(t), Some(sandbox)) if t == "container" && !sandbox.is_empty() => sandbox.clone(),
@@ -179,7 +225,7 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         PathBuf::from(&flags.bundle)
     };
     rootfs::cleanup_build_mount(&bundle);
-    if let Ok(dir) = std::fs::read_to_string(bundle.join(service::RUN_DIR_FILE)) {
+    if let Ok(dir) = std::fs::read_to_string(bundle.join(pod::RUN_DIR_FILE)) {
         let dir = PathBuf::from(dir.trim());
         if dir.is_absolute() && dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {

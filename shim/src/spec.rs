@@ -1,12 +1,13 @@
 //! The parts of the OCI runtime spec (the bundle's `config.json`, and the
-//! process of an exec) that the agent takes, read defensively: containerd
-//! writes these, but a field of the wrong shape is an error, not a panic.
+//! process of an exec) that the agent takes, parsed with `oci-spec`:
+//! containerd writes these, but a field of the wrong shape is an error,
+//! not a panic.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use bulkhead_protocol::messages::{Capabilities, Process, Resources, Rlimit, User};
-use serde_json::Value;
+use oci_spec::runtime::{LinuxCapabilities, LinuxResources, Mount, Spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -37,30 +38,53 @@ pub fn read_bundle(bundle: &Path) -> Result<BundleSpec, SpecError> {
 }
 
 pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
-    let v: Value = serde_json::from_slice(json)?;
-    let process = process(v.get("process").ok_or_else(|| SpecError::Field("no process".into()))?)?;
-    let hostname = v.get("hostname").and_then(Value::as_str).map(String::from);
-    let annotations = annotations(&v);
-    let resources = v.pointer("/linux/resources").map(resources).unwrap_or_default();
-    check_mounts(&v)?;
+    let spec: Spec = serde_json::from_slice(json)?;
+    let p = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| SpecError::Field("no process".into()))?;
+    check_mounts(spec.mounts().as_deref().unwrap_or_default())?;
     Ok(BundleSpec {
-        process,
-        hostname,
-        annotations,
-        resources,
+        process: process(p)?,
+        hostname: spec.hostname().clone(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        resources: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .map(resources)
+            .unwrap_or_default(),
     })
+}
+
+/// The bundle's annotations alone (empty when unreadable): `start` groups
+/// a pod's containers by them before anything else is checked.
+pub fn annotations(json: &[u8]) -> HashMap<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Annotated {
+        #[serde(default)]
+        annotations: HashMap<String, String>,
+    }
+    serde_json::from_slice::<Annotated>(json)
+        .map(|a| a.annotations)
+        .unwrap_or_default()
+}
+
+/// An exec's process, as containerd sends it (the OCI `process` JSON).
+pub fn exec_process(json: &[u8]) -> Result<Process, SpecError> {
+    process(&serde_json::from_slice(json)?)
 }
 
 /// The limits of an OCI `LinuxResources` object the agent can apply
 /// (memory, pids, cpu quota); a negative value (unlimited) or an absent one
 /// is `None`.
-pub fn resources(r: &Value) -> Resources {
-    let non_negative = |p: &str| r.pointer(p).and_then(Value::as_i64).and_then(|l| u64::try_from(l).ok());
+pub fn resources(r: &LinuxResources) -> Resources {
+    let non_negative = |v: Option<i64>| v.and_then(|l| u64::try_from(l).ok());
     Resources {
-        memory_max_bytes: non_negative("/memory/limit"),
-        pids_max: non_negative("/pids/limit"),
-        cpu_quota_usec: non_negative("/cpu/quota"),
-        cpu_period_usec: r.pointer("/cpu/period").and_then(Value::as_u64),
+        memory_max_bytes: non_negative(r.memory().as_ref().and_then(|m| m.limit())),
+        pids_max: non_negative(r.pids().as_ref().map(|p| p.limit())),
+        cpu_quota_usec: non_negative(r.cpu().as_ref().and_then(|c| c.quota())),
+        cpu_period_usec: r.cpu().as_ref().and_then(|c| c.period()),
     }
 }
 
@@ -88,25 +112,15 @@ const CRI_MANAGED_FILES: &[&str] = &[
 /// guest cannot see host files, and a workload writing to a volume that is
 /// not there would lose its data without a word. The spec's other mounts
 /// (proc, sysfs, tmpfs, devpts, ...) are what the agent sets up anyway.
-fn check_mounts(v: &Value) -> Result<(), SpecError> {
-    let Some(mounts) = v.get("mounts") else {
-        return Ok(());
-    };
-    let mounts = mounts
-        .as_array()
-        .ok_or_else(|| SpecError::Field("mounts: not a list".into()))?;
+fn check_mounts(mounts: &[Mount]) -> Result<(), SpecError> {
     for m in mounts {
-        let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
-        let options = strings(m.get("options"), "mounts[].options")?;
-        let bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
-        if !bind {
+        let options = m.options().as_deref().unwrap_or_default();
+        let bind = m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+        let dest = m.destination().to_string_lossy();
+        if !bind || CRI_MANAGED_FILES.contains(&dest.as_ref()) {
             continue;
         }
-        let dest = m.get("destination").and_then(Value::as_str).unwrap_or("");
-        if CRI_MANAGED_FILES.contains(&dest) {
-            continue;
-        }
-        let source = m.get("source").and_then(Value::as_str).unwrap_or("");
+        let source = m.source().as_ref().map(|s| s.display().to_string()).unwrap_or_default();
         return Err(SpecError::Field(format!(
             "mounts: the host bind mount {source} -> {dest} cannot be honoured: the sandbox VM has no \
              file-sharing device, so host directories and volumes are not supported"
@@ -115,97 +129,54 @@ fn check_mounts(v: &Value) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// The bundle's annotations (empty when it has none or cannot be read).
-pub fn annotations(v: &Value) -> HashMap<String, String> {
-    v.get("annotations")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+fn capability_names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
+    let mut names: Vec<String> = set.iter().flatten().map(|c| format!("CAP_{c}")).collect();
+    names.sort();
+    names
 }
 
-fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, SpecError> {
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| SpecError::Field(format!("{what}: not a string")))
-            })
-            .collect(),
-        Some(_) => Err(SpecError::Field(format!("{what}: not a list"))),
-    }
-}
-
-fn u32_at(v: &Value, ptr: &str) -> Result<u32, SpecError> {
-    match v.pointer(ptr) {
-        None | Some(Value::Null) => Ok(0),
-        Some(x) => x
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| SpecError::Field(format!("{ptr}: not a u32"))),
+fn capabilities(c: &LinuxCapabilities) -> Capabilities {
+    Capabilities {
+        bounding: capability_names(c.bounding()),
+        effective: capability_names(c.effective()),
+        inheritable: capability_names(c.inheritable()),
+        permitted: capability_names(c.permitted()),
+        ambient: capability_names(c.ambient()),
     }
 }
 
 /// An OCI `process` object as the agent's [`Process`].
-pub fn process(p: &Value) -> Result<Process, SpecError> {
-    let args = strings(p.get("args"), "process.args")?;
+pub fn process(p: &oci_spec::runtime::Process) -> Result<Process, SpecError> {
+    let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
         return Err(SpecError::Field("process.args is empty".into()));
     }
-    let additional_gids = match p.pointer("/user/additionalGids") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|g| {
-                g.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| SpecError::Field("additionalGids".into()))
-            })
-            .collect::<Result<_, _>>()?,
-        _ => Vec::new(),
-    };
-    let rlimits = match p.get("rlimits") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|r| {
-                Some(Rlimit {
-                    kind: r.get("type")?.as_str()?.to_string(),
-                    soft: r.get("soft")?.as_u64()?,
-                    hard: r.get("hard")?.as_u64()?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| SpecError::Field("process.rlimits".into()))?,
-        _ => Vec::new(),
-    };
-    let capabilities = match p.get("capabilities") {
-        Some(c) if c.is_object() => Some(Capabilities {
-            bounding: strings(c.get("bounding"), "bounding")?,
-            effective: strings(c.get("effective"), "effective")?,
-            inheritable: strings(c.get("inheritable"), "inheritable")?,
-            permitted: strings(c.get("permitted"), "permitted")?,
-            ambient: strings(c.get("ambient"), "ambient")?,
-        }),
-        _ => None,
-    };
+    let cwd = p
+        .cwd()
+        .to_str()
+        .ok_or_else(|| SpecError::Field("process.cwd is not UTF-8".into()))?;
     Ok(Process {
         args,
-        env: strings(p.get("env"), "process.env")?,
-        cwd: p.get("cwd").and_then(Value::as_str).unwrap_or("/").to_string(),
+        env: p.env().clone().unwrap_or_default(),
+        cwd: if cwd.is_empty() { "/" } else { cwd }.to_string(),
         user: User {
-            uid: u32_at(p, "/user/uid")?,
-            gid: u32_at(p, "/user/gid")?,
-            additional_gids,
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
         },
-        terminal: p.get("terminal").and_then(Value::as_bool).unwrap_or(false),
-        rlimits,
-        no_new_privileges: p.get("noNewPrivileges").and_then(Value::as_bool).unwrap_or(false),
-        capabilities,
+        terminal: p.terminal().unwrap_or(false),
+        rlimits: p
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| Rlimit {
+                kind: r.typ().to_string(),
+                soft: r.soft(),
+                hard: r.hard(),
+            })
+            .collect(),
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        capabilities: p.capabilities().as_ref().map(capabilities),
     })
 }
 
@@ -231,8 +202,17 @@ mod tests {
         assert_eq!(s.annotations.get("a").map(String::as_str), Some("b"));
         assert_eq!(s.resources.memory_max_bytes, Some(64 << 20));
         assert_eq!(s.resources.pids_max, None);
-        assert!(parse_bundle(br#"{"process":{"args":[1]}}"#).is_err());
-        assert!(parse_bundle(br#"{"process":{"args":[]}}"#).is_err());
+        assert_eq!(s.process.capabilities.unwrap().bounding, ["CAP_KILL"]);
+        assert_eq!(s.process.rlimits[0].kind, "RLIMIT_NOFILE");
+        let minimal = |p: &str| format!(r#"{{"ociVersion":"1.0.2","process":{p}}}"#).into_bytes();
+        assert!(parse_bundle(&minimal(r#"{"args":[1],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
+        assert!(parse_bundle(&minimal(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
+        let e = parse_bundle(&minimal(
+            r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0},"rlimits":[{"type":"RLIMIT_WHAT","hard":1,"soft":1}]}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("RLIMIT_WHAT") || e.contains("variant"), "{e}");
     }
 
     #[test]
@@ -253,8 +233,10 @@ mod tests {
 
     #[test]
     fn host_bind_mounts_are_refused_but_cri_files_pass() {
-        let spec =
-            |mounts: &str| format!(r#"{{"process":{{"args":["true"],"cwd":"/"}},"mounts":{mounts}}}"#).into_bytes();
+        let spec = |mounts: &str| {
+            format!(r#"{{"ociVersion":"1.0.2","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},"mounts":{mounts}}}"#)
+                    .into_bytes()
+        };
         let ok = spec(
             r#"[{"destination":"/proc","type":"proc","source":"proc"},
                 {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]},

@@ -1,0 +1,176 @@
+//! The pod's VM: started on the pod's first container (the runtime's one
+//! start path), its disks (one root image each, attached while it runs),
+//! pause and resume, and its end.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bulkhead_runtime::paths::Artifacts;
+use bulkhead_runtime::rootfs::RootfsImage;
+use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use bulkhead_runtime::start;
+use bulkhead_runtime::template::TemplateCache;
+
+use crate::config::Config;
+use crate::disks::{Claim, DiskSlots, DisksFull};
+use crate::events::Events;
+use crate::lock;
+
+/// Written into the bundle so that `delete` finds a dead shim's sandbox.
+pub const RUN_DIR_FILE: &str = "bulkhead-run-dir";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("the sandbox VM is not running")]
+    NotRunning,
+    #[error("{0}")]
+    Sizing(String),
+    #[error("sandbox boot: {0}")]
+    Boot(SandboxError),
+    #[error(transparent)]
+    DisksFull(#[from] DisksFull),
+    #[error("attaching the root image: {0}")]
+    Attach(SandboxError),
+    #[error("{0}")]
+    Internal(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+#[derive(Default)]
+pub struct Pod {
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Which VM disk holds which root image; set with the sandbox.
+    disks: Mutex<Option<DiskSlots>>,
+    paused: AtomicBool,
+}
+
+impl Pod {
+    pub fn sandbox(&self) -> Result<Arc<Sandbox>, PodError> {
+        lock(&self.sandbox).clone().ok_or(PodError::NotRunning)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// The sandbox for a container whose root image is `image`, and the
+    /// disk that image is on: the pod's first container boots the VM with
+    /// its image as disk 0; a later container's image is attached to a
+    /// spare disk unless the pod already has it. The caller owns one use
+    /// of the disk (see [`Pod::release_disk`]).
+    pub fn ensure_sandbox(
+        &self,
+        cfg: &Config,
+        image: &RootfsImage,
+        annotations: &HashMap<String, String>,
+        bundle: &Path,
+        events: &Events,
+    ) -> Result<(Arc<Sandbox>, u8), PodError> {
+        let mut slot = lock(&self.sandbox);
+        if let Some(sb) = slot.as_ref() {
+            let disk = self.claim_disk(sb, image)?;
+            return Ok((sb.clone(), disk));
+        }
+        let (vcpus, mem_mib) = cfg.sizing(annotations).map_err(|e| PodError::Sizing(e.to_string()))?;
+        let sc = SandboxConfig {
+            vcpus,
+            mem_mib,
+            runtime_root: Some(cfg.run_dir.clone()),
+            api_socket: true,
+            spare_disks: cfg.spare_disks,
+            ..SandboxConfig::new(
+                Artifacts {
+                    kernel: cfg.kernel.clone(),
+                    initramfs: cfg.initramfs.clone(),
+                    vmm: cfg.vmm.clone(),
+                },
+                image.clone(),
+            )
+        };
+        // The template, built on first use, or cold; the log says which.
+        let templates = TemplateCache::new(&cfg.template_dir);
+        let (sb, _) = start::start(&sc, cfg.boot, &templates, &mut start::Quiet).map_err(PodError::Boot)?;
+        let sb = Arc::new(sb);
+        if let Err(e) = std::fs::write(bundle.join(RUN_DIR_FILE), sb.run_dir().as_os_str().as_encoded_bytes()) {
+            tracing::warn!("cannot record the run directory in the bundle: {e}");
+        }
+        events.watch_oom(&sb);
+        let mut disks = DiskSlots::new(&image.path, cfg.spare_disks);
+        let disk = match disks.claim(&image.path) {
+            Ok(Claim::Attached(d)) => d,
+            _ => {
+                return Err(PodError::Internal(
+                    "disk 0 does not hold the image the VM started with".into(),
+                ))
+            }
+        };
+        *lock(&self.disks) = Some(disks);
+        *slot = Some(sb.clone());
+        Ok((sb, disk))
+    }
+
+    /// One more use of `image` in the running VM: the disk that has it, or
+    /// a spare disk it is attached to now.
+    fn claim_disk(&self, sb: &Sandbox, image: &RootfsImage) -> Result<u8, PodError> {
+        let mut guard = lock(&self.disks);
+        let disks = guard
+            .as_mut()
+            .ok_or_else(|| PodError::Internal("the sandbox has no disk table".into()))?;
+        match disks.claim(&image.path)? {
+            Claim::Attached(d) => Ok(d),
+            Claim::Attach(d) => match sb.attach_image(d, &image.path) {
+                Ok(()) => {
+                    tracing::info!("attached {} as disk {d}", image.path.display());
+                    Ok(d)
+                }
+                Err(e) => {
+                    disks.abandon(d);
+                    Err(PodError::Attach(e))
+                }
+            },
+        }
+    }
+
+    /// One use of `disk` fewer; the last use of a spare disk empties it, so
+    /// the VMM no longer holds the image (the guest has unmounted it).
+    pub fn release_disk(&self, disk: u8) {
+        // Sandbox, then disks: `ensure_sandbox`'s order.
+        let sb = lock(&self.sandbox).clone();
+        let mut guard = lock(&self.disks);
+        let Some(disks) = guard.as_mut() else { return };
+        if let (Some(d), Some(sb)) = (disks.release(disk), sb) {
+            if let Err(e) = sb.detach_image(d) {
+                tracing::warn!("cannot empty disk {d}: {e}");
+            }
+        }
+    }
+
+    /// Pauses or resumes the whole VM: its containers share the vCPUs.
+    pub fn set_paused(&self, paused: bool) -> Result<(), PodError> {
+        self.sandbox()?.set_paused(paused)?;
+        self.paused.store(paused, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Ends the VM (its run directory goes with it).
+    pub fn shutdown(&self) {
+        let sb = lock(&self.sandbox).take();
+        lock(&self.disks).take();
+        if let Some(sb) = sb {
+            match Arc::try_unwrap(sb) {
+                // Dropping kills the VMM and removes its run directory;
+                // the guest holds nothing worth a clean shutdown.
+                Ok(sb) => drop(sb),
+                Err(sb) => {
+                    // A waiter still holds it: kill the VM through its pid.
+                    // SAFETY: kill(2) with a pid we started and have not reaped.
+                    unsafe { libc::kill(sb.vmm_pid() as libc::pid_t, libc::SIGKILL) };
+                    drop(sb);
+                }
+            }
+        }
+    }
+}
