@@ -167,15 +167,63 @@ fn prepare_host(api_socket: Option<&Path>) -> Result<HostPrep, VmmError> {
     })
 }
 
+/// A VM with its buses and devices, before its guest state is set: what
+/// a cold boot and a restore build alike.
+struct Machine {
+    vm: Arc<Vm>,
+    devices: DeviceManager,
+    virtio: VirtioDevices,
+}
+
+impl Machine {
+    fn new(vm: Vm, serial: &SerialOutput, set: &DeviceSet) -> Result<Machine, VmmError> {
+        let vm = Arc::new(vm);
+        let mut devices = DeviceManager::new(&vm.fd, open_serial(serial)?)?;
+        let virtio = create_virtio_devices(set, &vm, &mut devices)?;
+        Ok(Machine { vm, devices, virtio })
+    }
+
+    /// vCPU `id`, wired to the buses and guest memory.
+    fn vcpu(&self, id: u8) -> Result<Vcpu, VmmError> {
+        Ok(Vcpu::new(
+            &self.vm.fd,
+            id,
+            self.devices.pio_bus.clone(),
+            self.devices.mmio_bus.clone(),
+            self.vm.memory.clone(),
+        )?)
+    }
+
+    /// Runs the VM until it ends.
+    fn run(
+        self,
+        prep: HostPrep,
+        vcpus: Vec<Vcpu>,
+        timeout_secs: Option<u64>,
+        saved: SavedConfig,
+    ) -> Result<RunOutcome, VmmError> {
+        run_vm(Running {
+            vm: self.vm,
+            devices: self.devices,
+            virtio: self.virtio,
+            vcpus,
+            signals: prep.signals,
+            api_listener: prep.api_listener,
+            timeout_secs,
+            saved,
+            host: prep.host,
+        })
+    }
+}
+
 /// Validates `config`, boots the VM and blocks until it ends.
 pub fn boot(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     crate::config::validate(config)?;
     let prep = prepare_host(config.api_socket.as_deref())?;
     let host = prep.host;
     let mem_size = u64::from(config.mem_mib) << 20;
-    let vm = Arc::new(Vm::create(mem_size)?);
-    let mut devices = DeviceManager::new(&vm.fd, open_serial(&config.serial)?)?;
-    let virtio = create_virtio_devices(&config.devices(), &vm, &mut devices)?;
+    let machine = Machine::new(Vm::create(mem_size)?, &config.serial, &config.devices())?;
+    let (vm, devices) = (&machine.vm, &machine.devices);
     let plan = BootPlan::new(config, host, devices.cmdline_entries())?;
     info!(host = %host, template = %plan.template, cmdline = %plan.cmdline, "booting");
 
@@ -211,13 +259,7 @@ pub fn boot(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         .map_err(VmmError::Cpuid)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(
-            &vm.fd,
-            index,
-            devices.pio_bus.clone(),
-            devices.mmio_bus.clone(),
-            vm.memory.clone(),
-        )?;
+        let vcpu = machine.vcpu(index)?;
         let boot = (index == 0).then_some(BootEntry {
             mode: kernel.mode,
             entry: kernel.entry,
@@ -232,17 +274,7 @@ pub fn boot(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         cpu_template: plan.template,
         devices: config.devices(),
     };
-    run_vm(Running {
-        vm,
-        devices,
-        virtio,
-        vcpus,
-        signals: prep.signals,
-        api_listener: prep.api_listener,
-        timeout_secs: config.timeout_secs,
-        saved,
-        host,
-    })
+    machine.run(prep, vcpus, config.timeout_secs, saved)
 }
 
 /// Checks that `new` can stand in for the saved disks.
@@ -293,9 +325,8 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
         .into());
     }
     let prep = prepare_host(rc.api_socket.as_deref())?;
-    let host = prep.host;
     let memory = snap::memory::map_private(&rc.snapshot_dir.join(snap::MEMORY_FILE), &state.memory).map_err(bad)?;
-    let vm = Arc::new(Vm::with_memory(memory)?);
+    let vm = Vm::with_memory(memory)?;
     // The interrupt controllers, PIT and clock before any vCPU exists.
     vm.restore_state(&state.vm)?;
 
@@ -306,17 +337,11 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
     if let Some(d) = &rc.disks {
         saved.devices.disks = d.clone();
     }
-    let mut devices = DeviceManager::new(&vm.fd, open_serial(&rc.serial)?)?;
-    let virtio = create_virtio_devices(&saved.devices, &vm, &mut devices)?;
+    let machine = Machine::new(vm, &rc.serial, &saved.devices)?;
+    let devices = &machine.devices;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for vs in &state.vcpus {
-        let vcpu = Vcpu::new(
-            &vm.fd,
-            vs.id,
-            devices.pio_bus.clone(),
-            devices.mmio_bus.clone(),
-            vm.memory.clone(),
-        )?;
+        let vcpu = machine.vcpu(vs.id)?;
         vcpu.restore_state(vs)?;
         vcpus.push(vcpu);
     }
@@ -334,17 +359,7 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
         mem_mib = saved.mem_mib,
         "restored from the snapshot"
     );
-    run_vm(Running {
-        vm,
-        devices,
-        virtio,
-        vcpus,
-        signals: prep.signals,
-        api_listener: prep.api_listener,
-        timeout_secs: rc.timeout_secs,
-        saved,
-        host,
-    })
+    machine.run(prep, vcpus, rc.timeout_secs, saved)
 }
 
 #[cfg(test)]
