@@ -296,11 +296,7 @@ impl ImageCache {
     }
 
     pub fn default_location() -> Result<Self, RootfsError> {
-        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let base = var("BULKHEAD_CACHE")
-            .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("bulkhead")))
-            .or_else(|| var("HOME").map(|d| d.join(".cache/bulkhead")))
-            .ok_or(RootfsError::NoCacheDir)?;
+        let base = util::cache_base().ok_or(RootfsError::NoCacheDir)?;
         Ok(ImageCache::new(base.join("rootfs")))
     }
 

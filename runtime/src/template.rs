@@ -306,11 +306,7 @@ impl TemplateCache {
     /// `$BULKHEAD_CACHE/templates`, else `$XDG_CACHE_HOME/bulkhead/templates`,
     /// else `~/.cache/bulkhead/templates` (as the root image cache).
     pub fn default_location() -> Result<Self, TemplateError> {
-        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let base = var("BULKHEAD_CACHE")
-            .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("bulkhead")))
-            .or_else(|| var("HOME").map(|d| d.join(".cache/bulkhead")))
-            .ok_or(TemplateError::NoCacheDir)?;
+        let base = util::cache_base().ok_or(TemplateError::NoCacheDir)?;
         Ok(TemplateCache::new(base.join("templates")))
     }
 

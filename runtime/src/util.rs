@@ -5,6 +5,20 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// `n` random bytes from the kernel, as lowercase hex.
+/// Bulkhead's cache directory: `$BULKHEAD_CACHE`, else
+/// `$XDG_CACHE_HOME/bulkhead`, else `~/.cache/bulkhead` (as the kernel
+/// build uses); `None` when none of them is set.
+pub fn cache_base() -> Option<std::path::PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    var("BULKHEAD_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("bulkhead")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/bulkhead")))
+}
+
 pub fn random_hex(n: usize) -> io::Result<String> {
     let mut buf = vec![0u8; n];
     let mut filled = 0;
