@@ -143,7 +143,7 @@ pub struct Root {
 }
 
 /// The process's stdio: tokens of streams the host attached beforehand
-/// (see [`crate::stdio`]); `None` is /dev/null. A terminal uses the
+/// (see the `stdio` module); `None` is /dev/null. A terminal uses the
 /// stdout stream both ways.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,7 +164,7 @@ impl StdioTokens {
         .filter_map(|(f, t)| t.as_ref().map(|t| (f, t)))
         .collect();
         for (i, (field, token)) in named.iter().enumerate() {
-            crate::stdio::check_token(field, token)?;
+            check_token(field, token)?;
             if named[..i].iter().any(|(_, t)| t == token) {
                 return Err(invalid(field, "names a stream another stdio entry names"));
             }
@@ -341,7 +341,19 @@ pub struct ValidationError {
     pub reason: String,
 }
 
-pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
+/// Hex digits in a stdio token: 128 random bits.
+pub const TOKEN_HEX_LEN: usize = 32;
+
+/// A stdio token as the host makes them: [`TOKEN_HEX_LEN`] lowercase hex
+/// digits (see the `stdio` module).
+pub fn check_token(field: &str, token: &str) -> Result<(), ValidationError> {
+    if token.len() != TOKEN_HEX_LEN || !token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid(field, format!("must be {TOKEN_HEX_LEN} lowercase hex digits")));
+    }
+    Ok(())
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
     ValidationError {
         field: field.into(),
         reason: reason.into(),

@@ -9,12 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{invalid, ValidationError};
+use crate::messages::ValidationError;
+pub use crate::messages::{check_token, TOKEN_HEX_LEN};
 
 /// The vsock port the agent accepts stdio streams on.
 pub const STDIO_PORT: u32 = 1025;
-/// Hex digits in a token: 128 random bits.
-pub const TOKEN_HEX_LEN: usize = 32;
 
 /// The first frame on a stdio stream, host to agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,14 +31,6 @@ pub enum Attached {
     Error {
         message: String,
     },
-}
-
-/// A token as the host makes them: [`TOKEN_HEX_LEN`] lowercase hex digits.
-pub fn check_token(field: &str, token: &str) -> Result<(), ValidationError> {
-    if token.len() != TOKEN_HEX_LEN || !token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(invalid(field, format!("must be {TOKEN_HEX_LEN} lowercase hex digits")));
-    }
-    Ok(())
 }
 
 impl Attach {

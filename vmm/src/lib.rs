@@ -6,6 +6,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod kvm_bytes;
 pub mod signals;
 pub mod snapshot;
 pub mod socket_file;

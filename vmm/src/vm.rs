@@ -11,7 +11,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use crate::arch::layout::{ram_ranges, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::Hex;
+use crate::kvm_bytes::Hex;
 
 /// The VM-wide in-kernel devices and clock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,6 @@
 
 pub mod create;
 pub mod memory;
-pub mod pod;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,9 +32,9 @@ use crate::arch::cpu_template::CpuTemplate;
 use crate::config::DeviceSet;
 use crate::devices::legacy::serial::SerialSaved;
 use crate::devices::virtio::mmio::TransportState;
+pub use crate::kvm_bytes::Hex;
 pub use crate::vcpu::state::{MsrValue, VcpuState};
 use crate::vm::VmState;
-pub use pod::Hex;
 
 pub const MAGIC: &[u8; 8] = b"BLKHDSNP";
 /// Bumped on any change to the payload's meaning or layout: a VMM refuses

@@ -9,7 +9,7 @@ use super::{Vcpu, VcpuError};
 use kvm_bindings::kvm_fpu;
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::Hex;
+use crate::kvm_bytes::Hex;
 
 /// One MSR's index and value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
