@@ -12,15 +12,16 @@
 //!
 //! The guest cannot give user space a smaller XCR0 (PVM keeps the host's
 //! while guest user code runs), so glibc is told not to use those
-//! registers (`GLIBC_TUNABLES`), in the agent and in every process it
-//! starts. Other code that uses AVX by itself stays exposed to the other
+//! registers (`GLIBC_TUNABLES`): the VMM puts the tunable on the kernel
+//! command line, which the kernel hands to init (this agent, or whatever
+//! init a user boots) as its environment; the agent re-execs itself with it
+//! when a VMM did not, and adds it to every process it starts. Other code that uses AVX by itself stays exposed to the other
 //! processes of its own sandbox; separate VMs do not share these registers.
 
 use std::ffi::OsString;
 
 /// The glibc CPU features whose code paths use YMM, ZMM or opmask state.
-pub const TUNABLE: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512DQ,-AVX512BW,-AVX512VL,\
--AVX512ER,-AVX512PF,-AVX_VNNI,-FMA,-FMA4,-XOP,-AVX_Fast_Unaligned_Load";
+pub const TUNABLE: &str = bulkhead_protocol::guest_env::PVM_GLIBC_TUNABLE;
 const VAR: &str = "GLIBC_TUNABLES";
 const ARCH_GET_XCOMP_SUPP: libc::c_int = 0x1021;
 /// XCR0 bits beyond x87 and SSE: AVX, MPX, AVX-512 and the rest.

@@ -16,6 +16,7 @@
 pub mod client;
 pub mod defaults;
 pub mod frame;
+pub mod guest_env;
 pub mod handshake;
 pub mod messages;
 pub mod stdio;

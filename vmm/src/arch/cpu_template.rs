@@ -2,6 +2,7 @@
 //! kernel parameters go with them.
 
 use crate::host::HostKind;
+use bulkhead_protocol::guest_env::PVM_GLIBC_TUNABLE;
 
 /// A CPUID register bit to hide from the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +104,15 @@ rdrand,rdseed,rdpid,abm,avx,avx2,fma,f16c,aes,pclmulqdq,sha_ni";
 /// which the emulator cannot run. Other kernels ignore the unknown parameter.
 const PVM_CMDLINE: &[&str] = &["noxsave", PVM_CLEARCPUID, "bulkhead.no_int3_selftest"];
 
+/// `noxsave` leaves the guest kernel switching only FXSAVE state, while
+/// its user space still sees the host's XCR0. The kernel passes an unknown
+/// `NAME=value` parameter to init as an environment variable, so every init
+/// (the agent or a user's own) starts with glibc kept off the registers
+/// that are not switched.
+fn pvm_init_env() -> String {
+    format!("GLIBC_TUNABLES={PVM_GLIBC_TUNABLE}")
+}
+
 pub use bulkhead_vmm_api::config::CpuTemplate;
 
 /// What each template means to this VMM: its CPUID changes and the kernel
@@ -112,7 +122,7 @@ pub trait TemplateTables {
     fn for_host(kind: HostKind) -> Self;
     fn hidden_features(self) -> &'static [FeatureBit];
     fn added_features(self) -> &'static [FeatureBit];
-    fn kernel_params(self) -> &'static [&'static str];
+    fn kernel_params(self) -> Vec<String>;
 }
 
 impl TemplateTables for CpuTemplate {
@@ -137,10 +147,14 @@ impl TemplateTables for CpuTemplate {
         }
     }
 
-    fn kernel_params(self) -> &'static [&'static str] {
+    fn kernel_params(self) -> Vec<String> {
         match self {
-            CpuTemplate::Host => &[],
-            CpuTemplate::Pvm => PVM_CMDLINE,
+            CpuTemplate::Host => Vec::new(),
+            CpuTemplate::Pvm => PVM_CMDLINE
+                .iter()
+                .map(|p| p.to_string())
+                .chain([pvm_init_env()])
+                .collect(),
         }
     }
 }
@@ -170,7 +184,11 @@ mod tests {
         for name in clear.split(',') {
             assert!(names.contains(&name), "{name} cleared but not hidden");
         }
-        assert!(CpuTemplate::Pvm.kernel_params().contains(&"noxsave"));
+        let params = CpuTemplate::Pvm.kernel_params();
+        assert!(params.iter().any(|p| p == "noxsave"));
+        assert!(params
+            .iter()
+            .any(|p| p.starts_with("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,")));
         // A feature is never both hidden and announced.
         for add in CpuTemplate::Pvm.added_features() {
             assert!(!names.contains(&add.name));

@@ -48,7 +48,7 @@ impl BootPlan {
     /// `device_params` are the `virtio_mmio.device=` entries of the VM's devices.
     pub fn new(config: &VmConfig, host: HostKind, device_params: &[String]) -> Result<Self, VmmError> {
         let template = config.cpu_template.unwrap_or_else(|| CpuTemplate::for_host(host));
-        let mut extra: Vec<String> = template.kernel_params().iter().map(|s| s.to_string()).collect();
+        let mut extra = template.kernel_params();
         extra.extend_from_slice(device_params);
         let cmdline = cmdline::compose(config.cmdline.as_deref(), &extra)?;
         Ok(BootPlan {
