@@ -1,6 +1,7 @@
 //! kvm tier: tiny hand-written guests (tests/guests/*.S) under the real
 //! /dev/kvm, booted by the real bulkhead-vmm through its own set-up.
 
+use bulkhead_protocol::guest_env::PVM_GLIBC_TUNABLE;
 use bulkhead_tests::{require_kvm, run_vmm, text, HostKind};
 
 const SERIAL_RESET: &str = env!("GUEST_SERIAL_RESET");
@@ -49,7 +50,9 @@ fn template_params_are_appended_to_the_users_cmdline() {
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "pvm", "--no-rng"]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("cmdline: mine noxsave clearcpuid="), "{stdout}");
-    assert!(stdout.contains(" bulkhead.no_int3_selftest\n"), "{stdout}");
+    // Last, what init gets as its environment (protocol::guest_env).
+    let env = format!(" bulkhead.no_int3_selftest GLIBC_TUNABLES={PVM_GLIBC_TUNABLE}\n");
+    assert!(stdout.contains(&env), "{stdout}");
     let out = boot(LONG_MODE, &["--cmdline", "mine", "--cpu-template", "host", "--no-rng"]);
     assert!(text(&out.stdout).contains("cmdline: mine\n"), "{}", text(&out.stdout));
 }
