@@ -11,10 +11,7 @@ use bulkhead_protocol::handshake::{self, Hello};
 use bulkhead_protocol::messages::{ErrorKind, Request, Response};
 
 use crate::agent::Agent;
-use crate::transport::Listener;
-
-/// Open request streams at once; more are closed on arrival.
-pub const MAX_STREAMS: usize = 64;
+use crate::transport::{Listener, MAX_REQUEST_STREAMS};
 
 pub const SOFTWARE: &str = concat!("bulkhead-agent ", env!("CARGO_PKG_VERSION"));
 
@@ -96,7 +93,7 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_REQUEST_STREAMS {
             active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("too many request streams; closing a new one");
             continue;

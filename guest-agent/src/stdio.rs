@@ -14,11 +14,11 @@ use bulkhead_protocol::frame;
 use bulkhead_protocol::messages::StdioTokens;
 use bulkhead_protocol::stdio::{Attach, Attached as Answer};
 
-use crate::transport::{shutdown_write, Listener};
+use crate::transport::{shutdown_write, Listener, MAX_REQUEST_STREAMS};
 
 /// Streams kept at most before the oldest is dropped: three for every
 /// request stream the agent serves at once.
-pub const MAX_ATTACHED: usize = 3 * crate::server::MAX_STREAMS;
+pub const MAX_ATTACHED: usize = 3 * MAX_REQUEST_STREAMS;
 
 /// Stdio streams the host attached and no request has named yet.
 #[derive(Default)]

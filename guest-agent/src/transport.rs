@@ -6,6 +6,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 
+/// Request streams served at once; more are closed on arrival. The stdio
+/// registry is sized from it.
+pub const MAX_REQUEST_STREAMS: usize = 64;
+
 #[derive(Clone, Debug)]
 pub enum Transport {
     Vsock,

@@ -6,13 +6,14 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use tracing::info;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::run::{run_vm, Running, Subscriber};
+use super::run::{run_vm, Running};
+use super::virtio_devices::{create_virtio_devices, VirtioDevices};
 use super::{event_loop_err, RestoreConfig, RunOutcome, VmmError};
 use crate::api::ApiListener;
 use crate::arch::cpu_template::{CpuTemplate, TemplateTables};
@@ -26,11 +27,6 @@ use crate::config::{BlockConfig, ConfigError, DeviceSet, SerialOutput, VmConfig}
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::DeviceManager;
-use crate::devices::virtio::block::{Block, Drive, Drives};
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::host::HostKind;
 use crate::signals::TerminationSignals;
 use crate::snapshot::{self as snap, SavedConfig, SnapshotError};
@@ -57,67 +53,6 @@ impl BootPlan {
             cmdline,
         })
     }
-}
-
-/// A device just put on the bus, and its transport.
-type Added<D> = (Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>);
-
-/// The VM's virtio devices, seen as event sources and as devices.
-pub(super) struct VirtioDevices {
-    pub subscribers: Vec<Subscriber>,
-    pub devices: ReleaseOnDrop,
-    pub drives: Arc<Drives>,
-}
-
-/// Gives the devices' host resources back on every way out of `run`: vCPU
-/// threads keep the devices alive, so their own `Drop` would come too late.
-#[derive(Default)]
-pub(super) struct ReleaseOnDrop(Vec<Arc<Mutex<dyn VirtioDevice>>>);
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        for dev in &self.0 {
-            lock(dev).release_host_resources();
-        }
-    }
-}
-
-impl VirtioDevices {
-    fn add<D: VirtioDevice + 'static>(
-        &mut self,
-        vm: &Vm,
-        manager: &mut DeviceManager,
-        dev: D,
-    ) -> Result<Added<D>, VmmError> {
-        let dev = Arc::new(Mutex::new(dev));
-        let transport = manager.add_virtio_device(&vm.fd, &vm.memory, dev.clone())?;
-        self.subscribers.push(dev.clone());
-        self.devices.0.push(dev.clone());
-        Ok((dev, transport))
-    }
-}
-
-/// Creates the set's virtio devices and puts them on the MMIO bus, in the
-/// set's order (the guest names disks by it).
-fn create_virtio_devices(set: &DeviceSet, vm: &Vm, manager: &mut DeviceManager) -> Result<VirtioDevices, VmmError> {
-    let mut all = VirtioDevices {
-        subscribers: Vec::new(),
-        devices: ReleaseOnDrop::default(),
-        drives: Arc::new(Drives::new(Vec::new(), Vec::new())),
-    };
-    let mut drives = Vec::with_capacity(set.disks.len());
-    for disk in &set.disks {
-        let (device, transport) = all.add(vm, manager, Block::new(disk)?)?;
-        drives.push(Drive { device, transport });
-    }
-    all.drives = Arc::new(Drives::new(drives, set.disks.clone()));
-    if let Some(v) = &set.vsock {
-        all.add(vm, manager, Vsock::new(v)?)?;
-    }
-    if set.rng {
-        all.add(vm, manager, Rng::new().map_err(VmmError::Rng)?)?;
-    }
-    Ok(all)
 }
 
 fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {

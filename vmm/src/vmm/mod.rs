@@ -3,6 +3,7 @@
 
 mod build;
 mod run;
+mod virtio_devices;
 
 use std::path::PathBuf;
 

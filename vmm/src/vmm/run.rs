@@ -10,7 +10,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::build::VirtioDevices;
+use super::virtio_devices::{Subscriber, VirtioDevices};
 use super::{event_loop_err, RunOutcome, Stopped, VmmError};
 use crate::api::{ApiContext, ApiListener};
 use crate::devices::bus::lock;
@@ -23,9 +23,6 @@ use crate::vcpu::control::{self, VcpuControl};
 use crate::vcpu::exit_info::VcpuStop;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-
-/// Every event source of the main loop: the exit watcher and the devices.
-pub(super) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A built VM, ready to run.
 pub(super) struct Running {
