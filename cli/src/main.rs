@@ -71,6 +71,10 @@ struct RunArgs {
     /// image (default: a small busybox system built in).
     #[arg(long, value_name = "DIR|IMAGE")]
     rootfs: Option<PathBuf>,
+    /// Mount the container's root filesystem read-only (its /proc, /dev
+    /// and other mounts keep their own options).
+    #[arg(long)]
+    read_only: bool,
     /// vCPUs.
     #[arg(long, value_name = "N", default_value_t = sandbox::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u8).range(1..=32))]
@@ -141,6 +145,7 @@ fn run_options(a: RunArgs) -> RunOptions {
     RunOptions {
         artifacts: a.artifacts.into(),
         rootfs: a.rootfs,
+        read_only: a.read_only,
         cpus: a.cpus,
         memory_mib: a.memory,
         process: ProcessFlags {

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub artifacts: ArtifactFlags,
     /// A directory or an ext4/erofs image; `None`: the embedded default.
     pub rootfs: Option<PathBuf>,
+    /// `--read-only`: the container's `/` is read-only.
+    pub read_only: bool,
     pub cpus: u8,
     pub memory_mib: u32,
     pub process: ProcessFlags,
@@ -124,6 +126,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
 
     let mut container = sandbox::container_spec(CONTAINER_ID, process, &image);
     container.hostname = Some(opts.process.hostname.clone());
+    container.root.readonly = opts.read_only;
     container.validate().map_err(Failure::sandbox)?;
     let cfg = SandboxConfig {
         vcpus: opts.cpus,

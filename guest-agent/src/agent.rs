@@ -423,6 +423,7 @@ impl Agent {
                 .map_err(|_| OpError::Invalid("state path".into()))?,
             masked_paths: plan::paths(&c.masked_paths)?,
             readonly_paths: plan::paths(&c.readonly_paths)?,
+            root_readonly: c.root.readonly,
             stdio: stdio_fds,
             workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?,
         };

@@ -30,6 +30,7 @@ pub enum Stage {
     PivotRoot,
     MaskedPaths,
     ReadonlyPaths,
+    ReadonlyRoot,
     Terminal,
     Clone,
     Stdio,
@@ -45,7 +46,7 @@ pub enum Stage {
 }
 
 /// Each stage with the words the agent's error message uses for it.
-const STAGES: [(Stage, &str); 21] = [
+const STAGES: [(Stage, &str); 22] = [
     (Stage::Cgroup, "joining the container's cgroup"),
     (Stage::Namespaces, "creating namespaces"),
     (Stage::Propagation, "making mounts private"),
@@ -55,6 +56,7 @@ const STAGES: [(Stage, &str); 21] = [
     (Stage::PivotRoot, "entering the root filesystem"),
     (Stage::MaskedPaths, "masking paths"),
     (Stage::ReadonlyPaths, "making paths read-only"),
+    (Stage::ReadonlyRoot, "making the root read-only"),
     (Stage::Terminal, "opening a terminal (is devpts mounted at /dev/pts?)"),
     (Stage::Clone, "starting the process"),
     (Stage::Stdio, "connecting stdio"),
@@ -359,6 +361,21 @@ pub fn container_init(plan: &InitPlan) -> ! {
         check(libc::chdir(c"/".as_ptr()), ctl, Stage::PivotRoot);
     }
     mask_paths(plan, ctl);
+    if plan.root_readonly {
+        // Last, as runc does: the mounts above were made into the root.
+        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+        // SAFETY: a remount of "/" by NUL-terminated path; no data.
+        let ret = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        check(ret, ctl, Stage::ReadonlyRoot);
+    }
 
     let mut stdio = plan.stdio;
     let mut slave = -1;

@@ -275,6 +275,8 @@ pub struct InitPlan {
     pub rootfs: CString,
     pub masked_paths: Vec<CString>,
     pub readonly_paths: Vec<CString>,
+    /// OCI `root.readonly`.
+    pub root_readonly: bool,
     /// Ignored with a terminal: the workload then gets the pty.
     pub stdio: [RawFd; 3],
     pub workload: ExecPlan,

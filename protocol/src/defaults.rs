@@ -118,6 +118,7 @@ mod tests {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
                 size_bytes: None,
+                readonly: false,
             },
             mounts: mounts(),
             masked_paths: masked_paths(),

@@ -140,6 +140,11 @@ pub struct Root {
     /// blocks before mounting.
     #[serde(default)]
     pub size_bytes: Option<u64>,
+    /// OCI `root.readonly`: the container's `/` is mounted read-only
+    /// (its other mounts keep their own options). Left out when false, so
+    /// such a request reads the same to an agent that predates the field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub readonly: bool,
 }
 
 /// The process's stdio: tokens of streams the host attached beforehand
@@ -216,6 +221,9 @@ pub struct CreateContainer {
     pub resources: Resources,
 }
 
+// One request per operation, built and serialized at once: its size never
+// multiplies, so boxing Create would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -621,6 +629,7 @@ mod tests {
                 device: "/dev/vdb".into(),
                 fstype: "ext4".into(),
                 size_bytes: None,
+                readonly: false,
             },
             mounts: vec![Mount {
                 destination: "/proc".into(),
@@ -697,6 +706,14 @@ mod tests {
         }
         let wire = serde_json::to_string(&Request::Shutdown).unwrap();
         assert_eq!(wire, r#"{"op":"shutdown"}"#);
+        // root.readonly goes on the wire only when set.
+        let mut c = create();
+        assert!(!serde_json::to_string(&c.root).unwrap().contains("readonly"));
+        c.root.readonly = true;
+        let r = Request::Create { container: c };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""readonly":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
     }
 
     #[test]
@@ -743,6 +760,7 @@ mod tests {
                         device: "/etc/shadow".into(),
                         fstype: "ext4".into(),
                         size_bytes: None,
+                        readonly: false,
                     },
                     ..create()
                 },
@@ -754,6 +772,7 @@ mod tests {
                         device: "/dev/vdb".into(),
                         fstype: "nfs".into(),
                         size_bytes: None,
+                        readonly: false,
                     },
                     ..create()
                 },

@@ -647,6 +647,7 @@ fn on_device(
             device,
             fstype: rootfs.fstype.as_str().into(),
             size_bytes,
+            readonly: false,
         },
         mounts: defaults::mounts(),
         masked_paths: defaults::masked_paths(),

@@ -26,6 +26,8 @@ pub struct BundleSpec {
     pub hostname: Option<String>,
     pub annotations: HashMap<String, String>,
     pub resources: Resources,
+    /// `root.readonly`.
+    pub root_readonly: bool,
 }
 
 pub fn read_bundle(bundle: &Path) -> Result<BundleSpec, SpecError> {
@@ -54,6 +56,7 @@ pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
             .and_then(|l| l.resources().as_ref())
             .map(resources)
             .unwrap_or_default(),
+        root_readonly: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
     })
 }
 
@@ -187,6 +190,7 @@ mod tests {
     #[test]
     fn reads_what_the_agent_needs() {
         let json = br#"{"ociVersion":"1.0.2","hostname":"h","annotations":{"a":"b"},
+            "root":{"path":"rootfs","readonly":true},
             "process":{"args":["sh","-c","true"],"env":["PATH=/bin"],"cwd":"/tmp","terminal":true,
               "user":{"uid":1,"gid":2,"additionalGids":[3]},
               "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
@@ -204,7 +208,13 @@ mod tests {
         assert_eq!(s.resources.pids_max, None);
         assert_eq!(s.process.capabilities.unwrap().bounding, ["CAP_KILL"]);
         assert_eq!(s.process.rlimits[0].kind, "RLIMIT_NOFILE");
+        assert!(s.root_readonly);
         let minimal = |p: &str| format!(r#"{{"ociVersion":"1.0.2","process":{p}}}"#).into_bytes();
+        let plain = parse_bundle(&minimal(r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0}}"#)).unwrap();
+        assert!(
+            !plain.root_readonly,
+            "a spec without root.readonly gets a writable root"
+        );
         assert!(parse_bundle(&minimal(r#"{"args":[1],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
         assert!(parse_bundle(&minimal(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
         let e = parse_bundle(&minimal(

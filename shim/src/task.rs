@@ -139,6 +139,7 @@ impl Inner {
         let mut container = sandbox::container_on_disk(&req.id, process, image, disk).map_err(internal)?;
         container.hostname = bs.hostname;
         container.resources = bs.resources;
+        container.root.readonly = bs.root_readonly;
         let plan = StdioPlan {
             stdin: !req.stdin.is_empty(),
             tty: req.terminal,

@@ -297,6 +297,7 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
             size_bytes: None,
+            readonly: false,
         },
         mounts: defaults::mounts(),
         masked_paths: defaults::masked_paths(),

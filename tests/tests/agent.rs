@@ -979,6 +979,35 @@ fn root_filesystem_is_a_throwaway_overlay() {
 }
 
 #[test]
+fn read_only_root_refuses_writes_but_not_to_its_mounts() {
+    let agent = Agent::start();
+    let mut c = container(
+        &unique_id("ro-root"),
+        sh(
+            "(echo x > /newfile) 2>&1; (mkdir /etc/d) 2>&1; echo ok > /dev/shm/f && cat /dev/shm/f; \
+         awk '$2 == \"/\" {print $4}' /proc/mounts | cut -d, -f1",
+        ),
+    );
+    c.root.readonly = true;
+    let (status, out, err) = agent.run_container(c);
+    assert_eq!(status, 0, "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        out.matches("Read-only file system").count(),
+        2,
+        "a write to / was not refused:\n{out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[lines.len() - 2..],
+        ["ok", "ro"],
+        "/dev/shm not writable or / not ro:\n{out}"
+    );
+    // The default stays writable.
+    let (status, out, err) = agent.run(sh("echo x > /newfile && cat /newfile"));
+    assert_eq!((status, out.as_str()), (0, "x\n"), "stderr: {err}");
+}
+
+#[test]
 fn masked_and_read_only_paths_and_dev() {
     let agent = Agent::start();
     let mut script = String::new();

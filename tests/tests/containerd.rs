@@ -116,15 +116,20 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
             .unwrap(),
     );
 
-    // 1: output, stderr and the exit code through `ctr run --rm`.
+    // 1: output, stderr and the exit code through `ctr run --rm`; with
+    // `--read-only` (OCI root.readonly) the root refuses writes, /dev/shm not.
     let o = ctd.ctr(&ctd.run_args(
         &cfg,
-        &["--rm"],
+        &["--rm", "--read-only"],
         "a1",
-        &["sh", "-c", "echo hello; echo oops >&2; exit 3"],
+        &[
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; touch /x 2>/dev/null || echo ro-root; touch /dev/shm/x && echo shm; exit 3",
+        ],
     ));
     assert_eq!(o.status.code(), Some(3), "{}{}", text(&o.stdout), text(&o.stderr));
-    assert_eq!(text(&o.stdout), "hello\n");
+    assert_eq!(text(&o.stdout), "hello\nro-root\nshm\n");
     assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
 
     // A host bind mount (a volume) cannot reach the guest: refused with a
