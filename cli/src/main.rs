@@ -5,20 +5,29 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use bulkhead::process::ProcessFlags;
 use bulkhead::run::{self, RunOptions};
-use bulkhead::{default_rootfs, initramfs};
+use bulkhead::{containerd_check, default_rootfs, initramfs, version};
 use bulkhead_runtime::host_check;
 use bulkhead_runtime::paths::ArtifactFlags;
 use bulkhead_runtime::sandbox;
 
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead", version, about = "Run commands in KVM microVM sandboxes.")]
+#[command(
+    name = "bulkhead",
+    about = "Run commands in KVM microVM sandboxes.",
+    disable_version_flag = true,
+    arg_required_else_help = true
+)]
 struct Cli {
+    /// Print the version, and the guest kernel's key and the agent's
+    /// version of the artifacts a sandbox would start from.
+    #[arg(short = 'V', long)]
+    version: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -26,8 +35,20 @@ enum Command {
     /// Boot a sandbox, run CMD in it, and exit with CMD's exit status
     /// (125 when the sandbox itself failed).
     Run(RunArgs),
-    /// Say whether this host can run sandboxes, and why not.
-    Check(ArtifactArgs),
+    /// Say whether this host can run sandboxes, and why not; then whether
+    /// containerd can run them.
+    Check(CheckArgs),
+    /// Write a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages into DIR (used to build the package).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Write the guest's initramfs around the agent binary (used by
     /// scripts/setup).
     #[command(hide = true)]
@@ -61,6 +82,15 @@ impl From<ArtifactArgs> for ArtifactFlags {
             vmm: a.vmm,
         }
     }
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    artifacts: ArtifactArgs,
+    /// containerd's configuration, for its CRI runtime handler.
+    #[arg(long, value_name = "PATH", default_value = containerd_check::DEFAULT_CONTAINERD_CONFIG)]
+    containerd_config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -123,13 +153,30 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let code = match cli.command {
+    // With no arguments at all, clap has printed the help already.
+    let (false, Some(command)) = (cli.version, cli.command) else {
+        emit(&version::report(&ArtifactFlags::default()));
+        return ExitCode::SUCCESS;
+    };
+    let code = match command {
         Command::Run(a) => run::run(run_options(a)),
         Command::Check(a) => {
-            let report = host_check::diagnose(&a.into());
-            print!("{}", report.render());
+            let report = host_check::diagnose(&a.artifacts.into());
+            emit(&report.render());
+            emit(&containerd_check::report(&a.containerd_config));
             i32::from(!report.can_run())
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "bulkhead", &mut std::io::stdout());
+            0
+        }
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("bulkhead: error: {e:#}");
+                1
+            }
+        },
         Command::BuildInitramfs { agent, out } => match build_initramfs(&agent, &out) {
             Ok(()) => 0,
             Err(e) => {
@@ -165,4 +212,30 @@ fn run_options(a: RunArgs) -> RunOptions {
 
 fn build_initramfs(agent: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
     initramfs::build_agent_initramfs(agent, out).with_context(|| format!("building {}", out.display()))
+}
+
+/// `bulkhead.1` and one page per subcommand (`bulkhead-run.1`, ...).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("bulkhead".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // clap names take `&'static str`; this command runs once and exits.
+        let name: &'static str = Box::leak(format!("bulkhead-{}", sub.get_name()).into_boxed_str());
+        pages.push((name.to_string(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not an
+/// error worth a panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }

@@ -15,6 +15,11 @@ use crate::transport::{Listener, MAX_REQUEST_STREAMS};
 
 pub const SOFTWARE: &str = concat!("bulkhead-agent ", env!("CARGO_PKG_VERSION"));
 
+/// Kept in the binary (`#[used]`) for `bulkhead --version`, which reads it
+/// out of the initramfs; see `handshake::AGENT_STAMP_PREFIX`.
+#[used]
+pub static VERSION_STAMP: &str = concat!("bulkhead-agent-version=", env!("CARGO_PKG_VERSION"), ";protocol=2\0");
+
 /// What a stream's thread tells the accept loop when it ends.
 pub enum Outcome {
     Closed,
@@ -120,4 +125,20 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
     let _ = done_rx.recv();
     tracing::info!("shutdown requested");
     agent.shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_stamp_names_this_agent_and_its_protocol() {
+        let text = VERSION_STAMP
+            .strip_prefix(handshake::AGENT_STAMP_PREFIX)
+            .and_then(|t| t.strip_suffix('\0'))
+            .expect("stamp layout");
+        let (version, protocol) = handshake::parse_agent_stamp(text).expect("well formed");
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(protocol, handshake::PROTOCOL_VERSION);
+    }
 }

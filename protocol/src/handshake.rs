@@ -7,6 +7,18 @@ use serde::{Deserialize, Serialize};
 /// Bumped on any change to the messages that an older peer would misread.
 pub const PROTOCOL_VERSION: u32 = 2;
 pub const PROTOCOL_NAME: &str = "bulkhead-agent";
+/// Starts the version stamp the agent's binary carries
+/// (`bulkhead-agent-version=X.Y.Z;protocol=N`, NUL-terminated), so the host
+/// can tell which agent an initramfs holds without booting it.
+pub const AGENT_STAMP_PREFIX: &str = "bulkhead-agent-version=";
+
+/// The agent version and protocol number in a stamp's text (after
+/// [`AGENT_STAMP_PREFIX`]), when it is well formed.
+pub fn parse_agent_stamp(text: &str) -> Option<(&str, u32)> {
+    let (version, protocol) = text.split_once(";protocol=")?;
+    let ok = !version.is_empty() && version.len() <= 32 && version.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+    Some((version, protocol.parse().ok()?)).filter(|_| ok)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +68,14 @@ pub fn check(peer: &Hello) -> Result<(), HandshakeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_stamps_parse_or_not() {
+        assert_eq!(parse_agent_stamp("0.1.0;protocol=2"), Some(("0.1.0", 2)));
+        assert_eq!(parse_agent_stamp("0.1.0;protocol=x"), None);
+        assert_eq!(parse_agent_stamp(";protocol=2"), None);
+        assert_eq!(parse_agent_stamp("0 1;protocol=2"), None);
+    }
 
     #[test]
     fn same_version_is_accepted() {

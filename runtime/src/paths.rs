@@ -1,6 +1,9 @@
 //! Where the guest kernel, the initramfs (with the agent) and the VMM are:
 //! a command-line flag, then an environment variable, then a file next to
-//! the running `bulkhead` executable (where `scripts/setup` puts them).
+//! the running executable (where `scripts/setup` puts them), then the
+//! installed layout relative to it (`../lib/bulkhead/`, where the Debian
+//! package puts them under `/usr`). Relative, not `/usr/lib/bulkhead`
+//! itself, so a package unpacked into any root finds its own files.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -65,6 +68,10 @@ pub enum PathError {
     },
 }
 
+/// The installed artifacts, relative to the parent of the executables'
+/// directory (`/usr/bin` → `/usr/lib/bulkhead`).
+pub const INSTALLED_DIR: &str = "lib/bulkhead";
+
 /// Paths the user gave on the command line; `None` means "look for it".
 #[derive(Clone, Debug, Default)]
 pub struct ArtifactFlags {
@@ -118,6 +125,12 @@ pub fn locate(what: Artifact, flags: &ArtifactFlags) -> Result<PathBuf, PathErro
     )
 }
 
+/// Where the package keeps its artifacts, for executables in `exe_dir`
+/// (canonical, so its parent is the real one).
+pub fn installed_dir(exe_dir: &Path) -> PathBuf {
+    exe_dir.parent().unwrap_or(exe_dir).join(INSTALLED_DIR)
+}
+
 /// The search itself, with its inputs explicit for tests. A flag or
 /// variable that names a missing file is an error at once: falling through
 /// to another file would boot something the user did not ask for.
@@ -148,15 +161,18 @@ pub fn locate_in(
         format!("{} (not given)", what.flag()),
         format!("${} (not set)", what.env_var()),
     ];
-    match exe_dir {
-        Some(dir) => {
-            let p = dir.join(what.file_name());
-            if p.is_file() {
-                return Ok(p);
-            }
-            looked.push(format!("{} (missing; scripts/setup puts it there)", p.display()));
+    let Some(dir) = exe_dir else {
+        looked.push("next to the executable (its location is unknown)".into());
+        return Err(PathError::NotFound { what, looked });
+    };
+    for (p, who) in [
+        (dir.join(what.file_name()), "scripts/setup"),
+        (installed_dir(dir).join(what.file_name()), "the package"),
+    ] {
+        if p.is_file() {
+            return Ok(p);
         }
-        None => looked.push("next to the bulkhead executable (its location is unknown)".into()),
+        looked.push(format!("{} (missing; {who} puts it there)", p.display()));
     }
     Err(PathError::NotFound { what, looked })
 }
@@ -177,6 +193,29 @@ mod tests {
         assert_eq!(locate_in(k, None, Some(b.clone()), Some(d.path())).unwrap(), b);
         assert_eq!(locate_in(k, None, None, Some(d.path())).unwrap(), c);
         assert_eq!(locate_in(k, None, Some(PathBuf::new()), Some(d.path())).unwrap(), c);
+    }
+
+    #[test]
+    fn installed_layout_after_the_exe_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let (bin, lib) = (d.path().join("usr/bin"), d.path().join("usr/lib/bulkhead"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("initramfs.cpio"), b"x").unwrap();
+        let got = locate_in(Artifact::Initramfs, None, None, Some(&bin)).unwrap();
+        assert_eq!(got, lib.join("initramfs.cpio"));
+        std::fs::write(bin.join("initramfs.cpio"), b"x").unwrap();
+        assert_eq!(
+            locate_in(Artifact::Initramfs, None, None, Some(&bin)).unwrap(),
+            bin.join("initramfs.cpio")
+        );
+        let e = locate_in(Artifact::Kernel, None, None, Some(&bin))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("usr/lib/bulkhead/vmlinux (missing; the package puts it there)"),
+            "{e}"
+        );
     }
 
     #[test]
