@@ -1,10 +1,13 @@
 //! The runtime's TOML configuration, the runtime options containerd passes
 //! (`runtimeoptions.v1.Options`, which names the configuration file), and
-//! the per-pod overrides allowed through annotations.
+//! the per-pod overrides allowed through annotations. Every field has a
+//! default: with no file at the default path the shim runs on the
+//! defaults, and finds its artifacts the way the CLI does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use bulkhead_runtime::paths::{self, Artifact, ArtifactFlags, Artifacts, PathError};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/config.toml";
@@ -25,17 +28,50 @@ pub enum ConfigError {
     Invalid { path: PathBuf, reason: String },
     #[error("malformed runtime options: {0}")]
     Options(&'static str),
+    #[error("configuration {path}: {field} = {value:?} is not a readable file")]
+    MissingArtifact {
+        path: PathBuf,
+        field: &'static str,
+        value: PathBuf,
+    },
+    #[error(transparent)]
+    Artifact(#[from] PathError),
+}
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Named by containerd's runtime options or `BULKHEAD_SHIM_CONFIG`:
+    /// it must exist.
+    Named(PathBuf),
+    /// [`DEFAULT_CONFIG_PATH`], which may be absent.
+    Default,
+}
+
+impl ConfigSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            ConfigSource::Named(p) => p,
+            ConfigSource::Default => Path::new(DEFAULT_CONFIG_PATH),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The guest kernel (`vmlinux`).
-    pub kernel: PathBuf,
-    /// The agent's initramfs.
-    pub initramfs: PathBuf,
-    /// The `bulkhead-vmm` binary.
-    pub vmm: PathBuf,
+    /// Where this configuration was read from, for messages.
+    #[serde(skip)]
+    pub origin: PathBuf,
+    /// The guest kernel (`vmlinux`); unset: found as the CLI finds it.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// The agent's initramfs; unset: found as the CLI finds it.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// The `bulkhead-vmm` binary; unset: found as the CLI finds it.
+    #[serde(default)]
+    pub vmm: Option<PathBuf>,
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
     #[serde(default = "default_memory_mib")]
@@ -89,19 +125,29 @@ fn default_run_dir() -> PathBuf {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+    /// Reads the configuration; only an absent default file means "use
+    /// the defaults". A file that is there but wrong is an error.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let path = source.path();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && *source == ConfigSource::Default => {
+                tracing::info!("no configuration file at {}: using the defaults", path.display());
+                Self::parse("", path)
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        c.origin = path.to_owned();
         if c.spare_disks > MAX_SPARE_DISKS {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -109,6 +155,26 @@ impl Config {
             });
         }
         Ok(c)
+    }
+
+    /// The kernel, initramfs and VMM: the configured ones, which must
+    /// exist, else found as `bulkhead` finds them (`$BULKHEAD_KERNEL`...,
+    /// next to the shim, then the installed `../lib/bulkhead/`).
+    pub fn artifacts(&self) -> Result<Artifacts, ConfigError> {
+        let pick = |what: Artifact, field: &'static str, set: &Option<PathBuf>| match set {
+            Some(p) if p.is_file() => Ok(p.clone()),
+            Some(p) => Err(ConfigError::MissingArtifact {
+                path: self.origin.clone(),
+                field,
+                value: p.clone(),
+            }),
+            None => Ok(paths::locate(what, &ArtifactFlags::default())?),
+        };
+        Ok(Artifacts {
+            kernel: pick(Artifact::Kernel, "kernel", &self.kernel)?,
+            initramfs: pick(Artifact::Initramfs, "initramfs", &self.initramfs)?,
+            vmm: pick(Artifact::Vmm, "vmm", &self.vmm)?,
+        })
     }
 
     /// vCPUs and memory for a pod, with the allowed annotations applied.
@@ -235,6 +301,81 @@ mod tests {
         assert_eq!(c.spare_disks, 0);
         let e = Config::parse(&format!("{MIN}spare_disks = 16\n"), Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("spare_disks = 16: at most 15"), "{e}");
+    }
+
+    #[test]
+    fn every_field_has_a_default() {
+        let c = Config::parse("", Path::new("c")).unwrap();
+        assert_eq!((c.kernel, c.vcpus, c.memory_mib), (None, 1, 256));
+        assert_eq!(c.run_dir, PathBuf::from("/run/bulkhead"));
+    }
+
+    #[test]
+    fn an_absent_named_file_is_an_error_a_wrong_one_names_its_field() {
+        let d = tempfile::tempdir().unwrap();
+        let named = ConfigSource::Named(d.path().join("absent.toml"));
+        let e = Config::load(&named).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot read the configuration") && e.contains("absent.toml"),
+            "{e}"
+        );
+        let wrong = d.path().join("wrong.toml");
+        std::fs::write(&wrong, "kernal = \"/k\"\n").unwrap();
+        let e = Config::load(&ConfigSource::Named(wrong.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernal"), "{e}");
+        std::fs::write(&wrong, "vcpus = \"two\"\n").unwrap();
+        let e = Config::load(&ConfigSource::Named(wrong)).unwrap_err().to_string();
+        assert!(e.contains("vcpus"), "{e}");
+    }
+
+    #[test]
+    fn configured_artifacts_must_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("vmlinux");
+        std::fs::write(&k, b"k").unwrap();
+        let text = format!("kernel = {k:?}\ninitramfs = {k:?}\nvmm = \"/nonexistent/vmm\"\n");
+        let c = Config::parse(&text, Path::new("/etc/b.toml")).unwrap();
+        let e = c.artifacts().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "configuration /etc/b.toml: vmm = \"/nonexistent/vmm\" is not a readable file"
+        );
+        let text = format!("kernel = {k:?}\ninitramfs = {k:?}\nvmm = {k:?}\n");
+        let a = Config::parse(&text, Path::new("c")).unwrap().artifacts().unwrap();
+        assert_eq!((a.kernel, a.vmm), (k.clone(), k));
+    }
+
+    /// The shipped file, as is and with every setting uncommented, gives
+    /// exactly the built-in defaults: its comments cannot drift from them.
+    #[test]
+    fn the_packaged_config_documents_the_defaults() {
+        let shipped = include_str!("../../packaging/config.toml");
+        let as_is = Config::parse(shipped, Path::new("config.toml")).unwrap();
+        let settings: String = shipped
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // One line for each of the eleven settings.
+        assert_eq!(settings.lines().count(), 11, "{settings}");
+        let uncommented = Config::parse(&settings, Path::new("config.toml")).unwrap();
+        let defaults = Config::parse("", Path::new("config.toml")).unwrap();
+        for c in [&as_is, &uncommented] {
+            assert_eq!(
+                (c.vcpus, c.memory_mib, c.boot, c.spare_disks),
+                (defaults.vcpus, defaults.memory_mib, defaults.boot, defaults.spare_disks)
+            );
+            assert_eq!(
+                (&c.cache_dir, &c.template_dir, &c.run_dir),
+                (&defaults.cache_dir, &defaults.template_dir, &defaults.run_dir)
+            );
+            assert_eq!(c.allowed_annotations, defaults.allowed_annotations);
+        }
+        assert_eq!(as_is.kernel, None);
+        assert_eq!(uncommented.kernel, Some(PathBuf::from("/usr/lib/bulkhead/vmlinux")));
     }
 
     #[test]

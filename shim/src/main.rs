@@ -147,9 +147,7 @@ fn socket_path(address: &str) -> &str {
 
 fn start(flags: &Flags) -> anyhow::Result<()> {
     let bundle = std::env::current_dir()?;
-    let config = runtime_options_config_path()?
-        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    let config = runtime_options_config_path()?.or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
     let group = grouping(&bundle, &flags.id);
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
     let path = Path::new(socket_path(&address));
@@ -175,7 +173,6 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
             &flags.address,
         ])
         .args(["-publish-binary", &flags.publish_binary, "-socket", &address])
-        .env(CONFIG_ENV, &config)
         .current_dir(&bundle)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -183,6 +180,11 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
         if flags.debug {
             cmd.arg("-debug");
         }
+        // Unset, the server reads the default path, which may be absent.
+        match &config {
+            Some(path) => cmd.env(CONFIG_ENV, path),
+            None => cmd.env_remove(CONFIG_ENV),
+        };
         // SAFETY: between fork and exec only async-signal-safe calls
         // (setsid, dup2, fcntl) on fds we own.
         unsafe {
@@ -344,9 +346,10 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     // stderr is /dev/null: a panic (which aborts the shim) must reach
     // containerd's log through ours.
     std::panic::set_hook(Box::new(|info| tracing::error!("shim panic: {info}")));
-    let config = std::env::var_os(CONFIG_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    let config = match std::env::var_os(CONFIG_ENV) {
+        Some(path) => config::ConfigSource::Named(PathBuf::from(path)),
+        None => config::ConfigSource::Default,
+    };
     let ttrpc = std::env::var(TTRPC_ADDRESS_ENV).context("TTRPC_ADDRESS is not set")?;
     let publisher = containerd_shim::publisher::RemotePublisher::new(&ttrpc)?;
     let exit = Arc::new(ExitSignal::removing(PathBuf::from(socket_path(&flags.socket))));

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bulkhead_runtime::paths::Artifacts;
 use bulkhead_runtime::rootfs::RootfsImage;
 use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use bulkhead_runtime::start;
@@ -27,6 +26,8 @@ pub enum PodError {
     NotRunning,
     #[error("{0}")]
     Sizing(String),
+    #[error("{0}")]
+    Artifacts(String),
     #[error("sandbox boot: {0}")]
     Boot(SandboxError),
     #[error(transparent)]
@@ -75,20 +76,21 @@ impl Pod {
             return Ok((sb.clone(), disk));
         }
         let (vcpus, mem_mib) = cfg.sizing(annotations).map_err(|e| PodError::Sizing(e.to_string()))?;
+        let artifacts = cfg.artifacts().map_err(|e| PodError::Artifacts(e.to_string()))?;
+        tracing::info!(
+            "sandbox from kernel {}, initramfs {}, VMM {} (configuration {})",
+            artifacts.kernel.display(),
+            artifacts.initramfs.display(),
+            artifacts.vmm.display(),
+            cfg.origin.display()
+        );
         let sc = SandboxConfig {
             vcpus,
             mem_mib,
             runtime_root: Some(cfg.run_dir.clone()),
             api_socket: true,
             spare_disks: cfg.spare_disks,
-            ..SandboxConfig::new(
-                Artifacts {
-                    kernel: cfg.kernel.clone(),
-                    initramfs: cfg.initramfs.clone(),
-                    vmm: cfg.vmm.clone(),
-                },
-                image.clone(),
-            )
+            ..SandboxConfig::new(artifacts, image.clone())
         };
         // The template, built on first use, or cold; the log says which.
         let templates = TemplateCache::new(&cfg.template_dir);

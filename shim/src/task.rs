@@ -25,7 +25,7 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::events::{now, Events};
 use crate::io::{self, Fifos};
 use crate::lock;
@@ -79,7 +79,7 @@ pub struct Service {
 }
 
 struct Inner {
-    config_path: PathBuf,
+    config_source: ConfigSource,
     config: Mutex<Option<Config>>,
     exit: Arc<ExitSignal>,
     pod: Pod,
@@ -88,10 +88,15 @@ struct Inner {
 }
 
 impl Service {
-    pub fn new(namespace: &str, publisher: RemotePublisher, config_path: PathBuf, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        namespace: &str,
+        publisher: RemotePublisher,
+        config_source: ConfigSource,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
         Service {
             inner: Arc::new(Inner {
-                config_path,
+                config_source,
                 config: Mutex::new(None),
                 exit,
                 pod: Pod::default(),
@@ -108,8 +113,8 @@ impl Inner {
         if let Some(c) = c.as_ref() {
             return Ok(c.clone());
         }
-        let path = from_options.unwrap_or_else(|| self.config_path.clone());
-        let loaded = Config::load(&path).map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
+        let source = from_options.map_or_else(|| self.config_source.clone(), ConfigSource::Named);
+        let loaded = Config::load(&source).map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
         *c = Some(loaded.clone());
         Ok(loaded)
     }

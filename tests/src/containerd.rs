@@ -152,6 +152,10 @@ impl Containerd {
         let vmm_copy = d.join("bin/bulkhead-vmm");
         std::fs::copy(vmm, &vmm_copy).unwrap();
         let vmm = vmm_copy.as_path();
+        // Beside the shim too, where it finds them with no configuration
+        // at all, as in the package's layout.
+        std::os::unix::fs::symlink(kernel, d.join("bin/vmlinux")).unwrap();
+        std::os::unix::fs::symlink(initramfs, d.join("bin/initramfs.cpio")).unwrap();
         std::fs::write(
             d.join("bulkhead.toml"),
             format!(
@@ -232,6 +236,12 @@ impl Containerd {
             .arg("--config")
             .arg(d.join("containerd.toml"))
             .env("PATH", path)
+            // The shims inherit containerd's environment: only the
+            // configuration (or its absence) may choose their artifacts.
+            .env_remove("BULKHEAD_KERNEL")
+            .env_remove("BULKHEAD_INITRAMFS")
+            .env_remove("BULKHEAD_VMM")
+            .env_remove("BULKHEAD_SHIM_CONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -148,6 +148,36 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     );
     let _ = ctd.ctr(&["container", "rm", "m1"]);
 
+    // With no runtime configuration at all (no --runtime-config-path and
+    // no /etc/bulkhead/config.toml) the shim runs on its defaults: the
+    // artifacts beside it, the caches under /var/lib/bulkhead.
+    assert!(
+        !Path::new("/etc/bulkhead/config.toml").exists(),
+        "this step needs /etc/bulkhead/config.toml absent (the package installs one)"
+    );
+    let log_path = ctd.dir.path().join("containerd.log");
+    let counts = |log: &str| {
+        (
+            log.matches("restoring the sandbox VM").count(),
+            log.matches("building the root filesystem image").count(),
+        )
+    };
+    let before_d1 = counts(&std::fs::read_to_string(&log_path).unwrap_or_default());
+    let mut no_cfg = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, "d1"];
+    no_cfg.extend_from_slice(&["echo", "defaults"]);
+    let o = ctd.ctr(&no_cfg);
+    assert_eq!(text(&o.stdout), "defaults\n", "{}", text(&o.stderr));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // The shim says which it used (its log reaches containerd's).
+    let log = read_trimmed(&log_path);
+    // Its template and image caches are the host's, which may already
+    // hold them: what it added to the counts below is set aside.
+    let after_d1 = counts(&log);
+    let d1_added = (after_d1.0 - before_d1.0, after_d1.1 - before_d1.1);
+    assert!(log.contains("no configuration file at /etc/bulkhead/config.toml: using the defaults"));
+    let beside = format!("sandbox from kernel {}", ctd.dir.path().join("bin/vmlinux").display());
+    assert!(log.contains(&beside), "no {beside:?} in containerd's log");
+
     // 2: a pod as CRI starts one: its sandbox container runs the pause
     // image (its own entrypoint), and what can be done to it.
     const IN_POD_B1: [&str; 4] = [
@@ -452,12 +482,17 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
 
     // Every pod came from the template: one was built, nothing booted cold.
     let log = std::fs::read_to_string(ctd.dir.path().join("containerd.log")).unwrap_or_default();
-    let restores = log.matches("restoring the sandbox VM").count();
-    assert_eq!(restores, 4, "a1, b1, v1, k1 restore the template; the log:\n{log}");
+    let (restores, image_builds) = counts(&log);
+    assert_eq!(d1_added.0, 1, "d1 restores a template of its own");
+    assert_eq!(
+        restores - d1_added.0,
+        4,
+        "a1, b1, v1, k1 restore the template; the log:\n{log}"
+    );
     assert!(!log.contains("booting the sandbox VM cold"), "{log}");
     // Root images are built once per image (the app's and the pause
     // image) and then come from the cache.
-    assert_eq!(log.matches("building the root filesystem image").count(), 2, "{log}");
+    assert_eq!(image_builds - d1_added.1, 2, "{log}");
     let templates: Vec<_> = std::fs::read_dir(ctd.dir.path().join("templates"))
         .unwrap()
         .flatten()
