@@ -43,10 +43,11 @@ pub enum Stage {
     NoNewPrivileges,
     Exec,
     Setns,
+    OomScoreAdj,
 }
 
 /// Each stage with the words the agent's error message uses for it.
-const STAGES: [(Stage, &str); 22] = [
+const STAGES: [(Stage, &str); 23] = [
     (Stage::Cgroup, "joining the container's cgroup"),
     (Stage::Namespaces, "creating namespaces"),
     (Stage::Propagation, "making mounts private"),
@@ -69,6 +70,7 @@ const STAGES: [(Stage, &str); 22] = [
     (Stage::NoNewPrivileges, "setting no_new_privileges"),
     (Stage::Exec, "executing the command"),
     (Stage::Setns, "joining the container's namespaces"),
+    (Stage::OomScoreAdj, "setting oom_score_adj (is /proc mounted?)"),
 ];
 
 impl Stage {
@@ -568,6 +570,13 @@ fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
         }
         for (resource, limit) in &p.rlimits {
             check(libc::setrlimit(*resource, limit), ctl, Stage::Rlimit);
+        }
+        if let Some(text) = &p.oom_score_adj {
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, text.as_ptr().cast(), text.len()) != text.len() as isize {
+                fail(ctl, Stage::OomScoreAdj);
+            }
+            libc::close(fd);
         }
         for cap in 0..=p.last_cap {
             if p.caps.bounding & (1u64 << cap) == 0 {

@@ -45,6 +45,9 @@ pub struct ExecPlan {
     pub last_cap: u32,
     pub no_new_privileges: bool,
     pub terminal: bool,
+    /// `oom_score_adj` as the text written to /proc, set while the
+    /// process may still lower it (before its capabilities go).
+    pub oom_score_adj: Option<Vec<u8>>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -133,6 +136,7 @@ impl ExecPlan {
             last_cap: caps::last_cap(),
             no_new_privileges: p.no_new_privileges,
             terminal: p.terminal,
+            oom_score_adj: p.oom_score_adj.map(|a| a.to_string().into_bytes()),
         })
     }
 }

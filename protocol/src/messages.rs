@@ -90,7 +90,13 @@ pub struct Process {
     pub no_new_privileges: bool,
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// OCI `process.oomScoreAdj`, -1000 to 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
 }
+
+/// The range the kernel accepts for `/proc/PID/oom_score_adj`.
+pub const OOM_SCORE_ADJ_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 
 fn root_dir() -> String {
     "/".into()
@@ -109,6 +115,7 @@ impl Default for Process {
             rlimits: Vec::new(),
             no_new_privileges: false,
             capabilities: None,
+            oom_score_adj: None,
         }
     }
 }
@@ -440,6 +447,9 @@ impl Process {
             &self.user.additional_gids,
             MAX_ADDITIONAL_GIDS,
         )?;
+        if let Some(adj) = self.oom_score_adj.filter(|a| !OOM_SCORE_ADJ_RANGE.contains(a)) {
+            return Err(invalid("process.oomScoreAdj", format!("{adj} is outside -1000..=1000")));
+        }
         check_count("process.rlimits", &self.rlimits, RLIMITS.len())?;
         for r in &self.rlimits {
             if !RLIMITS.contains(&r.kind.as_str()) {
@@ -892,6 +902,20 @@ mod tests {
                     ..process()
                 },
                 "process.cwd",
+            ),
+            (
+                Process {
+                    oom_score_adj: Some(1001),
+                    ..process()
+                },
+                "process.oomScoreAdj",
+            ),
+            (
+                Process {
+                    oom_score_adj: Some(-1001),
+                    ..process()
+                },
+                "process.oomScoreAdj",
             ),
             (
                 Process {

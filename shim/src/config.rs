@@ -98,6 +98,10 @@ pub struct Config {
     /// container and its app containers have different images).
     #[serde(default = "default_spare_disks")]
     pub spare_disks: u8,
+    /// Run containers whose spec asks for an AppArmor profile or SELinux
+    /// label (the guest has neither) instead of refusing them.
+    #[serde(default)]
+    pub ignore_lsm_labels: bool,
 }
 
 /// Each disk takes one of the VM's interrupt lines.
@@ -175,6 +179,12 @@ impl Config {
             initramfs: pick(Artifact::Initramfs, "initramfs", &self.initramfs)?,
             vmm: pick(Artifact::Vmm, "vmm", &self.vmm)?,
         })
+    }
+
+    pub fn spec_policy(&self) -> crate::spec::SpecPolicy {
+        crate::spec::SpecPolicy {
+            ignore_lsm_labels: self.ignore_lsm_labels,
+        }
     }
 
     /// vCPUs and memory for a pod, with the allowed annotations applied.
@@ -359,8 +369,8 @@ mod tests {
             .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
             .map(|l| format!("{l}\n"))
             .collect();
-        // One line for each of the eleven settings.
-        assert_eq!(settings.lines().count(), 11, "{settings}");
+        // One line for each of the twelve settings.
+        assert_eq!(settings.lines().count(), 12, "{settings}");
         let uncommented = Config::parse(&settings, Path::new("config.toml")).unwrap();
         let defaults = Config::parse("", Path::new("config.toml")).unwrap();
         for c in [&as_is, &uncommented] {
@@ -373,6 +383,7 @@ mod tests {
                 (&defaults.cache_dir, &defaults.template_dir, &defaults.run_dir)
             );
             assert_eq!(c.allowed_annotations, defaults.allowed_annotations);
+            assert_eq!(c.ignore_lsm_labels, defaults.ignore_lsm_labels);
         }
         assert_eq!(as_is.kernel, None);
         assert_eq!(uncommented.kernel, Some(PathBuf::from("/usr/lib/bulkhead/vmlinux")));

@@ -30,24 +30,33 @@ pub struct BundleSpec {
     pub root_readonly: bool,
 }
 
-pub fn read_bundle(bundle: &Path) -> Result<BundleSpec, SpecError> {
+/// What the operator's configuration lets through.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpecPolicy {
+    /// Run containers whose spec names an AppArmor profile or SELinux
+    /// label, which the guest (having neither) cannot apply.
+    pub ignore_lsm_labels: bool,
+}
+
+pub fn read_bundle(bundle: &Path, policy: SpecPolicy) -> Result<BundleSpec, SpecError> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(|source| SpecError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    parse_bundle(&text)
+    parse_bundle(&text, policy)
 }
 
-pub fn parse_bundle(json: &[u8]) -> Result<BundleSpec, SpecError> {
+pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecError> {
     let spec: Spec = serde_json::from_slice(json)?;
     let p = spec
         .process()
         .as_ref()
         .ok_or_else(|| SpecError::Field("no process".into()))?;
     check_mounts(spec.mounts().as_deref().unwrap_or_default())?;
+    refuse_unapplied(&spec, policy)?;
     Ok(BundleSpec {
-        process: process(p)?,
+        process: process(p, policy)?,
         hostname: spec.hostname().clone(),
         annotations: spec.annotations().clone().unwrap_or_default(),
         resources: spec
@@ -74,8 +83,58 @@ pub fn annotations(json: &[u8]) -> HashMap<String, String> {
 }
 
 /// An exec's process, as containerd sends it (the OCI `process` JSON).
-pub fn exec_process(json: &[u8]) -> Result<Process, SpecError> {
-    process(&serde_json::from_slice(json)?)
+pub fn exec_process(json: &[u8], policy: SpecPolicy) -> Result<Process, SpecError> {
+    process(&serde_json::from_slice(json)?, policy)
+}
+
+/// Security settings the guest does not apply yet. Running without them
+/// would leave the user believing they hold, which is worse than refusing:
+/// each is refused here, at Create, by its field's name.
+fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
+    let refuse = |field: &str, why: &str| Err(SpecError::Field(format!("{field}: {why}")));
+    let Some(linux) = spec.linux().as_ref() else {
+        return Ok(());
+    };
+    if linux.seccomp().is_some() {
+        return refuse(
+            "linux.seccomp",
+            "seccomp profiles are not applied in the sandbox's guest yet; refusing rather than \
+             running unconfined (ask for an Unconfined profile to run without one)",
+        );
+    }
+    if let Some(sysctl) = linux.sysctl().as_ref().filter(|s| !s.is_empty()) {
+        let mut names: Vec<&str> = sysctl.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        return refuse(
+            "linux.sysctl",
+            &format!("{} cannot be set in the sandbox's guest yet", names.join(", ")),
+        );
+    }
+    let mapped = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| m.as_ref().is_some_and(|m| !m.is_empty());
+    let user_ns = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User);
+    if user_ns || mapped(linux.uid_mappings()) || mapped(linux.gid_mappings()) {
+        return refuse(
+            "linux.uidMappings/gidMappings",
+            "user namespaces are not supported in the sandbox's guest (the VM is the boundary)",
+        );
+    }
+    if !policy.ignore_lsm_labels {
+        if let Some(label) = linux.mount_label().as_ref().filter(|l| !l.is_empty()) {
+            return refuse("linux.mountLabel", &lsm_refusal("SELinux label", label));
+        }
+    }
+    Ok(())
+}
+
+fn lsm_refusal(what: &str, value: &str) -> String {
+    format!(
+        "the {what} {value:?} cannot be applied: the sandbox's guest kernel has no AppArmor or SELinux \
+         (set ignore_lsm_labels = true in the runtime's configuration to run without it)"
+    )
 }
 
 /// The limits of an OCI `LinuxResources` object the agent can apply
@@ -149,7 +208,21 @@ fn capabilities(c: &LinuxCapabilities) -> Capabilities {
 }
 
 /// An OCI `process` object as the agent's [`Process`].
-pub fn process(p: &oci_spec::runtime::Process) -> Result<Process, SpecError> {
+pub fn process(p: &oci_spec::runtime::Process, policy: SpecPolicy) -> Result<Process, SpecError> {
+    if !policy.ignore_lsm_labels {
+        if let Some(profile) = p.apparmor_profile().as_ref().filter(|l| !l.is_empty()) {
+            return Err(SpecError::Field(format!(
+                "process.apparmorProfile: {}",
+                lsm_refusal("AppArmor profile", profile)
+            )));
+        }
+        if let Some(label) = p.selinux_label().as_ref().filter(|l| !l.is_empty()) {
+            return Err(SpecError::Field(format!(
+                "process.selinuxLabel: {}",
+                lsm_refusal("SELinux label", label)
+            )));
+        }
+    }
     let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
         return Err(SpecError::Field("process.args is empty".into()));
@@ -180,6 +253,7 @@ pub fn process(p: &oci_spec::runtime::Process) -> Result<Process, SpecError> {
             .collect(),
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
         capabilities: p.capabilities().as_ref().map(capabilities),
+        oom_score_adj: p.oom_score_adj(),
     })
 }
 
@@ -196,7 +270,7 @@ mod tests {
               "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
               "capabilities":{"bounding":["CAP_KILL"]}},
             "linux":{"resources":{"memory":{"limit":67108864},"pids":{"limit":-1}}}}"#;
-        let s = parse_bundle(json).unwrap();
+        let s = parse_bundle(json, SpecPolicy::default()).unwrap();
         assert_eq!(s.process.args, ["sh", "-c", "true"]);
         assert_eq!(s.process.cwd, "/tmp");
         assert!(s.process.terminal);
@@ -210,16 +284,28 @@ mod tests {
         assert_eq!(s.process.rlimits[0].kind, "RLIMIT_NOFILE");
         assert!(s.root_readonly);
         let minimal = |p: &str| format!(r#"{{"ociVersion":"1.0.2","process":{p}}}"#).into_bytes();
-        let plain = parse_bundle(&minimal(r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0}}"#)).unwrap();
+        let plain = parse_bundle(
+            &minimal(r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0}}"#),
+            SpecPolicy::default(),
+        )
+        .unwrap();
         assert!(
             !plain.root_readonly,
             "a spec without root.readonly gets a writable root"
         );
-        assert!(parse_bundle(&minimal(r#"{"args":[1],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
-        assert!(parse_bundle(&minimal(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#)).is_err());
+        assert!(parse_bundle(
+            &minimal(r#"{"args":[1],"cwd":"/","user":{"uid":0,"gid":0}}"#),
+            SpecPolicy::default()
+        )
+        .is_err());
+        assert!(parse_bundle(
+            &minimal(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#),
+            SpecPolicy::default()
+        )
+        .is_err());
         let e = parse_bundle(&minimal(
             r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0},"rlimits":[{"type":"RLIMIT_WHAT","hard":1,"soft":1}]}"#,
-        ))
+        ), SpecPolicy::default())
         .unwrap_err()
         .to_string();
         assert!(e.contains("RLIMIT_WHAT") || e.contains("variant"), "{e}");
@@ -252,12 +338,80 @@ mod tests {
                 {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]},
                 {"destination":"/dev/shm","type":"bind","source":"/run/x/shm","options":["rbind"]}]"#,
         );
-        parse_bundle(&ok).unwrap();
+        parse_bundle(&ok, SpecPolicy::default()).unwrap();
         let volume = spec(r#"[{"destination":"/data","type":"none","source":"/srv/data","options":["rbind","rw"]}]"#);
-        let e = parse_bundle(&volume).unwrap_err().to_string();
+        let e = parse_bundle(&volume, SpecPolicy::default()).unwrap_err().to_string();
         assert!(e.contains("/srv/data -> /data") && e.contains("not supported"), "{e}");
         let bind = spec(r#"[{"destination":"/x","type":"bind","source":"/y"}]"#);
-        assert!(parse_bundle(&bind).is_err());
-        assert!(parse_bundle(&spec(r#"{"not":"a list"}"#)).is_err());
+        assert!(parse_bundle(&bind, SpecPolicy::default()).is_err());
+        assert!(parse_bundle(&spec(r#"{"not":"a list"}"#), SpecPolicy::default()).is_err());
+    }
+
+    #[test]
+    fn security_fields_not_applied_are_refused_by_name() {
+        let with = |linux: &str, process_extra: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}{process_extra}}},"linux":{linux}}}"#
+            )
+            .into_bytes()
+        };
+        let refused = |json: Vec<u8>, policy: SpecPolicy| parse_bundle(&json, policy).unwrap_err().to_string();
+        let strict = SpecPolicy::default();
+        let e = refused(with(r#"{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}"#, ""), strict);
+        assert!(e.contains("linux.seccomp") && e.contains("not applied"), "{e}");
+        let e = refused(
+            with(r#"{"sysctl":{"kernel.shmmax":"1","net.core.somaxconn":"9"}}"#, ""),
+            strict,
+        );
+        assert!(e.contains("linux.sysctl: kernel.shmmax, net.core.somaxconn"), "{e}");
+        let e = refused(with(r#"{"namespaces":[{"type":"user"}]}"#, ""), strict);
+        assert!(e.contains("uidMappings") && e.contains("not supported"), "{e}");
+        let e = refused(
+            with(r#"{"uidMappings":[{"containerID":0,"hostID":1000,"size":1}]}"#, ""),
+            strict,
+        );
+        assert!(e.contains("uidMappings"), "{e}");
+        let apparmor = with("{}", r#","apparmorProfile":"cri-containerd.apparmor.d""#);
+        let e = refused(apparmor.clone(), strict);
+        assert!(
+            e.contains("process.apparmorProfile") && e.contains("ignore_lsm_labels"),
+            "{e}"
+        );
+        let e = refused(
+            with("{}", r#","selinuxLabel":"system_u:system_r:container_t:s0""#),
+            strict,
+        );
+        assert!(e.contains("process.selinuxLabel"), "{e}");
+        let e = refused(
+            with(r#"{"mountLabel":"system_u:object_r:container_file_t:s0"}"#, ""),
+            strict,
+        );
+        assert!(e.contains("linux.mountLabel"), "{e}");
+        let lenient = SpecPolicy {
+            ignore_lsm_labels: true,
+        };
+        parse_bundle(&apparmor, lenient).unwrap();
+        // Empty values are what a spec without the setting often carries.
+        parse_bundle(
+            &with(r#"{"sysctl":{},"mountLabel":""}"#, r#","apparmorProfile":"""#),
+            strict,
+        )
+        .unwrap();
+        let e = exec_process(
+            br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},"apparmorProfile":"p"}"#,
+            strict,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("process.apparmorProfile"), "{e}");
+    }
+
+    #[test]
+    fn oom_score_adj_is_passed_on() {
+        let json = br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0},"oomScoreAdj":-998}}"#;
+        assert_eq!(
+            parse_bundle(json, SpecPolicy::default()).unwrap().process.oom_score_adj,
+            Some(-998)
+        );
     }
 }

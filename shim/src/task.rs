@@ -208,7 +208,7 @@ impl Task for Service {
         };
         let cfg = inner.config(from_options)?;
         let bundle = PathBuf::from(&req.bundle);
-        let bs = spec::read_bundle(&bundle).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        let bs = spec::read_bundle(&bundle, cfg.spec_policy()).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         let mounts: Vec<RootMount> = req
             .rootfs
             .iter()
@@ -417,7 +417,9 @@ impl Task for Service {
             .spec
             .as_ref()
             .ok_or_else(|| rpc_err(Code::INVALID_ARGUMENT, "the exec has no process spec"))?;
-        let mut process = spec::exec_process(&spec_any.value).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        let policy = inner.config(None)?.spec_policy();
+        let mut process =
+            spec::exec_process(&spec_any.value, policy).map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         process.terminal = req.terminal;
         {
             let mut cs = lock(&inner.containers);

@@ -211,6 +211,49 @@ fn rlimits() {
 }
 
 #[test]
+fn oom_score_adj_is_set_before_the_capabilities_go() {
+    let agent = Agent::start();
+    // Raising needs no privilege: a non-root user gets it too.
+    let mut p = sh("cat /proc/self/oom_score_adj; id -u");
+    p.oom_score_adj = Some(500);
+    p.user.uid = 1000;
+    let (status, out, err) = agent.run(p);
+    assert_eq!((status, out.as_str()), (0, "500\n1000\n"), "stderr: {err}");
+    // Lowering needs CAP_SYS_RESOURCE, which uid 1000 lacks by the time it
+    // runs: the agent sets it first. The guest's agent always holds it; a
+    // host that withholds it from this test (some sandboxes do) must see
+    // the refusal named instead of a silently ignored value.
+    let mut p = sh("cat /proc/self/oom_score_adj");
+    p.oom_score_adj = Some(-998);
+    p.user.uid = 1000;
+    if host_bounding_set_has(CAP_SYS_RESOURCE) {
+        let (status, out, err) = agent.run(p);
+        assert_eq!((status, out.as_str()), (0, "-998\n"), "stderr: {err}");
+    } else {
+        let mut c = agent.connect();
+        let id = unique_id("oom-adj");
+        let mut ct = container(&id, p);
+        let stdio = agent.stdio(false);
+        ct.stdio = stdio.tokens.clone();
+        create(&agent, &mut c, ct);
+        let e = c
+            .call_started(&Request::Start { container_id: id })
+            .expect_err("lowering oom_score_adj without CAP_SYS_RESOURCE")
+            .to_string();
+        assert!(e.contains("setting oom_score_adj"), "{e}");
+    }
+}
+
+/// capability.h's number; libc does not carry the capability constants.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+fn host_bounding_set_has(cap: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << cap) != 0
+}
+
+#[test]
 fn terminal_for_a_container_and_an_exec() {
     let agent = Agent::start();
     let mut c = agent.connect();
