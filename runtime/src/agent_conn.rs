@@ -34,6 +34,9 @@ pub enum ConnError {
     Io { path: String, source: io::Error },
     #[error("the VMM answered CONNECT with {0:?}")]
     BadAnswer(String),
+    /// A bounded connection ([`connect_agent_bounded`]) got no answer.
+    #[error("no answer from the agent within {0:?}")]
+    TimedOut(Duration),
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -201,7 +204,7 @@ pub fn connect_agent_bounded(uds: &Path, timeout: Duration) -> Result<Client<Uni
     })
     .map_err(|e| match e {
         WaitError::Conn(c) => c,
-        WaitError::Check(t) => ConnError::NotReady(t.to_string()),
+        WaitError::Check(t) => ConnError::TimedOut(t.0),
     })?;
     c.get_ref()
         .set_read_timeout(Some(timeout))

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bulkhead_protocol::client::{Client, ClientError};
 use bulkhead_protocol::defaults;
+use bulkhead_protocol::frame::FrameError;
 use bulkhead_protocol::messages::{CreateContainer, Process, Request, Root, ValidationError};
 
 use crate::agent_conn::{self, ConnError, WaitError};
@@ -124,6 +125,9 @@ pub enum SandboxError {
     NoSuchDisk { slot: u8, count: u8 },
     #[error("the sandbox's VMM has no control API")]
     NoApi,
+    /// A bounded call ([`Sandbox::with_deadline`]) got no answer in time.
+    #[error("the guest agent did not answer {op} within {} s", .after.as_secs())]
+    Unanswered { op: &'static str, after: Duration },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -408,6 +412,12 @@ impl Sandbox {
         lock(&self.vmm).pid()
     }
 
+    /// Kills the VMM now (through its handle, so never a reused pid) and
+    /// reaps it; the sandbox's streams then fail as for any lost VM.
+    pub fn kill_vmm(&self) -> Result<ExitStatus, SandboxError> {
+        Ok(lock(&self.vmm).kill()?)
+    }
+
     /// The VMM's exit status once it has ended.
     pub fn vmm_exit(&self) -> Result<Option<ExitStatus>, SandboxError> {
         Ok(lock(&self.vmm).try_status()?)
@@ -436,6 +446,34 @@ impl Sandbox {
             return Ok(c);
         }
         agent_conn::connect_agent(&self.vsock).map_err(|e| self.explain(e))
+    }
+
+    /// Runs `call` on a fresh request stream whose connection and every
+    /// answer are bounded by `deadline`: for control requests (signals,
+    /// stats, delete), so a guest that stops answering fails them with
+    /// [`SandboxError::Unanswered`] instead of hanging its caller.
+    pub fn with_deadline<T>(
+        &self,
+        op: &'static str,
+        deadline: Duration,
+        call: impl FnOnce(&mut AgentClient) -> Result<T, ClientError>,
+    ) -> Result<T, SandboxError> {
+        let unanswered = SandboxError::Unanswered { op, after: deadline };
+        let mut client = match agent_conn::connect_agent_bounded(&self.vsock, deadline) {
+            Ok(c) => c,
+            Err(ConnError::TimedOut(_)) => return Err(unanswered),
+            Err(e) if timed_out(&e) => return Err(unanswered),
+            Err(e) => return Err(self.explain(e)),
+        };
+        match call(&mut client) {
+            Ok(v) => Ok(v),
+            Err(ClientError::Frame(FrameError::Io(e)))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                Err(unanswered)
+            }
+            Err(e) => Err(self.explain(e)),
+        }
     }
 
     fn next_id(&self, prefix: &str) -> String {
@@ -714,6 +752,12 @@ impl Collector {
         }
         Ok(out)
     }
+}
+
+/// A read on a bounded stream that ran out of time (during the hello).
+fn timed_out(e: &ConnError) -> bool {
+    matches!(e, ConnError::Client(ClientError::Frame(FrameError::Io(io)))
+        if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
 }
 
 #[cfg(test)]

@@ -102,13 +102,23 @@ pub struct Config {
     /// label (the guest has neither) instead of refusing them.
     #[serde(default)]
     pub ignore_lsm_labels: bool,
+    /// How long a control call to the guest (signal, delete, stats...) may
+    /// go unanswered; a SIGKILL left unanswered ends the VM.
+    #[serde(default = "default_agent_timeout_secs")]
+    pub agent_timeout_secs: u32,
 }
+
+/// Bounds of `agent_timeout_secs`.
+pub const AGENT_TIMEOUT_SECS: std::ops::RangeInclusive<u32> = 1..=3600;
 
 /// Each disk takes one of the VM's interrupt lines.
 pub const MAX_SPARE_DISKS: u8 = 15;
 
 pub use bulkhead_runtime::start::BootMode;
 
+fn default_agent_timeout_secs() -> u32 {
+    30
+}
 fn default_spare_disks() -> u8 {
     7
 }
@@ -152,6 +162,12 @@ impl Config {
             source,
         })?;
         c.origin = path.to_owned();
+        if !AGENT_TIMEOUT_SECS.contains(&c.agent_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                reason: format!("agent_timeout_secs = {}: want 1 to 3600", c.agent_timeout_secs),
+            });
+        }
         if c.spare_disks > MAX_SPARE_DISKS {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -179,6 +195,10 @@ impl Config {
             initramfs: pick(Artifact::Initramfs, "initramfs", &self.initramfs)?,
             vmm: pick(Artifact::Vmm, "vmm", &self.vmm)?,
         })
+    }
+
+    pub fn agent_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.agent_timeout_secs.into())
     }
 
     pub fn spec_policy(&self) -> crate::spec::SpecPolicy {
@@ -309,6 +329,8 @@ mod tests {
         assert_eq!(Config::parse(MIN, Path::new("c")).unwrap().spare_disks, 7);
         let c = Config::parse(&format!("{MIN}spare_disks = 0\n"), Path::new("c")).unwrap();
         assert_eq!(c.spare_disks, 0);
+        let e = Config::parse(&format!("{MIN}agent_timeout_secs = 0\n"), Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("agent_timeout_secs = 0"), "{e}");
         let e = Config::parse(&format!("{MIN}spare_disks = 16\n"), Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("spare_disks = 16: at most 15"), "{e}");
     }
@@ -369,8 +391,8 @@ mod tests {
             .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
             .map(|l| format!("{l}\n"))
             .collect();
-        // One line for each of the twelve settings.
-        assert_eq!(settings.lines().count(), 12, "{settings}");
+        // One line for each of the thirteen settings.
+        assert_eq!(settings.lines().count(), 13, "{settings}");
         let uncommented = Config::parse(&settings, Path::new("config.toml")).unwrap();
         let defaults = Config::parse("", Path::new("config.toml")).unwrap();
         for c in [&as_is, &uncommented] {
@@ -384,6 +406,7 @@ mod tests {
             );
             assert_eq!(c.allowed_annotations, defaults.allowed_annotations);
             assert_eq!(c.ignore_lsm_labels, defaults.ignore_lsm_labels);
+            assert_eq!(c.agent_timeout_secs, defaults.agent_timeout_secs);
         }
         assert_eq!(as_is.kernel, None);
         assert_eq!(uncommented.kernel, Some(PathBuf::from("/usr/lib/bulkhead/vmlinux")));

@@ -157,6 +157,15 @@ impl Pod {
         Ok(())
     }
 
+    /// Kills the VM's process but keeps the sandbox: its waiters see the
+    /// VM gone (their processes exit with 255) and `shutdown` reaps it.
+    pub fn kill_vm(&self) {
+        let sb = lock(&self.sandbox).clone();
+        if let Some(Err(e)) = sb.map(|sb| sb.kill_vmm()) {
+            tracing::warn!("killing the sandbox VM: {e}");
+        }
+    }
+
     /// Ends the VM (its run directory goes with it).
     pub fn shutdown(&self) {
         let sb = lock(&self.sandbox).take();

@@ -314,7 +314,8 @@ impl Task for Service {
         }
         let mut unmounted = false;
         if let Ok(sb) = inner.pod.sandbox() {
-            let forgot = sb.client().and_then(|mut c| {
+            let deadline = inner.config(None)?.agent_timeout();
+            let forgot = sb.with_deadline("delete", deadline, |c| {
                 if matches!(state, ProcState::Created) {
                     // Never started: end its waiting init first.
                     let _ = c.call_ok(&Request::Signal {
@@ -324,9 +325,9 @@ impl Task for Service {
                         all: true,
                     });
                 }
-                Ok(c.call_ok(&Request::Delete {
+                c.call_ok(&Request::Delete {
                     container_id: req.id.clone(),
-                })?)
+                })
             });
             match forgot {
                 Ok(()) => unmounted = true,
@@ -361,11 +362,14 @@ impl Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TResult<api::PidsResponse> {
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let mut c = sb.client().map_err(internal)?;
-        let pids = match c.call(&Request::ListProcesses { container_id: req.id }) {
+        let deadline = self.inner.config(None)?.agent_timeout();
+        let answer = sb.with_deadline("list_processes", deadline, |c| {
+            c.call(&Request::ListProcesses { container_id: req.id })
+        });
+        let pids = match answer {
             Ok(Response::Processes { pids }) => pids,
             Ok(other) => return Err(internal(format!("list_processes answered {other:?}"))),
-            Err(e) => return Err(agent_err(e.into())),
+            Err(e) => return Err(agent_err(e)),
         };
         Ok(api::PidsResponse {
             processes: pids
@@ -400,15 +404,27 @@ impl Task for Service {
         }
         let signal = i32::try_from(req.signal).map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal"))?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let mut c = sb.client().map_err(internal)?;
-        c.call_ok(&Request::Signal {
-            container_id: req.id,
-            exec_id: proc.exec_opt(),
-            signal,
-            all: req.all,
-        })
-        .map_err(|e| agent_err(e.into()))?;
-        Ok(Empty::new())
+        let deadline = self.inner.config(None)?.agent_timeout();
+        let sent = sb.with_deadline("signal", deadline, |c| {
+            c.call_ok(&Request::Signal {
+                container_id: req.id.clone(),
+                exec_id: proc.exec_opt(),
+                signal,
+                all: req.all,
+            })
+        });
+        match sent {
+            Ok(()) => Ok(Empty::new()),
+            // A guest that cannot take a SIGKILL cannot be trusted to end
+            // anything: end the VM, so its processes exit (as the VM's
+            // loss) and the pod can be deleted.
+            Err(e @ sandbox::SandboxError::Unanswered { .. }) if signal == libc::SIGKILL => {
+                tracing::error!("{e}: killing the sandbox VM for SIGKILL to {}", req.id);
+                self.inner.pod.kill_vm();
+                Ok(Empty::new())
+            }
+            Err(e) => Err(agent_err(e)),
+        }
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TResult<Empty> {
@@ -456,15 +472,16 @@ impl Task for Service {
     fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TResult<Empty> {
         let proc = self.inner.proc(&req.id, &req.exec_id)?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let mut c = sb.client().map_err(internal)?;
+        let deadline = self.inner.config(None)?.agent_timeout();
         let dim = |v: u32| u16::try_from(v).map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "window size"));
-        c.call_ok(&Request::ResizeTty {
+        let request = Request::ResizeTty {
             container_id: req.id.clone(),
             exec_id: proc.exec_opt(),
             rows: dim(req.height)?,
             cols: dim(req.width)?,
-        })
-        .map_err(|e| agent_err(e.into()))?;
+        };
+        sb.with_deadline("resize_tty", deadline, |c| c.call_ok(&request))
+            .map_err(agent_err)?;
         Ok(Empty::new())
     }
 
@@ -474,12 +491,13 @@ impl Task for Service {
         }
         let proc = self.inner.proc(&req.id, &req.exec_id)?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let mut c = sb.client().map_err(internal)?;
-        c.call_ok(&Request::CloseStdin {
+        let deadline = self.inner.config(None)?.agent_timeout();
+        let request = Request::CloseStdin {
             container_id: req.id.clone(),
             exec_id: proc.exec_opt(),
-        })
-        .map_err(|e| agent_err(e.into()))?;
+        };
+        sb.with_deadline("close_stdin", deadline, |c| c.call_ok(&request))
+            .map_err(agent_err)?;
         Ok(Empty::new())
     }
 
@@ -499,8 +517,9 @@ impl Task for Service {
         };
         request.validate().map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         let sb = inner.pod.sandbox().map_err(pod_err)?;
-        let mut client = sb.client().map_err(internal)?;
-        client.call_ok(&request).map_err(|e| agent_err(sb.explain(e)))?;
+        let deadline = inner.config(None)?.agent_timeout();
+        sb.with_deadline("update", deadline, |c| c.call_ok(&request))
+            .map_err(agent_err)?;
         Ok(Empty::new())
     }
 
@@ -516,11 +535,12 @@ impl Task for Service {
 
     fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TResult<api::StatsResponse> {
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let mut c = sb.client().map_err(internal)?;
-        let s = match c.call(&Request::Stats { container_id: req.id }) {
+        let deadline = self.inner.config(None)?.agent_timeout();
+        let answer = sb.with_deadline("stats", deadline, |c| c.call(&Request::Stats { container_id: req.id }));
+        let s = match answer {
             Ok(Response::Stats { stats }) => stats,
             Ok(other) => return Err(internal(format!("stats answered {other:?}"))),
-            Err(e) => return Err(agent_err(e.into())),
+            Err(e) => return Err(agent_err(e)),
         };
         let m = Metrics {
             cpu: MessageField::some(CPUStat {

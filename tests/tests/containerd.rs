@@ -7,7 +7,9 @@
 //! VM by the CRI annotations) that gets execs, ps, metrics, pause/resume,
 //! two app containers at once, an OOM kill, a TTY, a containerd restart and
 //! a kill; one pod whose VMM is killed, running next to it; one pod whose
-//! shim is killed.
+//! guest stops answering (its VMM stopped) and is still killed and
+//! deleted; one pod whose shim is killed; one `ctr run` with no runtime
+//! configuration at all.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -401,6 +403,35 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     ok(&ctd.ctr(&["task", "delete", "v1"]), "task delete v1");
     ok(&ctd.ctr(&["container", "rm", "v1"]), "container rm v1");
 
+    // A guest that stops answering (its VMM stopped): SIGKILL through
+    // containerd gets no answer within agent_timeout_secs, so the shim
+    // ends the VM, and the pod can still be deleted.
+    ok(
+        &ctd.ctr(&ctd.run_args(&cfg, &["-d", "--null-io"], "h1", &["sleep", "1000"])),
+        "run -d h1",
+    );
+    let (_, h1_vmm) = vmm_of(&ctd, "h1");
+    // SAFETY: kill(2) on the VMM the shim started for h1.
+    assert_eq!(unsafe { libc::kill(h1_vmm as libc::pid_t, libc::SIGSTOP) }, 0);
+    ok(
+        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", "h1"]),
+        "task kill h1 (hung guest)",
+    );
+    wait_until("h1 STOPPED after its hung VM was ended", || {
+        task_status(&ctd, "h1").as_deref() == Some("STOPPED")
+    });
+    ok(&ctd.ctr(&["task", "delete", "h1"]), "task delete h1");
+    ok(&ctd.ctr(&["container", "rm", "h1"]), "container rm h1");
+    assert!(
+        !Path::new(&format!("/proc/{h1_vmm}")).exists(),
+        "h1's VMM {h1_vmm} is still there"
+    );
+    let log = std::fs::read_to_string(ctd.dir.path().join("containerd.log")).unwrap_or_default();
+    assert!(
+        log.contains("the guest agent did not answer signal within 20 s: killing the sandbox VM for SIGKILL to h1"),
+        "no hung-guest line in containerd's log"
+    );
+
     // 4: the shim is killed: containerd runs the binary's `delete`, after
     // which no shim, VMM, socket, mount or run directory of it remains.
     ok(
@@ -486,8 +517,8 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     assert_eq!(d1_added.0, 1, "d1 restores a template of its own");
     assert_eq!(
         restores - d1_added.0,
-        4,
-        "a1, b1, v1, k1 restore the template; the log:\n{log}"
+        5,
+        "a1, b1, v1, h1, k1 restore the template; the log:\n{log}"
     );
     assert!(!log.contains("booting the sandbox VM cold"), "{log}");
     // Root images are built once per image (the app's and the pause
