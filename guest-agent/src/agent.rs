@@ -424,6 +424,7 @@ impl Agent {
             masked_paths: plan::paths(&c.masked_paths)?,
             readonly_paths: plan::paths(&c.readonly_paths)?,
             root_readonly: c.root.readonly,
+            sysctls: plan::sysctls(&c.sysctl)?,
             stdio: stdio_fds,
             workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?,
         };

@@ -44,10 +44,11 @@ pub enum Stage {
     Exec,
     Setns,
     OomScoreAdj,
+    Sysctl,
 }
 
 /// Each stage with the words the agent's error message uses for it.
-const STAGES: [(Stage, &str); 23] = [
+const STAGES: [(Stage, &str); 24] = [
     (Stage::Cgroup, "joining the container's cgroup"),
     (Stage::Namespaces, "creating namespaces"),
     (Stage::Propagation, "making mounts private"),
@@ -71,6 +72,7 @@ const STAGES: [(Stage, &str); 23] = [
     (Stage::Exec, "executing the command"),
     (Stage::Setns, "joining the container's namespaces"),
     (Stage::OomScoreAdj, "setting oom_score_adj (is /proc mounted?)"),
+    (Stage::Sysctl, "setting a sysctl"),
 ];
 
 impl Stage {
@@ -84,6 +86,16 @@ impl Stage {
             .find(|(s, _)| *s == self)
             .map_or("an unknown step", |(_, d)| d)
     }
+}
+
+/// Until `execve` (which makes a workload dumpable again, as any
+/// program), this copy of the agent holds the agent's memory and
+/// descriptors: once its capabilities and ids match the container's, a
+/// container process could otherwise ptrace it or open its /proc files
+/// (the class of runc's CVE-2016-9962).
+fn undumpable() {
+    // SAFETY: prctl on this process only; it cannot fail for these arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 }
 
 fn errno() -> i32 {
@@ -321,6 +333,7 @@ fn send_fd(ctl: RawFd, tag: u8, fd: RawFd) -> bool {
 pub fn container_init(plan: &InitPlan) -> ! {
     let ctl = plan.ctl;
     block_all_signals();
+    undumpable();
     close_others(&plan.keep_fds);
     // SAFETY: "0" moves the writer into the cgroup the descriptor names.
     if unsafe { libc::write(plan.cgroup_procs, c"0".as_ptr().cast(), 1) } < 0 {
@@ -349,6 +362,17 @@ pub fn container_init(plan: &InitPlan) -> ! {
             ctl,
             Stage::Hostname,
         );
+    }
+    for (path, value) in &plan.sysctls {
+        // SAFETY: open/write/close on pre-built data; the agent's /proc
+        // shows this process's new IPC and UTS namespaces.
+        unsafe {
+            let fd = libc::open(ptr(path), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, value.as_ptr().cast(), value.len()) != value.len() as isize {
+                fail(ctl, Stage::Sysctl);
+            }
+            libc::close(fd);
+        }
     }
     // SAFETY: the usual pivot into "." and lazy detach of the old root.
     unsafe {
@@ -510,6 +534,9 @@ fn supervise(workload: libc::pid_t) -> ! {
 pub fn exec_intermediate(plan: &JoinPlan) -> ! {
     let ctl = plan.ctl;
     block_all_signals();
+    // Inherited by the process it clones, which waits in the container's
+    // PID namespace before it becomes the workload.
+    undumpable();
     close_others(&plan.keep_fds);
     // SAFETY: as in container_init.
     unsafe {
@@ -543,6 +570,7 @@ pub fn exec_intermediate(plan: &JoinPlan) -> ! {
 /// Becomes the workload: session, stdio, limits, identity, capabilities,
 /// then execve. Never returns.
 fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
+    undumpable();
     // SAFETY: plain system calls on pre-built data throughout.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -281,6 +281,9 @@ pub struct InitPlan {
     pub readonly_paths: Vec<CString>,
     /// OCI `root.readonly`.
     pub root_readonly: bool,
+    /// (`/proc/sys/...` path, value), written in the container's new
+    /// namespaces before it enters its root.
+    pub sysctls: Vec<(CString, Vec<u8>)>,
     /// Ignored with a terminal: the workload then gets the pty.
     pub stdio: [RawFd; 3],
     pub workload: ExecPlan,
@@ -294,6 +297,16 @@ pub struct JoinPlan {
     pub namespaces: Vec<RawFd>,
     pub stdio: [RawFd; 3],
     pub process: ExecPlan,
+}
+
+/// The validated `sysctl` map as files under /proc/sys to write.
+pub fn sysctls(map: &std::collections::BTreeMap<String, String>) -> Result<Vec<(CString, Vec<u8>)>, PlanError> {
+    map.iter()
+        .map(|(name, value)| {
+            let path = format!("/proc/sys/{}", name.replace('.', "/"));
+            Ok((cstr(path, "sysctl")?, value.as_bytes().to_vec()))
+        })
+        .collect()
 }
 
 pub fn paths(list: &[String]) -> Result<Vec<CString>, PlanError> {

@@ -130,6 +130,7 @@ mod tests {
             },
             stdio: Default::default(),
             resources: Default::default(),
+            sysctl: Default::default(),
         };
         c.validate().unwrap();
         assert!(capabilities(1000).effective.is_empty());

@@ -226,6 +226,42 @@ pub struct CreateContainer {
     pub stdio: StdioTokens,
     #[serde(default)]
     pub resources: Resources,
+    /// OCI `linux.sysctl`: namespaced ones only ([`sysctl_is_namespaced`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sysctl: std::collections::BTreeMap<String, String>,
+}
+
+/// Sysctls of the container's own IPC and UTS namespaces, and `net.*`,
+/// which belong to the network namespace its pod (the VM) shares, as
+/// Kubernetes' pod-level sysctls do. Anything else would reach every
+/// container of the VM, and is refused.
+/// Sysctls one container may set.
+pub const MAX_SYSCTLS: usize = 64;
+
+pub fn sysctl_is_namespaced(name: &str) -> bool {
+    const IPC: &[&str] = &[
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    let well_formed = !name.is_empty()
+        && name.len() <= 128
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    well_formed
+        && (IPC.contains(&name)
+            || name == "kernel.domainname"
+            || name.starts_with("fs.mqueue.")
+            || name.starts_with("net."))
 }
 
 // One request per operation, built and serialized at once: its size never
@@ -519,6 +555,26 @@ impl CreateContainer {
             check_path("masked_paths/readonly_paths", p)?;
         }
         self.resources.validate()?;
+        if self.sysctl.len() > MAX_SYSCTLS {
+            return Err(invalid(
+                "sysctl",
+                format!("{} entries; at most {MAX_SYSCTLS}", self.sysctl.len()),
+            ));
+        }
+        for (name, value) in &self.sysctl {
+            if !sysctl_is_namespaced(name) {
+                return Err(invalid(
+                    "sysctl",
+                    format!("{name:?} is not a namespaced sysctl this sandbox can set for one pod"),
+                ));
+            }
+            if value.is_empty() || value.len() > 256 || value.bytes().any(|b| b == 0 || b == b'\n') {
+                return Err(invalid(
+                    "sysctl",
+                    format!("{name}: a value of 1 to 256 bytes on one line"),
+                ));
+            }
+        }
         self.stdio.validate(self.process.terminal)?;
         self.process.validate()
     }
@@ -655,6 +711,7 @@ mod tests {
                 stdout: Some("0123456789abcdef0123456789abcdef".into()),
                 stderr: Some("fedcba9876543210fedcba9876543210".into()),
             },
+            sysctl: [("kernel.shmmax".to_string(), "123456".to_string())].into(),
             resources: Resources {
                 memory_max_bytes: Some(64 << 20),
                 pids_max: Some(100),
@@ -735,7 +792,17 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_naming_the_field() {
+        let sysctl = |name: &str, value: &str| CreateContainer {
+            sysctl: [(name.to_string(), value.to_string())].into(),
+            ..create()
+        };
         let mut cases: Vec<(CreateContainer, &str)> = vec![
+            (sysctl("kernel.panic", "1"), "sysctl"),
+            (sysctl("vm.overcommit_memory", "1"), "sysctl"),
+            (sysctl("net..x", "1"), "sysctl"),
+            (sysctl("net/../../x", "1"), "sysctl"),
+            (sysctl("kernel.shmmax", ""), "sysctl"),
+            (sysctl("kernel.shmmax", "1\n2"), "sysctl"),
             (
                 CreateContainer {
                     id: "../x".into(),

@@ -693,6 +693,7 @@ fn on_device(
         process,
         stdio: Default::default(),
         resources: Default::default(),
+        sysctl: Default::default(),
     }
 }
 

@@ -28,6 +28,8 @@ pub struct BundleSpec {
     pub resources: Resources,
     /// `root.readonly`.
     pub root_readonly: bool,
+    /// `linux.sysctl`, namespaced ones only.
+    pub sysctl: std::collections::BTreeMap<String, String>,
 }
 
 /// What the operator's configuration lets through.
@@ -66,6 +68,7 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
             .map(resources)
             .unwrap_or_default(),
         root_readonly: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+        sysctl: sysctls(&spec)?,
     })
 }
 
@@ -102,14 +105,6 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
              running unconfined (ask for an Unconfined profile to run without one)",
         );
     }
-    if let Some(sysctl) = linux.sysctl().as_ref().filter(|s| !s.is_empty()) {
-        let mut names: Vec<&str> = sysctl.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        return refuse(
-            "linux.sysctl",
-            &format!("{} cannot be set in the sandbox's guest yet", names.join(", ")),
-        );
-    }
     let mapped = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| m.as_ref().is_some_and(|m| !m.is_empty());
     let user_ns = linux
         .namespaces()
@@ -128,6 +123,31 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
         }
     }
     Ok(())
+}
+
+/// `linux.sysctl`, refusing any the guest cannot scope to this pod.
+fn sysctls(spec: &Spec) -> Result<std::collections::BTreeMap<String, String>, SpecError> {
+    let map: std::collections::BTreeMap<String, String> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut global: Vec<&str> = map
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !bulkhead_protocol::messages::sysctl_is_namespaced(n))
+        .collect();
+    if !global.is_empty() {
+        global.sort_unstable();
+        return Err(SpecError::Field(format!(
+            "linux.sysctl: {} not namespaced: in a sandbox VM it would reach every container of the pod \
+             (allowed: kernel.shm*, kernel.msg*, kernel.sem, kernel.domainname, fs.mqueue.*, net.*)",
+            global.join(", ")
+        )));
+    }
+    Ok(map)
 }
 
 fn lsm_refusal(what: &str, value: &str) -> String {
@@ -359,11 +379,16 @@ mod tests {
         let strict = SpecPolicy::default();
         let e = refused(with(r#"{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}"#, ""), strict);
         assert!(e.contains("linux.seccomp") && e.contains("not applied"), "{e}");
-        let e = refused(
-            with(r#"{"sysctl":{"kernel.shmmax":"1","net.core.somaxconn":"9"}}"#, ""),
-            strict,
+        let global = r#"{"sysctl":{"kernel.panic":"1","vm.swappiness":"9","net.core.somaxconn":"9"}}"#;
+        let e = refused(with(global, ""), strict);
+        assert!(
+            e.contains("linux.sysctl: kernel.panic, vm.swappiness not namespaced"),
+            "{e}"
         );
-        assert!(e.contains("linux.sysctl: kernel.shmmax, net.core.somaxconn"), "{e}");
+        let scoped = with(r#"{"sysctl":{"kernel.shmmax":"1","net.core.somaxconn":"9"}}"#, "");
+        let ok = parse_bundle(&scoped, strict).unwrap();
+        assert_eq!(ok.sysctl.len(), 2);
+        assert_eq!(ok.sysctl["kernel.shmmax"], "1");
         let e = refused(with(r#"{"namespaces":[{"type":"user"}]}"#, ""), strict);
         assert!(e.contains("uidMappings") && e.contains("not supported"), "{e}");
         let e = refused(

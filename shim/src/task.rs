@@ -145,6 +145,7 @@ impl Inner {
         container.hostname = bs.hostname;
         container.resources = bs.resources;
         container.root.readonly = bs.root_readonly;
+        container.sysctl = bs.sysctl;
         let plan = StdioPlan {
             stdin: !req.stdin.is_empty(),
             tty: req.terminal,

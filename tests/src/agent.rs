@@ -305,6 +305,7 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
         process,
         stdio: StdioTokens::default(),
         resources: Default::default(),
+        sysctl: Default::default(),
     }
 }
 

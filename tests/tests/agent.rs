@@ -253,6 +253,20 @@ fn host_bounding_set_has(cap: u32) -> bool {
     u64::from_str_radix(hex, 16).unwrap() & (1 << cap) != 0
 }
 
+/// The agent's children are undumpable until `execve`; the workload itself
+/// must come out dumpable, or a non-root workload could not read its own
+/// /proc/self/environ (and debuggers and core dumps would break).
+#[test]
+fn a_workload_is_dumpable_again_after_execve() {
+    let agent = Agent::start();
+    // An undumpable process's /proc files belong to root.
+    let mut p = sh("grep -c MARK=x /proc/self/environ; ls -ln /proc/self/environ | awk '{print $3}'; id -u");
+    p.env.push("MARK=x".into());
+    p.user.uid = 1000;
+    let (status, out, err) = agent.run(p);
+    assert_eq!((status, out.as_str()), (0, "1\n1000\n1000\n"), "stderr: {err}");
+}
+
 #[test]
 fn terminal_for_a_container_and_an_exec() {
     let agent = Agent::start();
@@ -1048,6 +1062,26 @@ fn read_only_root_refuses_writes_but_not_to_its_mounts() {
     // The default stays writable.
     let (status, out, err) = agent.run(sh("echo x > /newfile && cat /newfile"));
     assert_eq!((status, out.as_str()), (0, "x\n"), "stderr: {err}");
+}
+
+/// Namespaced sysctls land in the container's own IPC namespace, not the
+/// agent's (here the host's, in the guest the VM's).
+#[test]
+fn sysctls_are_set_in_the_containers_namespaces() {
+    let agent = Agent::start();
+    let host_shmmax = fs::read_to_string("/proc/sys/kernel/shmmax").unwrap();
+    let mut c = container(
+        &unique_id("sysctl"),
+        sh("cat /proc/sys/kernel/shmmax /proc/sys/fs/mqueue/msg_max"),
+    );
+    c.sysctl = [
+        ("kernel.shmmax".to_string(), "123456789".to_string()),
+        ("fs.mqueue.msg_max".to_string(), "17".to_string()),
+    ]
+    .into();
+    let (status, out, err) = agent.run_container(c);
+    assert_eq!((status, out.as_str()), (0, "123456789\n17\n"), "stderr: {err}");
+    assert_eq!(fs::read_to_string("/proc/sys/kernel/shmmax").unwrap(), host_shmmax);
 }
 
 #[test]
