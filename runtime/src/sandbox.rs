@@ -461,7 +461,6 @@ impl Sandbox {
         let unanswered = SandboxError::Unanswered { op, after: deadline };
         let mut client = match agent_conn::connect_agent_bounded(&self.vsock, deadline) {
             Ok(c) => c,
-            Err(ConnError::TimedOut(_)) => return Err(unanswered),
             Err(e) if timed_out(&e) => return Err(unanswered),
             Err(e) => return Err(self.explain(e)),
         };
@@ -755,10 +754,15 @@ impl Collector {
     }
 }
 
-/// A read on a bounded stream that ran out of time (during the hello).
+/// A bounded connection that ran out of time, waiting or in the hello.
 fn timed_out(e: &ConnError) -> bool {
-    matches!(e, ConnError::Client(ClientError::Frame(FrameError::Io(io)))
-        if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    match e {
+        ConnError::TimedOut(_) => true,
+        ConnError::Client(ClientError::Frame(FrameError::Io(io))) => {
+            matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

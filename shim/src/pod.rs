@@ -176,10 +176,11 @@ impl Pod {
                 // the guest holds nothing worth a clean shutdown.
                 Ok(sb) => drop(sb),
                 Err(sb) => {
-                    // A waiter still holds it: kill the VM through its pid.
-                    // SAFETY: kill(2) with a pid we started and have not reaped.
-                    unsafe { libc::kill(sb.vmm_pid() as libc::pid_t, libc::SIGKILL) };
-                    drop(sb);
+                    // A waiter still holds it: kill the VM through its
+                    // handle (never a reused pid), as kill_vm does.
+                    if let Err(e) = sb.kill_vmm() {
+                        tracing::warn!("killing the sandbox VM: {e}");
+                    }
                 }
             }
         }

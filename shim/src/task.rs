@@ -119,6 +119,11 @@ impl Inner {
         Ok(loaded)
     }
 
+    /// The deadline of control calls to the agent.
+    fn agent_timeout(&self) -> TResult<std::time::Duration> {
+        Ok(self.config(None)?.agent_timeout())
+    }
+
     fn proc(&self, id: &str, exec_id: &str) -> TResult<Arc<Proc>> {
         let cs = lock(&self.containers);
         let c = cs
@@ -315,7 +320,7 @@ impl Task for Service {
         }
         let mut unmounted = false;
         if let Ok(sb) = inner.pod.sandbox() {
-            let deadline = inner.config(None)?.agent_timeout();
+            let deadline = inner.agent_timeout()?;
             let forgot = sb.with_deadline("delete", deadline, |c| {
                 if matches!(state, ProcState::Created) {
                     // Never started: end its waiting init first.
@@ -363,7 +368,7 @@ impl Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TResult<api::PidsResponse> {
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = self.inner.config(None)?.agent_timeout();
+        let deadline = self.inner.agent_timeout()?;
         let answer = sb.with_deadline("list_processes", deadline, |c| {
             c.call(&Request::ListProcesses { container_id: req.id })
         });
@@ -405,7 +410,7 @@ impl Task for Service {
         }
         let signal = i32::try_from(req.signal).map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal"))?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = self.inner.config(None)?.agent_timeout();
+        let deadline = self.inner.agent_timeout()?;
         let sent = sb.with_deadline("signal", deadline, |c| {
             c.call_ok(&Request::Signal {
                 container_id: req.id.clone(),
@@ -473,7 +478,7 @@ impl Task for Service {
     fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TResult<Empty> {
         let proc = self.inner.proc(&req.id, &req.exec_id)?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = self.inner.config(None)?.agent_timeout();
+        let deadline = self.inner.agent_timeout()?;
         let dim = |v: u32| u16::try_from(v).map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "window size"));
         let request = Request::ResizeTty {
             container_id: req.id.clone(),
@@ -492,7 +497,7 @@ impl Task for Service {
         }
         let proc = self.inner.proc(&req.id, &req.exec_id)?;
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = self.inner.config(None)?.agent_timeout();
+        let deadline = self.inner.agent_timeout()?;
         let request = Request::CloseStdin {
             container_id: req.id.clone(),
             exec_id: proc.exec_opt(),
@@ -518,7 +523,7 @@ impl Task for Service {
         };
         request.validate().map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         let sb = inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = inner.config(None)?.agent_timeout();
+        let deadline = inner.agent_timeout()?;
         sb.with_deadline("update", deadline, |c| c.call_ok(&request))
             .map_err(agent_err)?;
         Ok(Empty::new())
@@ -536,7 +541,7 @@ impl Task for Service {
 
     fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TResult<api::StatsResponse> {
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
-        let deadline = self.inner.config(None)?.agent_timeout();
+        let deadline = self.inner.agent_timeout()?;
         let answer = sb.with_deadline("stats", deadline, |c| c.call(&Request::Stats { container_id: req.id }));
         let s = match answer {
             Ok(Response::Stats { stats }) => stats,
