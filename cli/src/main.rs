@@ -122,6 +122,11 @@ struct RunArgs {
     /// User: UID or UID:GID.
     #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
     user: Option<String>,
+    /// Run a helper init as PID 1 that forwards signals to the command and
+    /// reaps orphans (otherwise the command is PID 1 and, as under runc,
+    /// gets only the signals it handles, and SIGKILL).
+    #[arg(long)]
+    init: bool,
     /// Give the command a terminal.
     #[arg(short = 't', long = "tty")]
     tty: bool,
@@ -193,6 +198,7 @@ fn run_options(a: RunArgs) -> RunOptions {
         artifacts: a.artifacts.into(),
         rootfs: a.rootfs,
         read_only: a.read_only,
+        init: a.init,
         cpus: a.cpus,
         memory_mib: a.memory,
         process: ProcessFlags {

@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub rootfs: Option<PathBuf>,
     /// `--read-only`: the container's `/` is read-only.
     pub read_only: bool,
+    /// `--init`: a helper PID 1 forwards signals to the command.
+    pub init: bool,
     pub cpus: u8,
     pub memory_mib: u32,
     pub process: ProcessFlags,
@@ -127,6 +129,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
     let mut container = sandbox::container_spec(CONTAINER_ID, process, &image);
     container.hostname = Some(opts.process.hostname.clone());
     container.root.readonly = opts.read_only;
+    container.init = opts.init;
     container.validate().map_err(Failure::sandbox)?;
     let cfg = SandboxConfig {
         vcpus: opts.cpus,

@@ -9,7 +9,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use bulkhead_protocol::messages::{CreateContainer, ErrorKind, Process, Response, StdioTokens};
+use bulkhead_protocol::messages::{
+    CreateContainer, ErrorKind, Mount, Process, Response, SharedNamespaces, StdioTokens,
+};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::child::{self, TAG_PID, TAG_READY};
@@ -134,14 +136,38 @@ struct Container {
     ctl: Option<OwnedFd>,
     started: bool,
     cgroup: Cgroup,
-    /// The init's namespaces, in setns order, for `exec`.
+    /// The init's namespaces, in setns order ([`NAMESPACES`]), for `exec`
+    /// and for containers that join them.
     namespaces: Vec<File>,
+    /// The init is a helper that started the workload as its child.
+    helper_init: bool,
     /// Innermost last; unmounted in reverse on delete.
     mounts: Vec<PathBuf>,
     dir: PathBuf,
     /// As the host named it (`/dev/vdX`).
     root_device: String,
     execs: HashMap<String, Proc>,
+}
+
+/// A container's namespaces as `exec` joins them: mnt last, since
+/// entering it changes how later paths resolve.
+const NAMESPACES: [&str; 5] = ["cgroup", "ipc", "uts", "pid", "mnt"];
+
+impl Container {
+    fn namespace(&self, kind: &str) -> Option<&File> {
+        NAMESPACES
+            .iter()
+            .position(|n| *n == kind)
+            .and_then(|i| self.namespaces.get(i))
+    }
+}
+
+/// Descriptors of the namespaces a new container joins.
+#[derive(Default)]
+struct Joined {
+    ipc: Option<OwnedFd>,
+    uts: Option<OwnedFd>,
+    pid: Option<OwnedFd>,
 }
 
 /// Whose exit a pid is, so the reaper can record it.
@@ -350,6 +376,22 @@ impl Agent {
 
         let mut steps = Vec::new();
         for (i, m) in c.mounts.iter().enumerate() {
+            if m.destination.trim_end_matches('/') == "/dev/shm" && m.kind == "tmpfs" {
+                let shm = self.shared_memory(c, m, dir, mounts)?;
+                let bind = Mount {
+                    destination: m.destination.clone(),
+                    kind: "bind".into(),
+                    source: String::new(),
+                    options: ["rbind", "nosuid", "nodev", "noexec"].map(String::from).to_vec(),
+                };
+                steps.push(MountStep::new(
+                    &rootfs,
+                    &bind,
+                    &shm.to_string_lossy(),
+                    Path::new("/dev"),
+                )?);
+                continue;
+            }
             let mut source = m.source.clone();
             if m.kind == "bind" && source.starts_with("/dev/vd") {
                 // A bind from a disk: mount the disk in the agent, bind that.
@@ -377,6 +419,7 @@ impl Agent {
                 started: false,
                 cgroup,
                 namespaces,
+                helper_init: c.init,
                 mounts: mounts.clone(),
                 dir: dir.to_path_buf(),
                 root_device: c.root.device.clone(),
@@ -404,6 +447,11 @@ impl Agent {
             let (fds, h) = stdio::pipes(streams).map_err(failed("stdio"))?;
             (Some(fds), h, None)
         };
+        let joined = self.joined(&c.join)?;
+        let join: Vec<(libc::c_int, RawFd)> = [(libc::CLONE_NEWIPC, &joined.ipc), (libc::CLONE_NEWUTS, &joined.uts)]
+            .into_iter()
+            .filter_map(|(t, fd)| fd.as_ref().map(|f| (t, f.as_raw_fd())))
+            .collect();
         let (ours, theirs) = ctl::pair().map_err(failed("control socket"))?;
         let procs = cgroup.procs_file()?;
         let stdio_fds: [RawFd; 3] = child_io
@@ -412,7 +460,12 @@ impl Agent {
         let plan = InitPlan {
             ctl: theirs.as_raw_fd(),
             cgroup_procs: procs.as_raw_fd(),
-            keep_fds: plan::keep(stdio_fds.into_iter().chain([theirs.as_raw_fd(), procs.as_raw_fd()])),
+            keep_fds: plan::keep(
+                stdio_fds
+                    .into_iter()
+                    .chain(join.iter().map(|(_, fd)| *fd))
+                    .chain([theirs.as_raw_fd(), procs.as_raw_fd()]),
+            ),
             mounts: steps,
             hostname: c
                 .hostname
@@ -427,24 +480,40 @@ impl Agent {
             sysctls: plan::sysctls(&c.sysctl)?,
             stdio: stdio_fds,
             workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?,
+            join,
+            helper_init: c.init,
         };
-        let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-        // Hold the state lock across the clone, so the reaper cannot see
-        // the init's exit before its owner is registered.
-        let mut st = self.lock();
-        let pid = child::raw_clone(flags as libc::c_ulong);
-        if pid == 0 {
-            child::container_init(&plan);
+        let mut flags = libc::CLONE_NEWNS;
+        for (new, shared) in [
+            (libc::CLONE_NEWIPC, joined.ipc.is_some()),
+            (libc::CLONE_NEWUTS, joined.uts.is_some()),
+            (libc::CLONE_NEWPID, joined.pid.is_some()),
+        ] {
+            if !shared {
+                flags |= new;
+            }
         }
-        if pid < 0 {
-            return Err(OpError::Failed(format!(
-                "starting the container init: {}",
-                io::Error::last_os_error()
-            )));
-        }
-        st.register(pid, (c.id.clone(), None));
-        drop(st);
-        drop((theirs, procs, child_io));
+        let pid = match &joined.pid {
+            None => {
+                // Hold the state lock across the clone, so the reaper cannot
+                // see the init's exit before its owner is registered.
+                let mut st = self.lock();
+                let pid = child::raw_clone(flags as libc::c_ulong);
+                if pid == 0 {
+                    child::container_init(&plan);
+                }
+                if pid < 0 {
+                    return Err(OpError::Failed(format!(
+                        "starting the container init: {}",
+                        io::Error::last_os_error()
+                    )));
+                }
+                st.register(pid, (c.id.clone(), None));
+                pid
+            }
+            Some(pid_ns) => self.init_in_pid_namespace(&plan, pid_ns, flags, &ours, &c.id)?,
+        };
+        drop((theirs, procs, child_io, joined));
         let mut init = Proc::new(pid, Handles::default());
 
         let abort = |msg: String| {
@@ -463,7 +532,7 @@ impl Agent {
             other => return Err(abort(format!("creating the container: {}", other.describe()))),
         }
         init.io = handles;
-        let namespaces = ["cgroup", "ipc", "uts", "pid", "mnt"]
+        let namespaces = NAMESPACES
             .iter()
             .map(|ns| File::open(format!("/proc/{pid}/ns/{ns}")))
             .collect::<io::Result<Vec<_>>>()
@@ -471,8 +540,102 @@ impl Agent {
         Ok((init, ours, namespaces))
     }
 
+    /// The tmpfs behind a container's `/dev/shm`, kept in the agent's view
+    /// so that containers joining its IPC namespace bind the same one:
+    /// POSIX shared memory lives there, not in the namespace.
+    fn shared_memory(
+        &self,
+        c: &CreateContainer,
+        m: &Mount,
+        dir: &Path,
+        mounts: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, OpError> {
+        if let Some(owner) = &c.join.ipc {
+            let theirs = self.cfg.state_dir.join(owner).join("shm");
+            if self.lock().containers.contains_key(owner) && theirs.is_dir() {
+                return Ok(theirs);
+            }
+            return Err(OpError::NotFound(format!(
+                "join.ipc: no container {owner:?} with a /dev/shm"
+            )));
+        }
+        let shm = dir.join("shm");
+        fs::create_dir_all(&shm).map_err(failed("/dev/shm"))?;
+        let data: Vec<&str> = m
+            .options
+            .iter()
+            .map(String::as_str)
+            .filter(|o| o.contains('='))
+            .collect();
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        mount("shm", &shm, "tmpfs", flags, &data.join(",")).map_err(failed("/dev/shm"))?;
+        mounts.push(shm.clone());
+        Ok(shm)
+    }
+
+    /// The namespaces `join` names, from containers of this VM that are
+    /// still running (or created, waiting for `start`).
+    fn joined(&self, join: &SharedNamespaces) -> Result<Joined, OpError> {
+        let st = self.lock();
+        let take = |kind: &str, owner: &Option<String>| -> Result<Option<OwnedFd>, OpError> {
+            let Some(owner) = owner else { return Ok(None) };
+            let c = st
+                .containers
+                .get(owner)
+                .ok_or_else(|| OpError::NotFound(format!("join.{kind}: no container {owner:?}")))?;
+            if c.init.status.is_some() {
+                return Err(OpError::Failed(format!(
+                    "join.{kind}: container {owner:?} has exited; its namespaces are gone"
+                )));
+            }
+            let ns = c
+                .namespace(kind)
+                .ok_or_else(|| OpError::Failed(format!("join.{kind}: {owner:?} has no such namespace")))?;
+            Ok(Some(ns.try_clone().map(OwnedFd::from).map_err(failed("namespaces"))?))
+        };
+        Ok(Joined {
+            ipc: take("ipc", &join.ipc)?,
+            uts: take("uts", &join.uts)?,
+            pid: take("pid", &join.pid)?,
+        })
+    }
+
+    /// Starts the init of a container inside another's PID namespace
+    /// through a middle process; registers the init before it runs on.
+    fn init_in_pid_namespace(
+        &self,
+        plan: &InitPlan,
+        pid_ns: &OwnedFd,
+        flags: libc::c_int,
+        ours: &OwnedFd,
+        id: &str,
+    ) -> Result<i32, OpError> {
+        let mut st = self.lock();
+        let middle = child::raw_clone(0);
+        if middle == 0 {
+            child::init_in_pid_namespace(plan, pid_ns.as_raw_fd(), flags as libc::c_ulong);
+        }
+        if middle < 0 {
+            return Err(OpError::Failed(format!(
+                "starting the container init: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        st.intermediates.insert(middle);
+        drop(st);
+        let pid = match ctl::recv(ours).map_err(failed("container init"))? {
+            Record::Ok {
+                tag: TAG_PID, value, ..
+            } => value,
+            other => return Err(OpError::Failed(format!("creating the container: {}", other.describe()))),
+        };
+        self.lock().register(pid, (id.to_string(), None));
+        ctl::send_byte(ours, b'G').map_err(failed("container init"))?;
+        Ok(pid)
+    }
+
     pub fn start(&self, id: &str) -> Result<u32, OpError> {
-        let (ctl, init_pid) = {
+        let (ctl, init_pid, helper) = {
             let mut st = self.lock();
             let c = st
                 .containers
@@ -486,14 +649,18 @@ impl Agent {
                 .ctl
                 .take()
                 .ok_or_else(|| OpError::Failed("container has no control socket".into()))?;
-            (ctl, c.init.pid)
+            (ctl, c.init.pid, c.helper_init)
         };
         ctl::send_byte(&ctl, b'S').map_err(failed("starting (the container init is gone)"))?;
         match ctl::recv(&ctl).map_err(failed("starting"))? {
             Record::Closed => {}
             other => return Err(OpError::Failed(format!("starting: {}", other.describe()))),
         }
-        let workload = child_of(init_pid).unwrap_or(init_pid as u32);
+        let workload = if helper {
+            child_of(init_pid).unwrap_or(init_pid as u32)
+        } else {
+            init_pid as u32
+        };
         tracing::info!(container = %id, pid = workload, "started");
         Ok(workload)
     }

@@ -342,6 +342,10 @@ pub fn container_init(plan: &InitPlan) -> ! {
     // SAFETY: plain system calls on pre-built data.
     unsafe {
         libc::close(plan.cgroup_procs);
+        for &(nstype, fd) in &plan.join {
+            check(libc::setns(fd, nstype), ctl, Stage::Setns);
+            libc::close(fd);
+        }
         check(libc::unshare(libc::CLONE_NEWCGROUP), ctl, Stage::Namespaces);
         let ret = libc::mount(
             std::ptr::null(),
@@ -426,6 +430,11 @@ pub fn container_init(plan: &InitPlan) -> ! {
     if n != 1 || go[0] != b'S' {
         // SAFETY: as in fail().
         unsafe { libc::_exit(0) };
+    }
+    if !plan.helper_init {
+        // The workload is PID 1 of its namespace, as under runc; the agent
+        // is its parent and reaps it.
+        exec_process(&plan.workload, stdio, ctl);
     }
     let workload = raw_clone(0);
     if workload < 0 {
@@ -526,6 +535,37 @@ fn supervise(workload: libc::pid_t) -> ! {
             }
         }
     }
+}
+
+/// A container that shares another's PID namespace: its init must be
+/// created inside it (a process cannot enter a PID namespace itself), so
+/// this middle process joins it, clones the init as a child of the agent
+/// (CLONE_PARENT), reports the init's pid and exits. The init waits for
+/// the agent to register it ('G'), then carries on as `container_init`.
+pub fn init_in_pid_namespace(plan: &InitPlan, pid_ns: RawFd, flags: libc::c_ulong) -> ! {
+    let ctl = plan.ctl;
+    block_all_signals();
+    undumpable();
+    // SAFETY: setns on a descriptor the agent opened for this call.
+    check(unsafe { libc::setns(pid_ns, libc::CLONE_NEWPID) }, ctl, Stage::Setns);
+    let pid = raw_clone(flags | libc::CLONE_PARENT as libc::c_ulong);
+    if pid < 0 {
+        fail(ctl, Stage::Clone);
+    }
+    if pid == 0 {
+        let mut go = [0u8; 1];
+        // SAFETY: reads one byte into a stack buffer; closes our copy.
+        unsafe {
+            if libc::read(ctl, go.as_mut_ptr().cast(), 1) != 1 || go[0] != b'G' {
+                libc::_exit(127);
+            }
+            libc::close(pid_ns);
+        }
+        container_init(plan);
+    }
+    record(ctl, TAG_PID, 0, pid);
+    // SAFETY: as in fail().
+    unsafe { libc::_exit(0) }
 }
 
 /// `exec`: joins the container (cgroup, namespaces), then clones the

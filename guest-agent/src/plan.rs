@@ -287,6 +287,12 @@ pub struct InitPlan {
     /// Ignored with a terminal: the workload then gets the pty.
     pub stdio: [RawFd; 3],
     pub workload: ExecPlan,
+    /// Another container's IPC and UTS namespaces (nstype, descriptor),
+    /// joined before anything is set in them.
+    pub join: Vec<(libc::c_int, RawFd)>,
+    /// A helper PID 1 that forwards signals to the workload and reaps;
+    /// otherwise the init becomes the workload.
+    pub helper_init: bool,
 }
 
 pub struct JoinPlan {

@@ -131,6 +131,8 @@ mod tests {
             stdio: Default::default(),
             resources: Default::default(),
             sysctl: Default::default(),
+            join: Default::default(),
+            init: false,
         };
         c.validate().unwrap();
         assert!(capabilities(1000).effective.is_empty());

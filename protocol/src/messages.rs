@@ -229,6 +229,39 @@ pub struct CreateContainer {
     /// OCI `linux.sysctl`: namespaced ones only ([`sysctl_is_namespaced`]).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub sysctl: std::collections::BTreeMap<String, String>,
+    /// Namespaces joined from another container of the pod instead of
+    /// made new, as a pod's app containers join its sandbox's.
+    #[serde(default, skip_serializing_if = "SharedNamespaces::is_empty")]
+    pub join: SharedNamespaces,
+    /// A helper init as PID 1 that reaps and forwards every signal; by
+    /// default the workload is PID 1 of its namespace, as under runc.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
+}
+
+/// For each namespace kind, the container whose namespace to join; `None`
+/// gives the container a new one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedNamespaces {
+    #[serde(default)]
+    pub ipc: Option<String>,
+    #[serde(default)]
+    pub uts: Option<String>,
+    #[serde(default)]
+    pub pid: Option<String>,
+}
+
+impl SharedNamespaces {
+    pub fn is_empty(&self) -> bool {
+        self.ipc.is_none() && self.uts.is_none() && self.pid.is_none()
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_optional_id("join.ipc", &self.ipc)?;
+        check_optional_id("join.uts", &self.uts)?;
+        check_optional_id("join.pid", &self.pid)
+    }
 }
 
 /// Sysctls of the container's own IPC and UTS namespaces, and `net.*`,
@@ -555,6 +588,13 @@ impl CreateContainer {
             check_path("masked_paths/readonly_paths", p)?;
         }
         self.resources.validate()?;
+        self.join.validate()?;
+        if self.hostname.is_some() && self.join.uts.is_some() {
+            return Err(invalid(
+                "hostname",
+                "set in a UTS namespace joined from another container; the owner of the namespace sets it",
+            ));
+        }
         if self.sysctl.len() > MAX_SYSCTLS {
             return Err(invalid(
                 "sysctl",
@@ -712,6 +752,12 @@ mod tests {
                 stderr: Some("fedcba9876543210fedcba9876543210".into()),
             },
             sysctl: [("kernel.shmmax".to_string(), "123456".to_string())].into(),
+            join: SharedNamespaces {
+                ipc: Some("pause".into()),
+                uts: None,
+                pid: None,
+            },
+            init: false,
             resources: Resources {
                 memory_max_bytes: Some(64 << 20),
                 pids_max: Some(100),
@@ -878,6 +924,26 @@ mod tests {
                     ..create()
                 },
                 "mounts.type",
+            ),
+            (
+                CreateContainer {
+                    join: SharedNamespaces {
+                        pid: Some("../x".into()),
+                        ..Default::default()
+                    },
+                    ..create()
+                },
+                "join.pid",
+            ),
+            (
+                CreateContainer {
+                    join: SharedNamespaces {
+                        uts: Some("pause".into()),
+                        ..Default::default()
+                    },
+                    ..create()
+                },
+                "hostname",
             ),
             (
                 CreateContainer {

@@ -693,6 +693,8 @@ fn on_device(
         stdio: Default::default(),
         resources: Default::default(),
         sysctl: Default::default(),
+        join: Default::default(),
+        init: false,
     }
 }
 

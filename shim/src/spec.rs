@@ -30,6 +30,42 @@ pub struct BundleSpec {
     pub root_readonly: bool,
     /// `linux.sysctl`, namespaced ones only.
     pub sysctl: std::collections::BTreeMap<String, String>,
+    /// `linux.namespaces` entries naming an existing namespace by path.
+    pub joins: Vec<NamespaceJoin>,
+    /// The annotation [`ANNOTATION_INIT`] asks for a helper init.
+    pub helper_init: bool,
+}
+
+/// Asks for a helper PID 1 that forwards every signal to the workload and
+/// reaps orphans (as `docker run --init`); by default the workload is PID
+/// 1, as under runc.
+pub const ANNOTATION_INIT: &str = "io.bulkhead.init";
+
+/// A namespace kind the guest can share between a pod's containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedKind {
+    Ipc,
+    Uts,
+    Pid,
+}
+
+impl SharedKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SharedKind::Ipc => "ipc",
+            SharedKind::Uts => "uts",
+            SharedKind::Pid => "pid",
+        }
+    }
+}
+
+/// `{"type": kind, "path": "/proc/<pid>/ns/<kind>"}`: join the namespace
+/// of the process `pid`, which for a pod is its sandbox container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceJoin {
+    pub kind: SharedKind,
+    pub pid: u32,
+    pub path: String,
 }
 
 /// What the operator's configuration lets through.
@@ -69,7 +105,59 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
             .unwrap_or_default(),
         root_readonly: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
         sysctl: sysctls(&spec)?,
+        joins: namespace_joins(&spec)?,
+        helper_init: match spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION_INIT)) {
+            None => false,
+            Some(v) if v == "true" => true,
+            Some(v) if v == "false" => false,
+            Some(v) => {
+                return Err(SpecError::Field(format!(
+                    "annotation {ANNOTATION_INIT}: {v:?} is neither \"true\" nor \"false\""
+                )))
+            }
+        },
     })
+}
+
+/// The `linux.namespaces` entries with a path. A pod's app containers
+/// name their sandbox's IPC, UTS (and, when shared, PID) namespaces as
+/// `/proc/<sandbox pid>/ns/<kind>`: inside the VM that pid is the guest's,
+/// and the container joins them there. The network namespace is the VM's
+/// for every container of the pod, so its path is not followed; mount and
+/// cgroup namespaces are always the container's own.
+fn namespace_joins(spec: &Spec) -> Result<Vec<NamespaceJoin>, SpecError> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let mut joins = Vec::new();
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for ns in namespaces {
+        let kind = match ns.typ() {
+            T::Ipc => SharedKind::Ipc,
+            T::Uts => SharedKind::Uts,
+            T::Pid => SharedKind::Pid,
+            _ => continue,
+        };
+        let Some(path) = ns.path().as_ref() else { continue };
+        let path = path.to_string_lossy().into_owned();
+        let pid = path
+            .strip_prefix("/proc/")
+            .and_then(|rest| rest.strip_suffix(&format!("/ns/{}", kind.name())))
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| {
+                SpecError::Field(format!(
+                    "linux.namespaces: {} path {path:?}: a sandbox VM can only join the namespace of another \
+                     container of its pod, named as /proc/<pid>/ns/{}",
+                    kind.name(),
+                    kind.name()
+                ))
+            })?;
+        joins.push(NamespaceJoin { kind, pid, path });
+    }
+    Ok(joins)
 }
 
 /// The bundle's annotations alone (empty when unreadable): `start` groups
@@ -365,6 +453,44 @@ mod tests {
         let bind = spec(r#"[{"destination":"/x","type":"bind","source":"/y"}]"#);
         assert!(parse_bundle(&bind, SpecPolicy::default()).is_err());
         assert!(parse_bundle(&spec(r#"{"not":"a list"}"#), SpecPolicy::default()).is_err());
+    }
+
+    #[test]
+    fn pod_namespaces_are_joined_by_the_pid_in_their_path() {
+        let with = |linux: &str, annotations: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},"linux":{linux}{annotations}}}"#
+            )
+            .into_bytes()
+        };
+        let app = with(
+            r#"{"namespaces":[{"type":"network","path":"/var/run/netns/cni-1"},{"type":"ipc","path":"/proc/42/ns/ipc"},
+               {"type":"uts","path":"/proc/42/ns/uts"},{"type":"pid"},{"type":"mount"},{"type":"cgroup"}]}"#,
+            "",
+        );
+        let s = parse_bundle(&app, SpecPolicy::default()).unwrap();
+        let kinds: Vec<(SharedKind, u32)> = s.joins.iter().map(|j| (j.kind, j.pid)).collect();
+        assert_eq!(kinds, [(SharedKind::Ipc, 42), (SharedKind::Uts, 42)]);
+        assert!(!s.helper_init);
+        for bad in [
+            r#"{"namespaces":[{"type":"pid","path":"/proc/42/ns/ipc"}]}"#,
+            r#"{"namespaces":[{"type":"ipc","path":"/var/run/ipcns/x"}]}"#,
+            r#"{"namespaces":[{"type":"uts","path":"/proc/0/ns/uts"}]}"#,
+        ] {
+            let e = parse_bundle(&with(bad, ""), SpecPolicy::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("linux.namespaces") && e.contains("/proc/<pid>/ns/"), "{e}");
+        }
+        let init = with("{}", r#","annotations":{"io.bulkhead.init":"true"}"#);
+        assert!(parse_bundle(&init, SpecPolicy::default()).unwrap().helper_init);
+        let e = parse_bundle(
+            &with("{}", r#","annotations":{"io.bulkhead.init":"yes"}"#),
+            SpecPolicy::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(ANNOTATION_INIT), "{e}");
     }
 
     #[test]

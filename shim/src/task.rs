@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bulkhead_protocol::messages::{Request, Response};
+use bulkhead_protocol::messages::{Request, Response, SharedNamespaces};
 use bulkhead_runtime::rootfs::{ImageCache, RootfsImage};
 use bulkhead_runtime::sandbox::{self, Sandbox};
 use bulkhead_runtime::stdio::StdioPlan;
@@ -136,6 +136,44 @@ impl Inner {
     }
 
     /// Creates container `req` in the VM `sb`, its root image on `disk`.
+    /// Which running container of this pod owns each namespace the spec
+    /// names by path (`/proc/<pid>/ns/<kind>`, the pid this shim reported
+    /// for the container's Start).
+    fn shared_namespaces(&self, joins: &[spec::NamespaceJoin]) -> TResult<SharedNamespaces> {
+        let containers = lock(&self.containers);
+        let mut shared = SharedNamespaces::default();
+        for j in joins {
+            let owner = containers
+                .iter()
+                .find(|(_, c)| {
+                    c.procs
+                        .get("")
+                        .is_some_and(|p| p.pid() == j.pid && matches!(p.snapshot().0, ProcState::Running))
+                })
+                .map(|(id, _)| id.clone())
+                .ok_or_else(|| {
+                    rpc_err(
+                        Code::INVALID_ARGUMENT,
+                        format!(
+                            "linux.namespaces: {} path {:?}: pid {} is no running container of this pod \
+                             (a sandbox VM cannot join a host namespace)",
+                            j.kind.name(),
+                            j.path,
+                            j.pid
+                        ),
+                    )
+                })?;
+            tracing::info!(namespace = j.kind.name(), %owner, "joining a pod namespace");
+            let slot = match j.kind {
+                spec::SharedKind::Ipc => &mut shared.ipc,
+                spec::SharedKind::Uts => &mut shared.uts,
+                spec::SharedKind::Pid => &mut shared.pid,
+            };
+            *slot = Some(owner);
+        }
+        Ok(shared)
+    }
+
     fn create_in(
         &self,
         sb: &Sandbox,
@@ -151,6 +189,8 @@ impl Inner {
         container.resources = bs.resources;
         container.root.readonly = bs.root_readonly;
         container.sysctl = bs.sysctl;
+        container.init = bs.helper_init;
+        container.join = self.shared_namespaces(&bs.joins)?;
         let plan = StdioPlan {
             stdin: !req.stdin.is_empty(),
             tty: req.terminal,

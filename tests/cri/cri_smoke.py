@@ -40,6 +40,12 @@ container = rt.CreateContainer(
             image=pb.ImageSpec(image=image),
             command=["sh", "-c", "echo from-cri; test -e /image-name || echo app-root; exec sleep 1000"],
             log_path="app.log",
+            # The kubelet's default: a PID namespace of the container's own.
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER)
+                )
+            ),
         ),
         sandbox_config=pod_config,
     ),
@@ -50,6 +56,40 @@ status = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=container), t
 seen["state"] = pb.ContainerState.Name(status.state)
 ex = rt.ExecSync(pb.ExecSyncRequest(container_id=container, cmd=["sh", "-c", "echo exec-ok; exit 4"], timeout=LONG), timeout=LONG)
 seen["exec"] = {"stdout": ex.stdout.decode(), "exit_code": ex.exit_code}
+
+# Pod semantics: a second app container shares the sandbox's UTS and IPC
+# namespaces (hostname, SysV/POSIX IPC, /dev/shm) with the first. The
+# first has a PID namespace of its own, where its workload is PID 1; the
+# second shares the pod's (shareProcessNamespace), where the pause is.
+VIEW = "hostname; for ns in uts ipc; do readlink /proc/self/ns/$ns; done; tr '\\0' ' ' < /proc/1/cmdline; echo"
+
+
+def exec_out(cid, script):
+    r = rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script], timeout=LONG), timeout=LONG)
+    return {"stdout": r.stdout.decode(), "stderr": r.stderr.decode(), "exit_code": r.exit_code}
+
+
+seen["app_view"] = exec_out(container, VIEW + "; echo pod-shm > /dev/shm/obj")
+second = rt.CreateContainer(
+    pb.CreateContainerRequest(
+        pod_sandbox_id=pod,
+        config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="second"),
+            image=pb.ImageSpec(image=image),
+            command=["sleep", "1001"],
+            log_path="second.log",
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.POD)
+                )
+            ),
+        ),
+        sandbox_config=pod_config,
+    ),
+    timeout=LONG,
+).container_id
+rt.StartContainer(pb.StartContainerRequest(container_id=second), timeout=LONG)
+seen["second_view"] = exec_out(second, VIEW + "; cat /dev/shm/obj")
 deadline = time.time() + 60
 log = ""
 while time.time() < deadline:

@@ -306,6 +306,8 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
         stdio: StdioTokens::default(),
         resources: Default::default(),
         sysctl: Default::default(),
+        join: Default::default(),
+        init: false,
     }
 }
 
@@ -563,6 +565,26 @@ impl Agent {
         let mut c = self.connect();
         let kind = refusal(c.wait("no-such-container", None));
         assert_eq!(kind, ErrorKind::NotFound);
+    }
+
+    /// After streams the agent will close on its own: a new one is served
+    /// again once it has noticed (bounded by [`TIMEOUT`]).
+    pub fn serves_again(&mut self) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            match Client::handshake(self.stream(), "agent-tier") {
+                Ok(mut c) => {
+                    assert_eq!(refusal(c.wait("no-such-container", None)), ErrorKind::NotFound);
+                    return;
+                }
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent serves no new stream: {e}\nits output:\n{}",
+                    self.log()
+                ),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Opens and attaches the streams of `plan` to the agent's stdio socket.

@@ -205,7 +205,12 @@ impl Containerd {
             &c.dir.path().join("image-pause"),
             PAUSE_IMAGE,
             &[
-                ("pause", "#!/bin/sh\nexec sleep 2147483647\n", 0o755),
+                // As the real pause: PID 1 that ends on SIGTERM or SIGINT.
+                (
+                    "pause",
+                    "#!/bin/sh\ntrap 'exit 0' TERM INT\nsleep 2147483647 &\nwait\n",
+                    0o755,
+                ),
                 ("image-name", "pause\n", 0o644),
             ],
             &["/pause"],

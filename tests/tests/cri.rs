@@ -1,8 +1,11 @@
 //! CRI tier: containerd's own CRI plugin (what a kubelet talks to) runs a
 //! pod through the `bulkhead` runtime handler, as a Kubernetes
 //! RuntimeClass selects it: the pod sandbox (the pause image), one app
-//! container of another image with its log, an exec, then stop and
-//! remove, after which no shim, VMM or mount of ours remains. The CRI
+//! container of another image with its log, an exec, a second app
+//! container sharing the pod's PID namespace (pod semantics: one hostname,
+//! one IPC namespace and /dev/shm, PID 1 the container's own workload or
+//! the pause), then stop and remove, after which no shim, VMM or mount of
+//! ours remains. The CRI
 //! client is `tests/cri/cri_smoke.py` (Python grpcio, stubs generated from
 //! `tests/cri/cri_subset.proto` at test time).
 
@@ -68,6 +71,22 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
         app_log.contains(" stdout F from-cri") && app_log.contains(" stdout F app-root"),
         "{app_log:?}"
     );
+    // Both app containers see the sandbox's hostname and its UTS and IPC
+    // namespaces, and a file the first put in /dev/shm.
+    let view = |name: &str| -> Vec<String> {
+        assert_eq!(seen[name]["exit_code"], 0, "{seen}");
+        let out = seen[name]["stdout"].as_str().unwrap_or_default();
+        out.lines().map(str::to_string).collect()
+    };
+    let (app, second) = (view("app_view"), view("second_view"));
+    assert_eq!(app[0], "smoke", "the sandbox's hostname: {seen}");
+    assert!(app[1].starts_with("uts:[") && app[2].starts_with("ipc:["), "{seen}");
+    assert_eq!(app[..3], second[..3], "one UTS and IPC namespace for the pod: {seen}");
+    assert_eq!(second.get(4).map(String::as_str), Some("pod-shm"), "{seen}");
+    // PID 1 is the container's own workload, or the pause where the pod's
+    // PID namespace is shared.
+    assert_eq!(app[3], "sleep 1000 ", "{seen}");
+    assert_eq!(second[3], "/bin/sh /pause ", "{seen}");
     assert_eq!(seen["state_after_stop"], "CONTAINER_EXITED", "{seen}");
     // One VM for the pod: the sandbox and the app container shared it, the
     // app's image attached to a spare disk while the VM ran.
