@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bulkhead_protocol::messages::{
-    CreateContainer, ErrorKind, Mount, Process, Response, SharedNamespaces, StdioTokens,
+    CreateContainer, ErrorKind, Mount, Process, Response, SeccompProgram, SharedNamespaces, StdioTokens,
 };
 
 use crate::cgroup::{Cgroup, CgroupError};
@@ -18,7 +18,7 @@ use crate::child::{self, TAG_PID, TAG_READY};
 use crate::ctl::{self, Record};
 use crate::disk;
 use crate::oom::OomWatch;
-use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError};
+use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError, SeccompPlan};
 use crate::stdio::{self, Attached, Handles, Streams};
 use crate::transport::Transport;
 
@@ -141,6 +141,8 @@ struct Container {
     namespaces: Vec<File>,
     /// The init is a helper that started the workload as its child.
     helper_init: bool,
+    /// Loaded for every exec, as for the workload.
+    seccomp: Option<SeccompProgram>,
     /// Innermost last; unmounted in reverse on delete.
     mounts: Vec<PathBuf>,
     dir: PathBuf,
@@ -420,6 +422,7 @@ impl Agent {
                 cgroup,
                 namespaces,
                 helper_init: c.init,
+                seccomp: c.seccomp.clone(),
                 mounts: mounts.clone(),
                 dir: dir.to_path_buf(),
                 root_device: c.root.device.clone(),
@@ -479,7 +482,8 @@ impl Agent {
             root_readonly: c.root.readonly,
             sysctls: plan::sysctls(&c.sysctl)?,
             stdio: stdio_fds,
-            workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?,
+            workload: ExecPlan::new(&c.process, self.cfg.glibc_tunable)?
+                .with_seccomp(c.seccomp.as_ref().map(SeccompPlan::new)),
             join,
             helper_init: c.init,
         };
@@ -673,7 +677,7 @@ impl Agent {
     }
 
     pub fn exec(&self, id: &str, exec_id: &str, p: &Process, tokens: &StdioTokens) -> Result<u32, OpError> {
-        let (init_pid, ns_fds, procs) = {
+        let (init_pid, ns_fds, procs, seccomp) = {
             let st = self.lock();
             let c = st.container(id)?;
             if !c.started || c.init.status.is_some() {
@@ -688,7 +692,8 @@ impl Agent {
                 .map(|f| f.try_clone().map(OwnedFd::from))
                 .collect::<io::Result<_>>()
                 .map_err(failed("namespaces"))?;
-            (c.init.pid, ns, c.cgroup.procs_file()?)
+            let seccomp = c.seccomp.as_ref().map(SeccompPlan::new);
+            (c.init.pid, ns, c.cgroup.procs_file()?, seccomp)
         };
         let streams = self.take_streams(tokens)?;
         let (child_fds, handles): (Vec<OwnedFd>, Handles) = if p.terminal {
@@ -717,7 +722,7 @@ impl Agent {
             ),
             namespaces: ns_raw,
             stdio: stdio_fds,
-            process: ExecPlan::new(p, self.cfg.glibc_tunable)?,
+            process: ExecPlan::new(p, self.cfg.glibc_tunable)?.with_seccomp(seccomp),
         };
         let mut st = self.lock();
         let middle = child::raw_clone(0);

@@ -45,10 +45,11 @@ pub enum Stage {
     Setns,
     OomScoreAdj,
     Sysctl,
+    Seccomp,
 }
 
 /// Each stage with the words the agent's error message uses for it.
-const STAGES: [(Stage, &str); 24] = [
+const STAGES: [(Stage, &str); 25] = [
     (Stage::Cgroup, "joining the container's cgroup"),
     (Stage::Namespaces, "creating namespaces"),
     (Stage::Propagation, "making mounts private"),
@@ -73,6 +74,7 @@ const STAGES: [(Stage, &str); 24] = [
     (Stage::Setns, "joining the container's namespaces"),
     (Stage::OomScoreAdj, "setting oom_score_adj (is /proc mounted?)"),
     (Stage::Sysctl, "setting a sysctl"),
+    (Stage::Seccomp, "loading the seccomp filter"),
 ];
 
 impl Stage {
@@ -646,6 +648,11 @@ fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
             }
             libc::close(fd);
         }
+        if !p.no_new_privileges {
+            // Without no_new_privileges, loading a filter needs
+            // CAP_SYS_ADMIN, which the workload may not keep.
+            load_seccomp(p, ctl);
+        }
         for cap in 0..=p.last_cap {
             if p.caps.bounding & (1u64 << cap) == 0 {
                 check(
@@ -672,6 +679,8 @@ fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
                 ctl,
                 Stage::NoNewPrivileges,
             );
+            // As late as can be: only execve runs under it here.
+            load_seccomp(p, ctl);
         }
         let mut err = libc::ENOENT;
         for path in &p.exec_candidates {
@@ -685,6 +694,25 @@ fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
         record(ctl, TAG_ERROR, Stage::Exec as u8, err);
         libc::_exit(127)
     }
+}
+
+fn load_seccomp(p: &ExecPlan, ctl: RawFd) {
+    let Some(sc) = &p.seccomp else { return };
+    let prog = libc::sock_fprog {
+        len: sc.filter.len() as libc::c_ushort,
+        filter: sc.filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: the program points at the plan's instructions, which outlive
+    // the call; the kernel copies and checks them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            sc.flags,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    check(ret as c_int, ctl, Stage::Seccomp);
 }
 
 #[repr(C)]

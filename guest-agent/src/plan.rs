@@ -48,6 +48,28 @@ pub struct ExecPlan {
     /// `oom_score_adj` as the text written to /proc, set while the
     /// process may still lower it (before its capabilities go).
     pub oom_score_adj: Option<Vec<u8>>,
+    /// The container's seccomp program, loaded just before `execve` with
+    /// `no_new_privileges`, else while the process may still (before its
+    /// capabilities go), as runc does.
+    pub seccomp: Option<SeccompPlan>,
+}
+
+pub struct SeccompPlan {
+    pub filter: Vec<libc::sock_filter>,
+    pub flags: libc::c_uint,
+}
+
+impl SeccompPlan {
+    pub fn new(p: &bulkhead_protocol::messages::SeccompProgram) -> SeccompPlan {
+        SeccompPlan {
+            filter: p
+                .filter
+                .iter()
+                .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+                .collect(),
+            flags: p.flags,
+        }
+    }
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -137,7 +159,12 @@ impl ExecPlan {
             no_new_privileges: p.no_new_privileges,
             terminal: p.terminal,
             oom_score_adj: p.oom_score_adj.map(|a| a.to_string().into_bytes()),
+            seccomp: None,
         })
+    }
+
+    pub fn with_seccomp(self, seccomp: Option<SeccompPlan>) -> ExecPlan {
+        ExecPlan { seccomp, ..self }
     }
 }
 

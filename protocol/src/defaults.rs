@@ -133,6 +133,7 @@ mod tests {
             sysctl: Default::default(),
             join: Default::default(),
             init: false,
+            seccomp: None,
         };
         c.validate().unwrap();
         assert!(capabilities(1000).effective.is_empty());

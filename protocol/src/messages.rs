@@ -237,6 +237,43 @@ pub struct CreateContainer {
     /// default the workload is PID 1 of its namespace, as under runc.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init: bool,
+    /// OCI `linux.seccomp`, compiled on the host: loaded for the workload
+    /// and for every exec in the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<SeccompProgram>,
+}
+
+/// A classic BPF seccomp program.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeccompProgram {
+    /// `struct sock_filter`s: (code, jt, jf, k).
+    pub filter: Vec<(u16, u8, u8, u32)>,
+    /// `SECCOMP_FILTER_FLAG_LOG` (2) and `SECCOMP_FILTER_FLAG_SPEC_ALLOW` (4).
+    #[serde(default)]
+    pub flags: u32,
+}
+
+/// `BPF_MAXINSNS`.
+pub const MAX_SECCOMP_INSNS: usize = 4096;
+const SECCOMP_FLAGS: u32 = 2 | 4;
+
+impl SeccompProgram {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.filter.is_empty() || self.filter.len() > MAX_SECCOMP_INSNS {
+            return Err(invalid(
+                "seccomp.filter",
+                format!("{} instructions; 1 to {MAX_SECCOMP_INSNS}", self.filter.len()),
+            ));
+        }
+        if self.flags & !SECCOMP_FLAGS != 0 {
+            return Err(invalid(
+                "seccomp.flags",
+                format!("{:#x}: only LOG and SPEC_ALLOW", self.flags),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// For each namespace kind, the container whose namespace to join; `None`
@@ -589,6 +626,9 @@ impl CreateContainer {
         }
         self.resources.validate()?;
         self.join.validate()?;
+        if let Some(p) = &self.seccomp {
+            p.validate()?;
+        }
         if self.hostname.is_some() && self.join.uts.is_some() {
             return Err(invalid(
                 "hostname",
@@ -758,6 +798,7 @@ mod tests {
                 pid: None,
             },
             init: false,
+            seccomp: None,
             resources: Resources {
                 memory_max_bytes: Some(64 << 20),
                 pids_max: Some(100),
@@ -924,6 +965,26 @@ mod tests {
                     ..create()
                 },
                 "mounts.type",
+            ),
+            (
+                CreateContainer {
+                    seccomp: Some(SeccompProgram {
+                        filter: vec![(6, 0, 0, 0x7fff_0000); MAX_SECCOMP_INSNS + 1],
+                        flags: 0,
+                    }),
+                    ..create()
+                },
+                "seccomp.filter",
+            ),
+            (
+                CreateContainer {
+                    seccomp: Some(SeccompProgram {
+                        filter: vec![(6, 0, 0, 0x7fff_0000)],
+                        flags: 8,
+                    }),
+                    ..create()
+                },
+                "seccomp.flags",
             ),
             (
                 CreateContainer {

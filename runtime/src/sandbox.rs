@@ -695,6 +695,7 @@ fn on_device(
         sysctl: Default::default(),
         join: Default::default(),
         init: false,
+        seccomp: None,
     }
 }
 

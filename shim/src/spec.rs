@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use bulkhead_protocol::messages::{Capabilities, Process, Resources, Rlimit, User};
+use bulkhead_protocol::messages::{Capabilities, Process, Resources, Rlimit, SeccompProgram, User};
 use oci_spec::runtime::{LinuxCapabilities, LinuxResources, Mount, Spec};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub struct BundleSpec {
     pub joins: Vec<NamespaceJoin>,
     /// The annotation [`ANNOTATION_INIT`] asks for a helper init.
     pub helper_init: bool,
+    /// `linux.seccomp`, compiled.
+    pub seccomp: Option<SeccompProgram>,
 }
 
 /// Asks for a helper PID 1 that forwards every signal to the workload and
@@ -106,6 +108,7 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
         root_readonly: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
         sysctl: sysctls(&spec)?,
         joins: namespace_joins(&spec)?,
+        seccomp: seccomp(json)?,
         helper_init: match spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION_INIT)) {
             None => false,
             Some(v) if v == "true" => true,
@@ -117,6 +120,34 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
             }
         },
     })
+}
+
+/// `linux.seccomp` compiled to the BPF program the guest loads. Read from
+/// the JSON itself, in the profile's own names, which the compiler maps.
+fn seccomp(json: &[u8]) -> Result<Option<SeccompProgram>, SpecError> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        linux: Option<RawLinux>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RawLinux {
+        #[serde(default)]
+        seccomp: Option<bulkhead_seccomp::profile::Profile>,
+    }
+    let raw: Raw = serde_json::from_slice(json)?;
+    let Some(profile) = raw.linux.and_then(|l| l.seccomp) else {
+        return Ok(None);
+    };
+    let program = bulkhead_seccomp::compile(&profile).map_err(|e| SpecError::Field(e.to_string()))?;
+    if !program.unknown.is_empty() {
+        // As runc: a profile written for newer kernels names calls this one lacks.
+        tracing::info!(calls = ?program.unknown, "seccomp: not x86_64 system calls here; skipped");
+    }
+    Ok(Some(SeccompProgram {
+        filter: program.filter.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect(),
+        flags: program.flags,
+    }))
 }
 
 /// The `linux.namespaces` entries with a path. A pod's app containers
@@ -186,13 +217,6 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
     let Some(linux) = spec.linux().as_ref() else {
         return Ok(());
     };
-    if linux.seccomp().is_some() {
-        return refuse(
-            "linux.seccomp",
-            "seccomp profiles are not applied in the sandbox's guest yet; refusing rather than \
-             running unconfined (ask for an Unconfined profile to run without one)",
-        );
-    }
     let mapped = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| m.as_ref().is_some_and(|m| !m.is_empty());
     let user_ns = linux
         .namespaces()
@@ -503,8 +527,10 @@ mod tests {
         };
         let refused = |json: Vec<u8>, policy: SpecPolicy| parse_bundle(&json, policy).unwrap_err().to_string();
         let strict = SpecPolicy::default();
-        let e = refused(with(r#"{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}"#, ""), strict);
-        assert!(e.contains("linux.seccomp") && e.contains("not applied"), "{e}");
+        let e = refused(with(r#"{"seccomp":{"defaultAction":"SCMP_ACT_NOTIFY"}}"#, ""), strict);
+        assert!(e.contains("linux.seccomp") && e.contains("SCMP_ACT_NOTIFY"), "{e}");
+        let ok = parse_bundle(&with(r#"{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}"#, ""), strict).unwrap();
+        assert!(ok.seccomp.is_some_and(|p| !p.filter.is_empty()));
         let global = r#"{"sysctl":{"kernel.panic":"1","vm.swappiness":"9","net.core.somaxconn":"9"}}"#;
         let e = refused(with(global, ""), strict);
         assert!(

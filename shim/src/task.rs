@@ -190,6 +190,7 @@ impl Inner {
         container.root.readonly = bs.root_readonly;
         container.sysctl = bs.sysctl;
         container.init = bs.helper_init;
+        container.seccomp = bs.seccomp;
         container.join = self.shared_namespaces(&bs.joins)?;
         let plan = StdioPlan {
             stdin: !req.stdin.is_empty(),

@@ -90,6 +90,35 @@ second = rt.CreateContainer(
 ).container_id
 rt.StartContainer(pb.StartContainerRequest(container_id=second), timeout=LONG)
 seen["second_view"] = exec_out(second, VIEW + "; cat /dev/shm/obj")
+
+# A locked-down container, as a restricted Kubernetes pod asks: a
+# read-only root and the runtime's default seccomp profile, which denies
+# unshare without CAP_SYS_ADMIN (an unfiltered container may make a user
+# namespace).
+PROBE = "touch /probe 2>&1 | grep -o 'Read-only file system'; unshare -U true 2>&1 && echo userns-made; echo probed"
+seen["unfiltered"] = exec_out(container, PROBE)
+locked = rt.CreateContainer(
+    pb.CreateContainerRequest(
+        pod_sandbox_id=pod,
+        config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="locked"),
+            image=pb.ImageSpec(image=image),
+            command=["sleep", "1002"],
+            log_path="locked.log",
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER),
+                    readonly_rootfs=True,
+                    seccomp_profile_path="runtime/default",
+                )
+            ),
+        ),
+        sandbox_config=pod_config,
+    ),
+    timeout=LONG,
+).container_id
+rt.StartContainer(pb.StartContainerRequest(container_id=locked), timeout=LONG)
+seen["locked"] = exec_out(locked, PROBE)
 deadline = time.time() + 60
 log = ""
 while time.time() < deadline:

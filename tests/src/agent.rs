@@ -308,6 +308,7 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
         sysctl: Default::default(),
         join: Default::default(),
         init: false,
+        seccomp: None,
     }
 }
 

@@ -19,8 +19,8 @@ use bulkhead_protocol::defaults::{self, MASKED_PATHS, READONLY_PATHS};
 use bulkhead_protocol::frame::{self, FrameError, MAX_FRAME_BYTES};
 use bulkhead_protocol::handshake::{Hello, PROTOCOL_NAME, PROTOCOL_VERSION};
 use bulkhead_protocol::messages::{
-    CreateContainer, ErrorKind, Mount, Process, Request, Resources, Response, Rlimit, SharedNamespaces, StdioTokens,
-    MAX_ARGS_BYTES,
+    CreateContainer, ErrorKind, Mount, Process, Request, Resources, Response, Rlimit, SeccompProgram, SharedNamespaces,
+    StdioTokens, MAX_ARGS_BYTES,
 };
 use bulkhead_tests::agent::*;
 
@@ -157,6 +157,63 @@ fn signals_reach_a_workload_without_handlers_under_a_helper_init() {
         assert_eq!(wait_for(&mut c, &id, None), expected, "status after signal {sig}");
         stdio.finish();
     }
+}
+
+/// An OCI profile compiled as the shim does: its own errno, an argument
+/// condition and a kill, for the workload (with and without
+/// no_new_privileges, as root and as a user without CAP_SYS_ADMIN) and for
+/// an exec.
+#[test]
+fn seccomp_profiles_decide_per_call_and_argument() {
+    let agent = Agent::start();
+    let profile: bulkhead_seccomp::profile::Profile = serde_json::from_str(
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+            {"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":36},
+            {"names":["kill"],"action":"SCMP_ACT_ERRNO","args":[{"index":1,"value":10,"op":"SCMP_CMP_EQ"}]},
+            {"names":["sync"],"action":"SCMP_ACT_KILL_PROCESS"}]}"#,
+    )
+    .unwrap();
+    let program = bulkhead_seccomp::compile(&profile).unwrap();
+    let seccomp = SeccompProgram {
+        filter: program.filter.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect(),
+        flags: program.flags,
+    };
+    let script = "mkdir /tmp/d 2>&1; kill -USR1 $$ 2>/dev/null || echo usr1-refused; \
+                  kill -0 $$ && echo kill0-ok; sh -c sync; echo sync-rc=$?";
+    let expected = "mkdir: can't create directory '/tmp/d': File name too long\nusr1-refused\nkill0-ok\nsync-rc=159\n";
+    for (no_new_privileges, uid) in [(false, 0), (true, 0), (false, 65534)] {
+        let mut p = as_user(sh(script), uid, uid, &[]);
+        p.no_new_privileges = no_new_privileges;
+        let c = CreateContainer {
+            seccomp: Some(seccomp.clone()),
+            ..container(&unique_id("seccomp"), p)
+        };
+        let (status, out, err) = agent.run_container(c);
+        assert_eq!(
+            (status, out.as_str()),
+            (0, expected),
+            "nnp {no_new_privileges}, uid {uid}: {err}"
+        );
+    }
+    let mut c = agent.connect();
+    let id = unique_id("seccomp");
+    let filtered = CreateContainer {
+        seccomp: Some(seccomp),
+        ..container(&id, sh("echo ready; exec sleep 1000"))
+    };
+    let (_, stdio) = agent.start_container(&mut c, filtered);
+    stdio.stdout_until("ready\n");
+    let (_, out, _) = agent.exec(&mut c, &id, sh("mkdir /tmp/e 2>&1; true"));
+    assert!(
+        out.contains("File name too long"),
+        "an exec ran without the filter: {out}"
+    );
+    agent.signal(&mut c, &id, None, libc::SIGKILL, false);
+    assert_eq!(wait_for(&mut c, &id, None), 137);
+    stdio.finish();
+    // Unfiltered by default.
+    let (_, out, _) = agent.run(sh("mkdir /tmp/d && echo made"));
+    assert_eq!(out, "made\n");
 }
 
 /// A pod's app containers join its sandbox's IPC, UTS and (when asked)

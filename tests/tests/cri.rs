@@ -87,6 +87,16 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
     // PID namespace is shared.
     assert_eq!(app[3], "sleep 1000 ", "{seen}");
     assert_eq!(second[3], "/bin/sh /pause ", "{seen}");
+    // readOnlyRootFilesystem and RuntimeDefault seccomp: the root refuses
+    // writes and unshare is denied, where an unfiltered container may.
+    assert_eq!(seen["unfiltered"]["stdout"], "userns-made\nprobed\n", "{seen}");
+    let locked = seen["locked"]["stdout"].as_str().unwrap_or_default();
+    assert!(
+        locked.starts_with("Read-only file system\n")
+            && !locked.contains("userns-made")
+            && locked.ends_with("probed\n"),
+        "{seen}"
+    );
     assert_eq!(seen["state_after_stop"], "CONTAINER_EXITED", "{seen}");
     // One VM for the pod: the sandbox and the app container shared it, the
     // app's image attached to a spare disk while the VM ran.
