@@ -16,6 +16,7 @@ use bulkhead_protocol::messages::{
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::child::{self, TAG_PID, TAG_READY};
 use crate::ctl::{self, Record};
+use crate::devices;
 use crate::disk;
 use crate::oom::OomWatch;
 use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError, SeccompPlan};
@@ -414,6 +415,12 @@ impl Agent {
         }
 
         let cgroup = Cgroup::create(&self.cfg.cgroup_root, &c.id, &c.resources)?;
+        if !c.device_rules.is_empty() {
+            if let Err(e) = devices::attach(cgroup.path(), &c.device_rules) {
+                cgroup.remove();
+                return Err(OpError::Failed(format!("applying the device rules: {e}")));
+            }
+        }
         match self.start_init(c, &rootfs, steps, &cgroup, streams) {
             Ok((init, ctl, namespaces)) => Ok(Container {
                 init,
@@ -486,6 +493,7 @@ impl Agent {
                 .with_seccomp(c.seccomp.as_ref().map(SeccompPlan::new)),
             join,
             helper_init: c.init,
+            device_nodes: plan::device_nodes(rootfs, &c.device_nodes)?,
         };
         let mut flags = libc::CLONE_NEWNS;
         for (new, shared) in [

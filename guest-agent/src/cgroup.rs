@@ -44,6 +44,10 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn create(root: &Path, id: &str, res: &Resources) -> Result<Cgroup, CgroupError> {
         let path = root.join(id);
         fs::create_dir(&path).map_err(io_err(&path))?;

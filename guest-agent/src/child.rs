@@ -228,6 +228,27 @@ fn apply_mount(m: &MountStep, ctl: RawFd) {
     }
 }
 
+/// `linux.devices`: a node already there (the standard ones are bound
+/// from the agent's) is left as it is.
+fn make_nodes(plan: &InitPlan, ctl: RawFd) {
+    for n in &plan.device_nodes {
+        mkdirs(&n.mkdirs, ctl);
+        // SAFETY: NUL-terminated paths from the plan. The node was just
+        // made and no container process runs yet, so chmod and lchown
+        // reach it, not a link put in its place.
+        unsafe {
+            if libc::mknod(ptr(&n.path), n.mode, n.dev) < 0 {
+                if errno() != libc::EEXIST {
+                    fail(ctl, Stage::Devices);
+                }
+                continue;
+            }
+            check(libc::chmod(ptr(&n.path), n.perm), ctl, Stage::Devices);
+            check(libc::lchown(ptr(&n.path), n.uid, n.gid), ctl, Stage::Devices);
+        }
+    }
+}
+
 fn mask_paths(plan: &InitPlan, ctl: RawFd) {
     for p in &plan.masked_paths {
         // SAFETY: stat into a zeroed struct; mounts on NUL-terminated paths.
@@ -361,6 +382,7 @@ pub fn container_init(plan: &InitPlan) -> ! {
     for m in &plan.mounts {
         apply_mount(m, ctl);
     }
+    make_nodes(plan, ctl);
     if let Some(h) = &plan.hostname {
         // SAFETY: the name's bytes without the NUL.
         check(

@@ -6,6 +6,7 @@ mod caps;
 mod cgroup;
 mod child;
 mod ctl;
+mod devices;
 mod disk;
 mod init;
 mod oom;

@@ -320,6 +320,48 @@ pub struct InitPlan {
     /// A helper PID 1 that forwards signals to the workload and reaps;
     /// otherwise the init becomes the workload.
     pub helper_init: bool,
+    /// OCI `linux.devices`, made after the mounts (so in the `/dev` tmpfs).
+    pub device_nodes: Vec<NodePlan>,
+}
+
+pub struct NodePlan {
+    pub mkdirs: Vec<CString>,
+    pub path: CString,
+    pub mode: libc::mode_t,
+    pub dev: libc::dev_t,
+    /// Set again after mknod, which the umask trims.
+    pub perm: libc::mode_t,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// The validated `device_nodes` under `root`; absent mode and owner are
+/// 0666 and root, as runc makes them.
+pub fn device_nodes(
+    root: &Path,
+    nodes: &[bulkhead_protocol::messages::DeviceNode],
+) -> Result<Vec<NodePlan>, PlanError> {
+    nodes
+        .iter()
+        .map(|n| {
+            let kind = match n.kind {
+                'b' => libc::S_IFBLK,
+                'p' => libc::S_IFIFO,
+                _ => libc::S_IFCHR,
+            };
+            let perm = n.file_mode.unwrap_or(0o666);
+            let path = root.join(n.path.trim_start_matches('/'));
+            Ok(NodePlan {
+                mkdirs: parents_under(root, &n.path, false)?,
+                path: cstr(path.as_os_str().as_encoded_bytes(), "device path")?,
+                mode: kind | perm,
+                dev: libc::makedev(n.major, n.minor),
+                perm,
+                uid: n.uid.unwrap_or(0),
+                gid: n.gid.unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 pub struct JoinPlan {

@@ -134,6 +134,8 @@ mod tests {
             join: Default::default(),
             init: false,
             seccomp: None,
+            device_rules: Vec::new(),
+            device_nodes: Vec::new(),
         };
         c.validate().unwrap();
         assert!(capabilities(1000).effective.is_empty());

@@ -241,6 +241,90 @@ pub struct CreateContainer {
     /// and for every exec in the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<SeccompProgram>,
+    /// OCI `linux.resources.devices`, in order (a later rule wins); empty
+    /// leaves device access to the mounts alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_rules: Vec<DeviceRule>,
+    /// OCI `linux.devices`: nodes made in the container's root (numbers
+    /// name the guest's devices; no host device is passed through).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_nodes: Vec<DeviceNode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceNode {
+    pub path: String,
+    /// 'c', 'b', 'u' (unbuffered character) or 'p' (FIFO).
+    pub kind: char,
+    pub major: u32,
+    pub minor: u32,
+    #[serde(default)]
+    pub file_mode: Option<u32>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
+impl DeviceNode {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_path("device_nodes.path", &self.path)?;
+        if !"cbup".contains(self.kind) {
+            return Err(invalid(
+                "device_nodes.kind",
+                format!("{:?}: one of c, b, u, p", self.kind),
+            ));
+        }
+        if self.file_mode.is_some_and(|m| m > 0o7777) {
+            return Err(invalid(
+                "device_nodes.file_mode",
+                "permission bits only (at most 0o7777)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One device cgroup rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRule {
+    pub allow: bool,
+    /// 'a' (any), 'b' (block) or 'c' (character).
+    pub kind: char,
+    /// `None` matches any.
+    #[serde(default)]
+    pub major: Option<u32>,
+    #[serde(default)]
+    pub minor: Option<u32>,
+    /// Some of "rwm": read, write, mknod.
+    pub access: String,
+}
+
+/// Device rules one container may carry.
+pub const MAX_DEVICE_RULES: usize = 256;
+
+impl DeviceRule {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if !"abc".contains(self.kind) {
+            return Err(invalid("device_rules.kind", format!("{:?}: one of a, b, c", self.kind)));
+        }
+        let mut seen = String::new();
+        for ch in self.access.chars() {
+            if !"rwm".contains(ch) || seen.contains(ch) {
+                return Err(invalid(
+                    "device_rules.access",
+                    format!("{:?}: some of r, w, m", self.access),
+                ));
+            }
+            seen.push(ch);
+        }
+        if seen.is_empty() {
+            return Err(invalid("device_rules.access", "empty"));
+        }
+        Ok(())
+    }
 }
 
 /// A classic BPF seccomp program.
@@ -629,6 +713,14 @@ impl CreateContainer {
         if let Some(p) = &self.seccomp {
             p.validate()?;
         }
+        check_count("device_rules", &self.device_rules, MAX_DEVICE_RULES)?;
+        for r in &self.device_rules {
+            r.validate()?;
+        }
+        check_count("device_nodes", &self.device_nodes, MAX_DEVICE_RULES)?;
+        for d in &self.device_nodes {
+            d.validate()?;
+        }
         if self.hostname.is_some() && self.join.uts.is_some() {
             return Err(invalid(
                 "hostname",
@@ -799,6 +891,22 @@ mod tests {
             },
             init: false,
             seccomp: None,
+            device_rules: vec![DeviceRule {
+                allow: false,
+                kind: 'a',
+                major: None,
+                minor: None,
+                access: "rwm".into(),
+            }],
+            device_nodes: vec![DeviceNode {
+                path: "/dev/fuse".into(),
+                kind: 'c',
+                major: 10,
+                minor: 229,
+                file_mode: Some(0o666),
+                uid: None,
+                gid: None,
+            }],
             resources: Resources {
                 memory_max_bytes: Some(64 << 20),
                 pids_max: Some(100),
@@ -965,6 +1073,47 @@ mod tests {
                     ..create()
                 },
                 "mounts.type",
+            ),
+            (
+                CreateContainer {
+                    device_rules: vec![DeviceRule {
+                        allow: true,
+                        kind: 'c',
+                        major: Some(1),
+                        minor: None,
+                        access: "rr".into(),
+                    }],
+                    ..create()
+                },
+                "device_rules.access",
+            ),
+            (
+                CreateContainer {
+                    device_nodes: vec![DeviceNode {
+                        path: "/dev/../etc/x".into(),
+                        kind: 'c',
+                        major: 1,
+                        minor: 3,
+                        file_mode: None,
+                        uid: None,
+                        gid: None,
+                    }],
+                    ..create()
+                },
+                "device_nodes.path",
+            ),
+            (
+                CreateContainer {
+                    device_rules: vec![DeviceRule {
+                        allow: true,
+                        kind: 'p',
+                        major: None,
+                        minor: None,
+                        access: "r".into(),
+                    }],
+                    ..create()
+                },
+                "device_rules.kind",
             ),
             (
                 CreateContainer {

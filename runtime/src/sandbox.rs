@@ -696,6 +696,8 @@ fn on_device(
         join: Default::default(),
         init: false,
         seccomp: None,
+        device_rules: Vec::new(),
+        device_nodes: Vec::new(),
     }
 }
 

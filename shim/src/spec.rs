@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use bulkhead_protocol::messages::{Capabilities, Process, Resources, Rlimit, SeccompProgram, User};
+use bulkhead_protocol::messages::{
+    Capabilities, DeviceNode, DeviceRule, Process, Resources, Rlimit, SeccompProgram, User, MAX_DEVICE_RULES,
+};
 use oci_spec::runtime::{LinuxCapabilities, LinuxResources, Mount, Spec};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,10 @@ pub struct BundleSpec {
     pub helper_init: bool,
     /// `linux.seccomp`, compiled.
     pub seccomp: Option<SeccompProgram>,
+    /// `linux.resources.devices`, in order.
+    pub device_rules: Vec<DeviceRule>,
+    /// `linux.devices`.
+    pub device_nodes: Vec<DeviceNode>,
 }
 
 /// Asks for a helper PID 1 that forwards every signal to the workload and
@@ -109,6 +115,8 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
         sysctl: sysctls(&spec)?,
         joins: namespace_joins(&spec)?,
         seccomp: seccomp(json)?,
+        device_rules: device_rules(&spec)?,
+        device_nodes: device_nodes(&spec)?,
         helper_init: match spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION_INIT)) {
             None => false,
             Some(v) if v == "true" => true,
@@ -120,6 +128,102 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
             }
         },
     })
+}
+
+/// `linux.resources.devices`, which the guest applies as a cgroup device
+/// program. FIFO rules (`p`) are dropped: the device cgroup never checks
+/// a FIFO. A negative major or minor is the wildcard.
+fn device_rules(spec: &Spec) -> Result<Vec<DeviceRule>, SpecError> {
+    use oci_spec::runtime::LinuxDeviceType as T;
+    let devices = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().clone())
+        .unwrap_or_default();
+    if devices.len() > MAX_DEVICE_RULES {
+        return Err(SpecError::Field(format!(
+            "linux.resources.devices: {} rules; at most {MAX_DEVICE_RULES}",
+            devices.len()
+        )));
+    }
+    let number = |n: Option<i64>, what: &str| -> Result<Option<u32>, SpecError> {
+        match n {
+            None => Ok(None),
+            Some(v) if v < 0 => Ok(None),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| SpecError::Field(format!("linux.resources.devices: {what} {v} is out of range"))),
+        }
+    };
+    let mut rules = Vec::with_capacity(devices.len());
+    for d in devices {
+        let kind = match d.typ() {
+            None | Some(T::A) => 'a',
+            Some(T::B) => 'b',
+            Some(T::C) | Some(T::U) => 'c',
+            Some(T::P) => continue,
+        };
+        let access = d
+            .access()
+            .clone()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "rwm".into());
+        let rule = DeviceRule {
+            allow: d.allow(),
+            kind,
+            major: number(d.major(), "major")?,
+            minor: number(d.minor(), "minor")?,
+            access,
+        };
+        rule.validate()
+            .map_err(|e| SpecError::Field(format!("linux.resources.devices: {e}")))?;
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// `linux.devices`: nodes the guest makes in the container's root. Their
+/// numbers name the guest's devices: a host device is not passed through.
+fn device_nodes(spec: &Spec) -> Result<Vec<DeviceNode>, SpecError> {
+    use oci_spec::runtime::LinuxDeviceType as T;
+    let devices = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default();
+    if devices.len() > MAX_DEVICE_RULES {
+        return Err(SpecError::Field(format!(
+            "linux.devices: {} nodes; at most {MAX_DEVICE_RULES}",
+            devices.len()
+        )));
+    }
+    devices
+        .iter()
+        .map(|d| {
+            let path = d.path().to_string_lossy().into_owned();
+            let field = |why: String| SpecError::Field(format!("linux.devices: {path}: {why}"));
+            let kind = match d.typ() {
+                T::C => 'c',
+                T::B => 'b',
+                T::U => 'u',
+                T::P => 'p',
+                T::A => return Err(field("type \"a\" is no node type".into())),
+            };
+            let number = |n: i64| u32::try_from(n).map_err(|_| field(format!("device number {n}")));
+            let node = DeviceNode {
+                path: path.clone(),
+                kind,
+                major: number(d.major())?,
+                minor: number(d.minor())?,
+                file_mode: d.file_mode(),
+                uid: d.uid(),
+                gid: d.gid(),
+            };
+            node.validate().map_err(|e| field(e.to_string()))?;
+            Ok(node)
+        })
+        .collect()
 }
 
 /// `linux.seccomp` compiled to the BPF program the guest loads. Read from
@@ -401,7 +505,10 @@ mod tests {
               "user":{"uid":1,"gid":2,"additionalGids":[3]},
               "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
               "capabilities":{"bounding":["CAP_KILL"]}},
-            "linux":{"resources":{"memory":{"limit":67108864},"pids":{"limit":-1}}}}"#;
+            "linux":{"resources":{"memory":{"limit":67108864},"pids":{"limit":-1},
+              "devices":[{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},
+                         {"allow":true,"type":"b","major":-1,"minor":-1,"access":"m"},{"allow":true,"type":"p"}]},
+              "devices":[{"path":"/dev/fuse","type":"c","major":10,"minor":229,"fileMode":438,"uid":0,"gid":0}]}}"#;
         let s = parse_bundle(json, SpecPolicy::default()).unwrap();
         assert_eq!(s.process.args, ["sh", "-c", "true"]);
         assert_eq!(s.process.cwd, "/tmp");
@@ -415,6 +522,24 @@ mod tests {
         assert_eq!(s.process.capabilities.unwrap().bounding, ["CAP_KILL"]);
         assert_eq!(s.process.rlimits[0].kind, "RLIMIT_NOFILE");
         assert!(s.root_readonly);
+        let rules: Vec<String> = s
+            .device_rules
+            .iter()
+            .map(|r| format!("{} {} {:?} {:?} {}", r.allow, r.kind, r.major, r.minor, r.access))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "false a None None rwm",
+                "true c Some(1) Some(3) rwm",
+                "true b None None m"
+            ]
+        );
+        assert_eq!(s.device_nodes.len(), 1);
+        assert_eq!(
+            (s.device_nodes[0].kind, s.device_nodes[0].major, s.device_nodes[0].minor),
+            ('c', 10, 229)
+        );
         let minimal = |p: &str| format!(r#"{{"ociVersion":"1.0.2","process":{p}}}"#).into_bytes();
         let plain = parse_bundle(
             &minimal(r#"{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0}}"#),

@@ -191,6 +191,8 @@ impl Inner {
         container.sysctl = bs.sysctl;
         container.init = bs.helper_init;
         container.seccomp = bs.seccomp;
+        container.device_rules = bs.device_rules;
+        container.device_nodes = bs.device_nodes;
         container.join = self.shared_namespaces(&bs.joins)?;
         let plan = StdioPlan {
             stdin: !req.stdin.is_empty(),

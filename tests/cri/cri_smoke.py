@@ -80,7 +80,8 @@ second = rt.CreateContainer(
             log_path="second.log",
             linux=pb.LinuxContainerConfig(
                 security_context=pb.LinuxContainerSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.POD)
+                    capabilities=pb.Capability(add_capabilities=["NET_ADMIN"]),
+                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.POD),
                 )
             ),
         ),
@@ -90,6 +91,11 @@ second = rt.CreateContainer(
 ).container_id
 rt.StartContainer(pb.StartContainerRequest(container_id=second), timeout=LONG)
 seen["second_view"] = exec_out(second, VIEW + "; cat /dev/shm/obj")
+# CAP_NET_ADMIN: a bridge in the pod's network namespace, as under runc;
+# without it, refused.
+BRIDGE = "brctl addbr kbr0 2>&1 | grep -o 'Operation not permitted'; ip -o link show kbr0 >/dev/null 2>&1 && echo bridge-made && brctl delbr kbr0; echo done"
+seen["bridge_net_admin"] = exec_out(second, BRIDGE)
+seen["bridge_default"] = exec_out(container, BRIDGE)
 
 # A locked-down container, as a restricted Kubernetes pod asks: a
 # read-only root and the runtime's default seccomp profile, which denies

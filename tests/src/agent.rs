@@ -309,6 +309,8 @@ pub fn container(id: &str, process: Process) -> CreateContainer {
         join: Default::default(),
         init: false,
         seccomp: None,
+        device_rules: Vec::new(),
+        device_nodes: Vec::new(),
     }
 }
 

@@ -19,8 +19,8 @@ use bulkhead_protocol::defaults::{self, MASKED_PATHS, READONLY_PATHS};
 use bulkhead_protocol::frame::{self, FrameError, MAX_FRAME_BYTES};
 use bulkhead_protocol::handshake::{Hello, PROTOCOL_NAME, PROTOCOL_VERSION};
 use bulkhead_protocol::messages::{
-    CreateContainer, ErrorKind, Mount, Process, Request, Resources, Response, Rlimit, SeccompProgram, SharedNamespaces,
-    StdioTokens, MAX_ARGS_BYTES,
+    CreateContainer, DeviceRule, ErrorKind, Mount, Process, Request, Resources, Response, Rlimit, SeccompProgram,
+    SharedNamespaces, StdioTokens, MAX_ARGS_BYTES,
 };
 use bulkhead_tests::agent::*;
 
@@ -214,6 +214,67 @@ fn seccomp_profiles_decide_per_call_and_argument() {
     // Unfiltered by default.
     let (_, out, _) = agent.run(sh("mkdir /tmp/d && echo made"));
     assert_eq!(out, "made\n");
+}
+
+/// containerd's default device rules: a container's root (which has
+/// CAP_MKNOD) may make nodes, but opens only those the rules allow.
+#[test]
+fn device_rules_deny_nodes_a_container_makes() {
+    let agent = Agent::start();
+    let rule = |allow: bool, kind: char, major: Option<u32>, minor: Option<u32>, access: &str| DeviceRule {
+        allow,
+        kind,
+        major,
+        minor,
+        access: access.into(),
+    };
+    let mut rules = vec![
+        rule(false, 'a', None, None, "rwm"),
+        rule(true, 'c', None, None, "m"),
+        rule(true, 'b', None, None, "m"),
+        rule(true, 'c', Some(136), None, "rwm"),
+        rule(true, 'c', Some(5), Some(2), "rwm"),
+    ];
+    for (major, minor) in [(1, 3), (1, 5), (1, 8), (1, 9), (5, 0)] {
+        rules.push(rule(true, 'c', Some(major), Some(minor), "rwm"));
+    }
+    let script =
+        "mknod /dev/fullcopy c 1 7 && echo made; head -c1 /dev/fullcopy 2>&1 | grep -o 'Operation not permitted'; \
+                  head -c1 /dev/zero | wc -c; mknod /dev/disk b 7 0 && echo made; \
+                  head -c1 /dev/disk 2>&1 | grep -o 'Operation not permitted'";
+    let c = CreateContainer {
+        device_rules: rules,
+        ..container(&unique_id("devices"), sh(script))
+    };
+    let (status, out, err) = agent.run_container(c);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(out, "made\nOperation not permitted\n1\nmade\nOperation not permitted\n");
+    // linux.devices: nodes made with their mode and owner, parents too.
+    let node = |path: &str, kind: char, major: u32, minor: u32| bulkhead_protocol::messages::DeviceNode {
+        path: path.into(),
+        kind,
+        major,
+        minor,
+        file_mode: Some(0o620),
+        uid: Some(1000),
+        gid: Some(5),
+    };
+    let c = CreateContainer {
+        device_nodes: vec![node("/dev/mynull", 'c', 1, 3), node("/dev/net/blk", 'b', 7, 0), node("/dev/null", 'c', 1, 5)],
+        ..container(
+            &unique_id("nodes"),
+            sh("stat -c '%F %t:%T %a %u %g' /dev/mynull /dev/net/blk; echo x > /dev/mynull && head -c1 /dev/null | wc -c"),
+        )
+    };
+    let (status, out, err) = agent.run_container(c);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(
+        out, "character special file 1:3 620 1000 5\nblock special file 7:0 620 1000 5\n0\n",
+        "/dev/null stays the bound null device"
+    );
+    // Without rules the same node opens.
+    let (_, out, err) = agent.run(sh("mknod /dev/fullcopy c 1 7 && head -c1 /dev/fullcopy | wc -c"));
+    assert_eq!(out, "1\n", "{err}");
 }
 
 /// A pod's app containers join its sandbox's IPC, UTS and (when asked)

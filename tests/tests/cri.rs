@@ -87,6 +87,11 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
     // PID namespace is shared.
     assert_eq!(app[3], "sleep 1000 ", "{seen}");
     assert_eq!(second[3], "/bin/sh /pause ", "{seen}");
+    assert_eq!(seen["bridge_net_admin"]["stdout"], "bridge-made\ndone\n", "{seen}");
+    assert_eq!(
+        seen["bridge_default"]["stdout"], "Operation not permitted\ndone\n",
+        "{seen}"
+    );
     // readOnlyRootFilesystem and RuntimeDefault seccomp: the root refuses
     // writes and unshare is denied, where an unfiltered container may.
     assert_eq!(seen["unfiltered"]["stdout"], "userns-made\nprobed\n", "{seen}");
