@@ -9,6 +9,11 @@
 //! device no rule matches is allowed, so a spec's leading "deny all" is
 //! what makes the rest an allow list. An allow rule matches when it grants
 //! every access asked for, a deny rule when it forbids any of them.
+//!
+//! As runc does, the nodes every container gets (null, zero, full, random,
+//! urandom, tty, ptmx, the ptys) and mknod stay allowed after the spec's
+//! rules: CRI gives its pause container "deny all" alone, and a shell
+//! there cannot even start a background job, which reads /dev/null.
 
 use std::fs::File;
 use std::io;
@@ -73,8 +78,30 @@ fn access_bits(access: &str) -> u32 {
     })
 }
 
-/// The program for `rules`, which the protocol has validated.
-pub fn program(rules: &[DeviceRule]) -> Vec<Insn> {
+/// Appended to every spec's rules (runc's "allowed devices").
+fn always_allowed() -> Vec<DeviceRule> {
+    let rule = |kind: char, major: Option<u32>, minor: Option<u32>, access: &str| DeviceRule {
+        allow: true,
+        kind,
+        major,
+        minor,
+        access: access.into(),
+    };
+    let mut rules = vec![
+        rule('c', None, None, "m"),
+        rule('b', None, None, "m"),
+        rule('c', Some(136), None, "rwm"),
+    ];
+    for (major, minor) in [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)] {
+        rules.push(rule('c', Some(major), Some(minor), "rwm"));
+    }
+    rules
+}
+
+/// The program for `rules` (which the protocol has validated) followed by
+/// [`always_allowed`].
+pub fn program(spec_rules: &[DeviceRule]) -> Vec<Insn> {
+    let rules: Vec<DeviceRule> = spec_rules.iter().cloned().chain(always_allowed()).collect();
     let mut p = vec![
         insn(LDX_MEM_W, TYPE, R1, 0, 0),
         insn(ALU32_AND_K, TYPE, 0, 0, 0xffff),
@@ -268,7 +295,7 @@ mod tests {
         assert_eq!(run(&p, DEV_CHAR, w, 4, 64), 0, "the console's ttyS0");
         assert_eq!(run(&p, DEV_CHAR, r | w, 5, 0), 1, "/dev/tty");
         assert_eq!(run(&p, DEV_CHAR, m, 5, 0), 1, "mknod via the c *:* m rule");
-        assert_eq!(run(&p, DEV_CHAR, r | w | m, 5, 0), 0, "rwm is more than 5:0 grants");
+        assert_eq!(run(&p, DEV_CHAR, r | w, 5, 1), 0, "the console is in no rule");
         // The leading deny-all ends the program: no unreachable code.
         assert_eq!(p.last().map(|i| (i.code, i.imm)), Some((EXIT, 0)));
         assert_eq!(p[p.len() - 2], insn(ALU64_MOV_K, R0, 0, 0, 0));
@@ -278,6 +305,11 @@ mod tests {
     fn a_later_deny_overrides_and_no_rule_allows() {
         let p = program(&[]);
         assert_eq!(run(&p, DEV_BLOCK, ACC_READ, 254, 0), 1);
+        // Deny-all alone, as CRI's pause has it: the standard nodes stay.
+        let p = program(&[rule(false, 'a', None, None, "rwm")]);
+        assert_eq!(run(&p, DEV_CHAR, ACC_READ | ACC_WRITE, 1, 3), 1, "/dev/null");
+        assert_eq!(run(&p, DEV_BLOCK, ACC_READ, 254, 0), 0);
+        assert_eq!(run(&p, DEV_CHAR, ACC_READ, 4, 64), 0);
         let p = program(&[
             rule(true, 'a', None, None, "rwm"),
             rule(false, 'b', Some(254), None, "w"),
@@ -294,6 +326,6 @@ mod tests {
             rule(false, 'a', None, None, "rwm"),
             rule(true, 'c', Some(1), Some(u32::MAX), "rwm"),
         ]);
-        assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 3), 0);
+        assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 11), 0);
     }
 }

@@ -3,7 +3,7 @@
 //! paths a Docker or containerd user expects, so the agent can take each
 //! request literally.
 
-use crate::messages::{Capabilities, Mount};
+use crate::messages::{Capabilities, DeviceRule, Mount};
 
 fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Mount {
     Mount {
@@ -95,6 +95,29 @@ pub const MASKED_PATHS: &[&str] = &[
 ];
 
 pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+/// Device rules as Docker's and containerd's defaults have them: nothing
+/// but making nodes, and the standard character devices (null, zero, full,
+/// random, urandom, tty, console, ptmx, the ptys).
+pub fn device_rules() -> Vec<DeviceRule> {
+    let rule = |allow: bool, kind: char, major: Option<u32>, minor: Option<u32>, access: &str| DeviceRule {
+        allow,
+        kind,
+        major,
+        minor,
+        access: access.into(),
+    };
+    let mut rules = vec![
+        rule(false, 'a', None, None, "rwm"),
+        rule(true, 'c', None, None, "m"),
+        rule(true, 'b', None, None, "m"),
+        rule(true, 'c', Some(136), None, "rwm"),
+    ];
+    for (major, minor) in [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2)] {
+        rules.push(rule(true, 'c', Some(major), Some(minor), "rwm"));
+    }
+    rules
+}
 
 pub fn masked_paths() -> Vec<String> {
     MASKED_PATHS.iter().map(|p| p.to_string()).collect()

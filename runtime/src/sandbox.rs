@@ -648,8 +648,8 @@ fn reseed(client: &mut AgentClient) -> Result<(), SandboxError> {
 }
 
 /// A container over the root image `rootfs` (attached as [`ROOT_DEVICE`])
-/// with the usual defaults: mounts, masked and read-only paths from
-/// `bulkhead_protocol::defaults`, no resource limits; stdio is filled in
+/// with the usual defaults: mounts, masked and read-only paths and device
+/// rules from `bulkhead_protocol::defaults`, no resource limits; stdio is filled in
 /// when it is sent.
 pub fn container_spec(id: &str, process: Process, rootfs: &RootfsImage) -> CreateContainer {
     on_device(id, process, rootfs, ROOT_DEVICE.into(), None)
@@ -696,7 +696,7 @@ fn on_device(
         join: Default::default(),
         init: false,
         seccomp: None,
-        device_rules: Vec::new(),
+        device_rules: defaults::device_rules(),
         device_nodes: Vec::new(),
     }
 }

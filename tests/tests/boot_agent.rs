@@ -13,6 +13,7 @@ use bulkhead_protocol::messages::{Process, Request, Resources, Response};
 use bulkhead_runtime::paths::Artifacts;
 use bulkhead_runtime::rootfs::{self, ImageCache};
 use bulkhead_runtime::sandbox::{Sandbox, SandboxConfig};
+use bulkhead_runtime::stdio::StdioPlan;
 use bulkhead_tests::agent::{sh, sha256};
 use bulkhead_tests::{require_kvm, sandbox_artifacts, target_dir};
 
@@ -165,6 +166,44 @@ fn one_sandbox_many_containers() {
     assert_eq!(out.stdout_text(), "1\n");
 
     step("overlay");
+    // A pod in the real guest: a sandbox container, and one that joins its
+    // IPC and UTS namespaces; both under the default device rules, so a
+    // node made for the VM's disk cannot be opened.
+    let mut c = sb.client().unwrap();
+    // As the test pause image (and the real pause): ends on TERM or INT.
+    let mut pause = sb.container("pod-pause", sh("trap 'exit 0' TERM INT; sleep 1000 & wait"));
+    pause.hostname = Some("pod-host".into());
+    let pause_io = sb.create(&mut c, pause, StdioPlan::default()).unwrap();
+    sb.start(&mut c, "pod-pause").unwrap();
+    let script = "hostname; readlink /proc/self/ns/ipc; d=$(cat /sys/block/vda/dev); \
+                  mknod /dev/vdx b ${d%:*} ${d#*:} && echo made; head -c1 /dev/vdx 2>&1 | grep -o 'Operation not permitted'";
+    let mut app = sb.container("pod-app", sh(script));
+    app.join.ipc = Some("pod-pause".into());
+    app.join.uts = Some("pod-pause".into());
+    let out = sb.run_container(app, None).unwrap();
+    let ipc = sb.exec("pod-pause", sh("readlink /proc/self/ns/ipc"), None).unwrap();
+    assert_eq!(
+        ipc.status,
+        0,
+        "the pod's sandbox container ended: {}",
+        ipc.stderr_text()
+    );
+    assert_eq!(
+        out.stdout_text(),
+        format!("pod-host\n{}made\nOperation not permitted\n", ipc.stdout_text()),
+        "{}",
+        out.stderr_text()
+    );
+    c.call_ok(&Request::Signal {
+        container_id: "pod-pause".into(),
+        exec_id: None,
+        signal: libc::SIGKILL,
+        all: false,
+    })
+    .unwrap();
+    assert_eq!(c.wait("pod-pause", None).unwrap(), 137);
+    drop(pause_io);
+    step("pod namespaces and device rules");
     let out = sb
         .run_process(
             Process {
@@ -184,13 +223,14 @@ fn one_sandbox_many_containers() {
     let _streams = sb.create(&mut c, spec, Default::default()).unwrap();
     sb.start(&mut c, "long").unwrap();
     // The exec shares the container's UTS and PID namespaces: its hostname,
-    // and its `ps` shows the workload (under the container's small init).
+    // and its `ps` shows the workload as PID 1.
     let ex = sb.exec("long", sh("hostname; ps -o pid,args"), None).unwrap();
     assert_eq!(ex.status, 0, "{}", ex.stderr_text());
     let text = ex.stdout_text();
     assert!(text.starts_with("long-box\n"), "{text}");
     assert!(
-        text.contains("sleep 100000") && text.contains("bulkhead-init"),
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "sleep", "100000"]),
         "{text}"
     );
     step("exec");
@@ -201,7 +241,7 @@ fn one_sandbox_many_containers() {
         .unwrap()
     {
         Response::Stats { stats } => {
-            assert!(stats.pids_current >= 2, "{stats:?}");
+            assert_eq!(stats.pids_current, 1, "the workload alone: {stats:?}");
             assert!(stats.memory_current_bytes > 0, "{stats:?}");
         }
         other => panic!("{other:?}"),
