@@ -333,6 +333,15 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
             "user namespaces are not supported in the sandbox's guest (the VM is the boundary)",
         );
     }
+    if let Some(p) = linux.personality() {
+        let flags = p.flags().as_ref().is_some_and(|f| !f.is_empty());
+        if p.domain() != oci_spec::runtime::LinuxPersonalityDomain::PerLinux || flags {
+            return refuse(
+                "linux.personality",
+                "only the plain LINUX domain without flags: the guest runs x86_64 code only",
+            );
+        }
+    }
     if !policy.ignore_lsm_labels {
         if let Some(label) = linux.mount_label().as_ref().filter(|l| !l.is_empty()) {
             return refuse("linux.mountLabel", &lsm_refusal("SELinux label", label));
@@ -668,6 +677,9 @@ mod tests {
         assert_eq!(ok.sysctl["kernel.shmmax"], "1");
         let e = refused(with(r#"{"namespaces":[{"type":"user"}]}"#, ""), strict);
         assert!(e.contains("uidMappings") && e.contains("not supported"), "{e}");
+        let e = refused(with(r#"{"personality":{"domain":"LINUX32"}}"#, ""), strict);
+        assert!(e.contains("linux.personality"), "{e}");
+        parse_bundle(&with(r#"{"personality":{"domain":"LINUX"}}"#, ""), strict).unwrap();
         let e = refused(
             with(r#"{"uidMappings":[{"containerID":0,"hostID":1000,"size":1}]}"#, ""),
             strict,

@@ -212,6 +212,7 @@ impl Inner {
         );
         *lock(&proc.streams) = Some(streams);
         let proc = Arc::new(proc);
+        self.events.own(&req.id);
         lock(&self.containers).insert(
             req.id.clone(),
             Container {
@@ -386,6 +387,7 @@ impl Task for Service {
         let (removed, empty) = {
             let mut cs = lock(&inner.containers);
             let removed = cs.remove(&req.id);
+            inner.events.disown(&req.id);
             (removed, cs.is_empty())
         };
         if empty {

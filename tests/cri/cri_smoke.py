@@ -32,26 +32,34 @@ pod = rt.RunPodSandbox(
     pb.RunPodSandboxRequest(config=pod_config, runtime_handler=handler), timeout=LONG
 ).pod_sandbox_id
 seen["pod"] = pod
-container = rt.CreateContainer(
-    pb.CreateContainerRequest(
-        pod_sandbox_id=pod,
-        config=pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="app"),
-            image=pb.ImageSpec(image=image),
-            command=["sh", "-c", "echo from-cri; test -e /image-name || echo app-root; exec sleep 1000"],
-            log_path="app.log",
-            # The kubelet's default: a PID namespace of the container's own.
-            linux=pb.LinuxContainerConfig(
-                security_context=pb.LinuxContainerSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER)
-                )
+
+
+def start_app(name, command, **security):
+    """Creates and starts an app container of `image` in the pod; returns its id."""
+    cid = rt.CreateContainer(
+        pb.CreateContainerRequest(
+            pod_sandbox_id=pod,
+            config=pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name=name),
+                image=pb.ImageSpec(image=image),
+                command=command,
+                log_path=f"{name}.log",
+                linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(**security)),
             ),
+            sandbox_config=pod_config,
         ),
-        sandbox_config=pod_config,
-    ),
-    timeout=LONG,
-).container_id
-rt.StartContainer(pb.StartContainerRequest(container_id=container), timeout=LONG)
+        timeout=LONG,
+    ).container_id
+    rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=LONG)
+    return cid
+
+
+# The kubelet's default: a PID namespace of the container's own.
+container = start_app(
+    "app",
+    ["sh", "-c", "echo from-cri; test -e /image-name || echo app-root; exec sleep 1000"],
+    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER),
+)
 status = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=container), timeout=LONG).status
 seen["state"] = pb.ContainerState.Name(status.state)
 ex = rt.ExecSync(pb.ExecSyncRequest(container_id=container, cmd=["sh", "-c", "echo exec-ok; exit 4"], timeout=LONG), timeout=LONG)
@@ -70,26 +78,12 @@ def exec_out(cid, script):
 
 
 seen["app_view"] = exec_out(container, VIEW + "; echo pod-shm > /dev/shm/obj")
-second = rt.CreateContainer(
-    pb.CreateContainerRequest(
-        pod_sandbox_id=pod,
-        config=pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="second"),
-            image=pb.ImageSpec(image=image),
-            command=["sleep", "1001"],
-            log_path="second.log",
-            linux=pb.LinuxContainerConfig(
-                security_context=pb.LinuxContainerSecurityContext(
-                    capabilities=pb.Capability(add_capabilities=["NET_ADMIN"]),
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.POD),
-                )
-            ),
-        ),
-        sandbox_config=pod_config,
-    ),
-    timeout=LONG,
-).container_id
-rt.StartContainer(pb.StartContainerRequest(container_id=second), timeout=LONG)
+second = start_app(
+    "second",
+    ["sleep", "1001"],
+    capabilities=pb.Capability(add_capabilities=["NET_ADMIN"]),
+    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.POD),
+)
 seen["second_view"] = exec_out(second, VIEW + "; cat /dev/shm/obj")
 # CAP_NET_ADMIN: a bridge in the pod's network namespace, as under runc;
 # without it, refused.
@@ -103,27 +97,13 @@ seen["bridge_default"] = exec_out(container, BRIDGE)
 # namespace).
 PROBE = "touch /probe 2>&1 | grep -o 'Read-only file system'; unshare -U true 2>&1 && echo userns-made; echo probed"
 seen["unfiltered"] = exec_out(container, PROBE)
-locked = rt.CreateContainer(
-    pb.CreateContainerRequest(
-        pod_sandbox_id=pod,
-        config=pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="locked"),
-            image=pb.ImageSpec(image=image),
-            command=["sleep", "1002"],
-            log_path="locked.log",
-            linux=pb.LinuxContainerConfig(
-                security_context=pb.LinuxContainerSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER),
-                    readonly_rootfs=True,
-                    seccomp_profile_path="runtime/default",
-                )
-            ),
-        ),
-        sandbox_config=pod_config,
-    ),
-    timeout=LONG,
-).container_id
-rt.StartContainer(pb.StartContainerRequest(container_id=locked), timeout=LONG)
+locked = start_app(
+    "locked",
+    ["sleep", "1002"],
+    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER),
+    readonly_rootfs=True,
+    seccomp_profile_path="runtime/default",
+)
 seen["locked"] = exec_out(locked, PROBE)
 deadline = time.time() + 60
 log = ""

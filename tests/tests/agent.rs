@@ -216,28 +216,13 @@ fn seccomp_profiles_decide_per_call_and_argument() {
     assert_eq!(out, "made\n");
 }
 
-/// containerd's default device rules: a container's root (which has
-/// CAP_MKNOD) may make nodes, but opens only those the rules allow.
+/// Docker's and containerd's default device rules: a container's root
+/// (which has CAP_MKNOD) may make nodes, but opens only those the rules
+/// allow.
 #[test]
 fn device_rules_deny_nodes_a_container_makes() {
     let agent = Agent::start();
-    let rule = |allow: bool, kind: char, major: Option<u32>, minor: Option<u32>, access: &str| DeviceRule {
-        allow,
-        kind,
-        major,
-        minor,
-        access: access.into(),
-    };
-    let mut rules = vec![
-        rule(false, 'a', None, None, "rwm"),
-        rule(true, 'c', None, None, "m"),
-        rule(true, 'b', None, None, "m"),
-        rule(true, 'c', Some(136), None, "rwm"),
-        rule(true, 'c', Some(5), Some(2), "rwm"),
-    ];
-    for (major, minor) in [(1, 3), (1, 5), (1, 8), (1, 9), (5, 0)] {
-        rules.push(rule(true, 'c', Some(major), Some(minor), "rwm"));
-    }
+    let rules = defaults::device_rules();
     let script =
         "mknod /dev/kmsgcopy c 1 11 && echo made; head -c1 /dev/kmsgcopy 2>&1 | grep -o 'Operation not permitted'; \
                   head -c1 /dev/zero | wc -c; mknod /dev/disk b 7 0 && echo made; \
@@ -275,8 +260,15 @@ fn device_rules_deny_nodes_a_container_makes() {
     // A spec that denies everything (CRI's pause) still has the nodes the
     // agent gives every container, as under runc: a shell can start a
     // background job, which reads /dev/null.
+    let deny_all = DeviceRule {
+        allow: false,
+        kind: 'a',
+        major: None,
+        minor: None,
+        access: "rwm".into(),
+    };
     let c = CreateContainer {
-        device_rules: vec![rule(false, 'a', None, None, "rwm")],
+        device_rules: vec![deny_all],
         ..container(
             &unique_id("deny-all"),
             sh("sleep 0 & wait; echo x > /dev/null && echo ok"),

@@ -176,7 +176,8 @@ fn one_sandbox_many_containers() {
     let pause_io = sb.create(&mut c, pause, StdioPlan::default()).unwrap();
     sb.start(&mut c, "pod-pause").unwrap();
     let script = "hostname; readlink /proc/self/ns/ipc; d=$(cat /sys/block/vda/dev); \
-                  mknod /dev/vdx b ${d%:*} ${d#*:} && echo made; head -c1 /dev/vdx 2>&1 | grep -o 'Operation not permitted'";
+                  mknod /dev/vdx b ${d%:*} ${d#*:} && echo made; head -c1 /dev/vdx 2>&1 | grep -o 'Operation not permitted'; \
+                  mknod /dev/serial c 4 64 && (echo x > /dev/serial) 2>&1 | grep -o 'Operation not permitted'";
     let mut app = sb.container("pod-app", sh(script));
     app.join.ipc = Some("pod-pause".into());
     app.join.uts = Some("pod-pause".into());
@@ -190,7 +191,10 @@ fn one_sandbox_many_containers() {
     );
     assert_eq!(
         out.stdout_text(),
-        format!("pod-host\n{}made\nOperation not permitted\n", ipc.stdout_text()),
+        format!(
+            "pod-host\n{}made\nOperation not permitted\nOperation not permitted\n",
+            ipc.stdout_text()
+        ),
         "{}",
         out.stderr_text()
     );
