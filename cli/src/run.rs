@@ -135,6 +135,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         vcpus: opts.cpus,
         mem_mib: opts.memory_mib,
         keep_console: opts.keep_console.clone(),
+        call_timeout: Some(sandbox::DEFAULT_CALL_TIMEOUT),
         ..SandboxConfig::new(artifacts, image)
     };
 
@@ -246,7 +247,7 @@ fn attach(
         stdin: interactive,
         tty,
     };
-    let mut control = sandbox.client()?;
+    let mut control = sandbox.request_client("create")?;
     let streams = sandbox.create(&mut control, container, plan)?;
     let mut waiter = sandbox.client()?;
 

@@ -46,6 +46,9 @@ const EMPTY_DISK_BYTES: usize = 4096;
 /// Control API calls are quick (a disk swap opens one file, a pause parks
 /// the vCPUs): this only catches a wedged VMM.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// Create, Start and Exec are answered in milliseconds on a hardware host
+/// and in seconds under emulation; an agent silent this long is wedged.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Host entropy a restored guest mixes into its pool.
 const RESEED_BYTES: usize = 64;
 
@@ -76,6 +79,10 @@ pub struct SandboxConfig {
     /// Read-only disks after the root one (/dev/vdb, ...), empty until
     /// [`Sandbox::attach_image`] gives one an image; they need `api_socket`.
     pub spare_disks: u8,
+    /// How long `create`, `start` and `exec_start` on a
+    /// [`Sandbox::request_client`] stream may go unanswered before they fail
+    /// with [`SandboxError::Unanswered`]; `None`: as long as the VM lives.
+    pub call_timeout: Option<Duration>,
 }
 
 impl SandboxConfig {
@@ -91,6 +98,7 @@ impl SandboxConfig {
             api_socket: false,
             restore_from: None,
             spare_disks: 0,
+            call_timeout: None,
         }
     }
 }
@@ -208,6 +216,7 @@ pub struct Sandbox {
     next_id: AtomicU32,
     api_socket: Option<PathBuf>,
     spare_disks: u8,
+    call_timeout: Option<Duration>,
 }
 
 // The boot tier shares one sandbox between test threads.
@@ -345,6 +354,7 @@ impl Sandbox {
             next_id: AtomicU32::new(1),
             api_socket,
             spare_disks: cfg.spare_disks,
+            call_timeout: cfg.call_timeout,
         })
     }
 
@@ -448,6 +458,35 @@ impl Sandbox {
         agent_conn::connect_agent(&self.vsock).map_err(|e| self.explain(e))
     }
 
+    /// A request stream for calls that answer promptly (`create`, `start`,
+    /// `exec_start`, signals): its connection and every answer are bounded
+    /// by [`SandboxConfig::call_timeout`]; a connection that runs out of
+    /// it is `op` unanswered. Never for `wait`.
+    pub fn request_client(&self, op: &'static str) -> Result<AgentClient, SandboxError> {
+        let Some(limit) = self.call_timeout else {
+            return self.client();
+        };
+        let first = lock(&self.first_client).take();
+        let client = match first {
+            Some(c) => c,
+            None => agent_conn::connect_agent_bounded(&self.vsock, limit).map_err(|e| self.failed(op, e))?,
+        };
+        let s = client.get_ref();
+        s.set_read_timeout(Some(limit))?;
+        s.set_write_timeout(Some(limit))?;
+        Ok(client)
+    }
+
+    /// As [`Sandbox::explain`], and a call that ran out of
+    /// [`SandboxConfig::call_timeout`] becomes [`SandboxError::Unanswered`].
+    fn failed(&self, op: &'static str, e: impl Into<SandboxError>) -> SandboxError {
+        let e = e.into();
+        match self.call_timeout {
+            Some(after) if ran_out(&e) => SandboxError::Unanswered { op, after },
+            _ => self.explain(e),
+        }
+    }
+
     /// Runs `call` on a fresh request stream whose connection and every
     /// answer are bounded by `deadline`: for control requests (signals,
     /// stats, delete), so a guest that stops answering fails them with
@@ -466,11 +505,7 @@ impl Sandbox {
         };
         match call(&mut client) {
             Ok(v) => Ok(v),
-            Err(ClientError::Frame(FrameError::Io(e)))
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
-                Err(unanswered)
-            }
+            Err(ClientError::Frame(f)) if frame_timed_out(&f) => Err(unanswered),
             Err(e) => Err(self.explain(e)),
         }
     }
@@ -493,7 +528,9 @@ impl Sandbox {
         mut req: Request,
         plan: StdioPlan,
     ) -> Result<(bulkhead_protocol::messages::Response, StdioStreams), SandboxError> {
-        let (tokens, streams) = stdio::open_streams(&self.vsock, plan).map_err(|e| self.explain(e))?;
+        let op = bulkhead_protocol::client::op_name(&req);
+        let (tokens, streams) =
+            stdio::open_streams(&self.vsock, plan, self.call_timeout).map_err(|e| self.failed(op, e))?;
         match &mut req {
             Request::Create { container } => container.stdio = tokens,
             Request::Exec { stdio, .. } => *stdio = tokens,
@@ -501,7 +538,7 @@ impl Sandbox {
         }
         req.validate()?;
         // On failure the streams are dropped, which closes them.
-        let answer = client.call(&req).map_err(|e| self.explain(e))?;
+        let answer = client.call(&req).map_err(|e| self.failed(op, e))?;
         Ok((answer, streams))
     }
 
@@ -530,7 +567,7 @@ impl Sandbox {
             .call_started(&Request::Start {
                 container_id: container_id.into(),
             })
-            .map_err(|e| self.explain(e))
+            .map_err(|e| self.failed("start", e))
     }
 
     /// `Exec`: the process starts at once; returns its pid and streams.
@@ -763,8 +800,22 @@ impl Collector {
 fn timed_out(e: &ConnError) -> bool {
     match e {
         ConnError::TimedOut(_) => true,
-        ConnError::Client(ClientError::Frame(FrameError::Io(io))) => {
-            matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        ConnError::Client(ClientError::Frame(f)) => frame_timed_out(f),
+        _ => false,
+    }
+}
+
+/// A read or write on a stream with a timeout that passed.
+fn frame_timed_out(e: &FrameError) -> bool {
+    matches!(e, FrameError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
+/// A bounded call's connection, stdio stream or answer ran out of time.
+fn ran_out(e: &SandboxError) -> bool {
+    match e {
+        SandboxError::Conn(c) | SandboxError::Stdio(StdioError::Connect { source: c, .. }) => timed_out(c),
+        SandboxError::Agent(ClientError::Frame(f)) | SandboxError::Stdio(StdioError::Attach { source: f, .. }) => {
+            frame_timed_out(f)
         }
         _ => false,
     }

@@ -8,12 +8,13 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bulkhead_protocol::frame::{self, FrameError};
 use bulkhead_protocol::messages::StdioTokens;
 use bulkhead_protocol::stdio::{Attach, Attached, STDIO_PORT, TOKEN_HEX_LEN};
 
-use crate::agent_conn::{self, ConnError};
+use crate::agent_conn::{self, ConnError, TimedOut, WaitError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
@@ -25,6 +26,8 @@ pub enum StdioError {
     Refused { name: &'static str, message: String },
     #[error("cannot make a stream token: {0}")]
     Token(io::Error),
+    #[error("setting the stdio streams' timeouts: {0}")]
+    Timeouts(io::Error),
 }
 
 /// Which streams a process gets.
@@ -59,16 +62,39 @@ pub struct StdioStreams {
 }
 
 /// Opens the streams of `plan` through the VMM's vsock socket `uds` and
-/// attaches them; returns the tokens to name in the request. Waits as
-/// long as the VMM holds the connections (no timer in the guest or here
-/// can fail a start on a busy host).
-pub fn open_streams(uds: &Path, plan: StdioPlan) -> Result<(StdioTokens, StdioStreams), StdioError> {
-    attach_all(plan, |name| {
-        agent_conn::vsock_connect(uds, STDIO_PORT, std::time::Instant::now(), &mut |_| {
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .map_err(|e| StdioError::Connect { name, source: e.into() })
-    })
+/// attaches them; returns the tokens to name in the request. Each
+/// connection and answer is bounded by `limit`; `None` waits as long as
+/// the VMM holds the connections.
+pub fn open_streams(
+    uds: &Path,
+    plan: StdioPlan,
+    limit: Option<Duration>,
+) -> Result<(StdioTokens, StdioStreams), StdioError> {
+    let (tokens, streams) = attach_all(plan, |name| {
+        let mut in_time = |elapsed: Duration| match limit {
+            Some(l) if elapsed >= l => Err(TimedOut(l)),
+            _ => Ok(()),
+        };
+        let s = agent_conn::vsock_connect(uds, STDIO_PORT, Instant::now(), &mut in_time).map_err(|e| {
+            let source = match e {
+                WaitError::Conn(c) => c,
+                WaitError::Check(t) => ConnError::TimedOut(t.0),
+            };
+            StdioError::Connect { name, source }
+        })?;
+        set_timeouts(&s, limit).map_err(StdioError::Timeouts)?;
+        Ok(s)
+    })?;
+    // Output may pause for as long as the process likes.
+    for s in [&streams.stdin, &streams.stdout, &streams.stderr].into_iter().flatten() {
+        set_timeouts(s, None).map_err(StdioError::Timeouts)?;
+    }
+    Ok((tokens, streams))
+}
+
+fn set_timeouts(s: &UnixStream, limit: Option<Duration>) -> io::Result<()> {
+    s.set_read_timeout(limit)?;
+    s.set_write_timeout(limit)
 }
 
 /// Attaches the streams of `plan`, opened by `open`: every `Attach` is

@@ -348,6 +348,46 @@ fn boot_timeout_and_abort_clean_up() {
     assert_eq!(env.run_dirs(), 0);
 }
 
+/// A guest that stops answering (its VMM stopped): Create, Start, Exec and
+/// a new request stream each fail as unanswered instead of hanging.
+fn silent_agent_calls_fail_in_time() {
+    let env = Env::new();
+    let limit = Duration::from_secs(1);
+    let cfg = SandboxConfig {
+        call_timeout: Some(limit),
+        ..env.config("vmlinux")
+    };
+    let sb = Sandbox::boot(&cfg).unwrap();
+    // While it answers, the bounded stream serves the whole start.
+    let mut c = sb.request_client("create").unwrap();
+    let container = sb.container("live", process(&["sleep"]));
+    let live = sb.create(&mut c, container, Default::default()).unwrap();
+    sb.start(&mut c, "live").unwrap();
+    let mut held = sb.request_client("create").unwrap();
+
+    // SAFETY: kill(2) on the stand-in VMM this test started.
+    assert_eq!(unsafe { libc::kill(sb.vmm_pid() as libc::pid_t, libc::SIGSTOP) }, 0);
+    let unanswered = |r: Result<(), SandboxError>, op: &str| match r {
+        Err(SandboxError::Unanswered { op: got, after }) => {
+            assert_eq!((got, after), (op, limit));
+        }
+        other => panic!("{op}: want unanswered, got {other:?}"),
+    };
+    let container = sb.container("late", process(&["echo", "never"]));
+    unanswered(sb.create(&mut held, container, Default::default()).map(drop), "create");
+    unanswered(sb.start(&mut c, "live").map(drop), "start");
+    let exec = sb.exec_start(&mut c, "live", "x", process(&["echo"]), Default::default());
+    unanswered(exec.map(drop), "exec");
+    unanswered(sb.request_client("exec").map(drop), "exec");
+    let e = sb.request_client("create").err().unwrap();
+    assert_eq!(e.to_string(), "the guest agent did not answer create within 1 s");
+    drop(live);
+    let pid = sb.vmm_pid();
+    drop(sb);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "VMM {pid} still there");
+    assert_eq!(env.run_dirs(), 0);
+}
+
 fn dropping_kills_the_vmm() {
     let env = Env::new();
     let sb = Sandbox::boot(&env.config("vmlinux")).unwrap();
@@ -375,6 +415,7 @@ fn main() {
         ),
         ("boot_timeout_and_abort_clean_up", boot_timeout_and_abort_clean_up),
         ("dropping_kills_the_vmm", dropping_kills_the_vmm),
+        ("silent_agent_calls_fail_in_time", silent_agent_calls_fail_in_time),
     ];
     let mut passed = 0;
     let mut failed = 0;

@@ -106,9 +106,13 @@ pub struct Config {
     /// go unanswered; a SIGKILL left unanswered ends the VM.
     #[serde(default = "default_agent_timeout_secs")]
     pub agent_timeout_secs: u32,
+    /// How long Create, Start or Exec may go unanswered; then the VM is
+    /// ended, since the guest's state is no longer known.
+    #[serde(default = "default_create_timeout_secs")]
+    pub create_timeout_secs: u32,
 }
 
-/// Bounds of `agent_timeout_secs`.
+/// Bounds of `agent_timeout_secs` and `create_timeout_secs`.
 pub const AGENT_TIMEOUT_SECS: std::ops::RangeInclusive<u32> = 1..=3600;
 
 /// Each disk takes one of the VM's interrupt lines.
@@ -118,6 +122,9 @@ pub use bulkhead_runtime::start::BootMode;
 
 fn default_agent_timeout_secs() -> u32 {
     30
+}
+fn default_create_timeout_secs() -> u32 {
+    bulkhead_runtime::sandbox::DEFAULT_CALL_TIMEOUT.as_secs() as u32
 }
 fn default_spare_disks() -> u8 {
     7
@@ -162,11 +169,16 @@ impl Config {
             source,
         })?;
         c.origin = path.to_owned();
-        if !AGENT_TIMEOUT_SECS.contains(&c.agent_timeout_secs) {
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                reason: format!("agent_timeout_secs = {}: want 1 to 3600", c.agent_timeout_secs),
-            });
+        for (field, value) in [
+            ("agent_timeout_secs", c.agent_timeout_secs),
+            ("create_timeout_secs", c.create_timeout_secs),
+        ] {
+            if !AGENT_TIMEOUT_SECS.contains(&value) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!("{field} = {value}: want 1 to 3600"),
+                });
+            }
         }
         if c.spare_disks > MAX_SPARE_DISKS {
             return Err(ConfigError::Invalid {
@@ -199,6 +211,10 @@ impl Config {
 
     pub fn agent_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.agent_timeout_secs.into())
+    }
+
+    pub fn create_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.create_timeout_secs.into())
     }
 
     pub fn spec_policy(&self) -> crate::spec::SpecPolicy {
@@ -331,6 +347,11 @@ mod tests {
         assert_eq!(c.spare_disks, 0);
         let e = Config::parse(&format!("{MIN}agent_timeout_secs = 0\n"), Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("agent_timeout_secs = 0"), "{e}");
+        let e = Config::parse(&format!("{MIN}create_timeout_secs = 3601\n"), Path::new("c")).unwrap_err();
+        assert!(
+            e.to_string().contains("create_timeout_secs = 3601: want 1 to 3600"),
+            "{e}"
+        );
         let e = Config::parse(&format!("{MIN}spare_disks = 16\n"), Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("spare_disks = 16: at most 15"), "{e}");
     }
@@ -391,8 +412,8 @@ mod tests {
             .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
             .map(|l| format!("{l}\n"))
             .collect();
-        // One line for each of the thirteen settings.
-        assert_eq!(settings.lines().count(), 13, "{settings}");
+        // One line for each of the fourteen settings.
+        assert_eq!(settings.lines().count(), 14, "{settings}");
         let uncommented = Config::parse(&settings, Path::new("config.toml")).unwrap();
         let defaults = Config::parse("", Path::new("config.toml")).unwrap();
         for c in [&as_is, &uncommented] {
@@ -407,6 +428,7 @@ mod tests {
             assert_eq!(c.allowed_annotations, defaults.allowed_annotations);
             assert_eq!(c.ignore_lsm_labels, defaults.ignore_lsm_labels);
             assert_eq!(c.agent_timeout_secs, defaults.agent_timeout_secs);
+            assert_eq!(c.create_timeout_secs, defaults.create_timeout_secs);
         }
         assert_eq!(as_is.kernel, None);
         assert_eq!(uncommented.kernel, Some(PathBuf::from("/usr/lib/bulkhead/vmlinux")));

@@ -90,6 +90,7 @@ impl Pod {
             runtime_root: Some(cfg.run_dir.clone()),
             api_socket: true,
             spare_disks: cfg.spare_disks,
+            call_timeout: Some(cfg.create_timeout()),
             ..SandboxConfig::new(artifacts, image.clone())
         };
         // The template, built on first use, or cold; the log says which.

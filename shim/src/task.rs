@@ -70,6 +70,7 @@ fn agent_err(e: sandbox::SandboxError) -> ttrpc::Error {
             };
             rpc_err(code, e)
         }
+        sandbox::SandboxError::Unanswered { .. } => rpc_err(Code::DEADLINE_EXCEEDED, e),
         _ => internal(e),
     }
 }
@@ -117,6 +118,18 @@ impl Inner {
         let loaded = Config::load(&source).map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
         *c = Some(loaded.clone());
         Ok(loaded)
+    }
+
+    /// Create, Start or Exec failed; when the guest did not answer in
+    /// time its state is unknown (a half-made container, a process that
+    /// may start later), so the VM is ended and every task exits.
+    fn start_failed(&self, e: sandbox::SandboxError) -> ttrpc::Error {
+        if matches!(e, sandbox::SandboxError::Unanswered { .. }) {
+            tracing::error!("{e}: ending the sandbox VM");
+            self.pod.kill_vm();
+            return rpc_err(Code::DEADLINE_EXCEEDED, format!("{e}: the sandbox VM was ended"));
+        }
+        agent_err(e)
     }
 
     /// The deadline of control calls to the agent.
@@ -198,8 +211,10 @@ impl Inner {
             stdin: !req.stdin.is_empty(),
             tty: req.terminal,
         };
-        let mut client = sb.client().map_err(internal)?;
-        let streams = sb.create(&mut client, container, plan).map_err(agent_err)?;
+        let streams = sb
+            .request_client("create")
+            .and_then(|mut c| sb.create(&mut c, container, plan))
+            .map_err(|e| self.start_failed(e))?;
         let proc = Proc::new(
             &req.id,
             "",
@@ -288,10 +303,11 @@ impl Task for Service {
             return Err(rpc_err(Code::FAILED_PRECONDITION, "the process was started already"));
         }
         let sb = inner.pod.sandbox().map_err(pod_err)?;
-        let mut client = sb.client().map_err(internal)?;
+        let op = if req.exec_id.is_empty() { "start" } else { "exec" };
+        let mut client = sb.request_client(op).map_err(|e| inner.start_failed(e))?;
         let (pid, streams) = if req.exec_id.is_empty() {
             let streams = lock(&proc.streams).take();
-            let pid = sb.start(&mut client, &req.id).map_err(agent_err)?;
+            let pid = sb.start(&mut client, &req.id).map_err(|e| inner.start_failed(e))?;
             (pid, streams)
         } else {
             let process = lock(&proc.exec_process)
@@ -303,7 +319,7 @@ impl Task for Service {
             };
             let (pid, streams) = sb
                 .exec_start(&mut client, &req.id, &req.exec_id, process, plan)
-                .map_err(agent_err)?;
+                .map_err(|e| inner.start_failed(e))?;
             (pid, Some(streams))
         };
         proc.set_running(pid);

@@ -160,7 +160,7 @@ impl Containerd {
             d.join("bulkhead.toml"),
             format!(
                 "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\ncache_dir = {:?}\nrun_dir = {:?}\nmemory_mib = 256\n\
-                 boot = \"template\"\ntemplate_dir = {:?}\nagent_timeout_secs = 20\n",
+                 boot = \"template\"\ntemplate_dir = {:?}\nagent_timeout_secs = 20\ncreate_timeout_secs = 20\n",
                 kernel,
                 initramfs,
                 vmm,

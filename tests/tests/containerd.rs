@@ -432,6 +432,58 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         "no hung-guest line in containerd's log"
     );
 
+    // A guest that stops answering a Create in its pod (same image, so no
+    // disk to attach): the call fails within create_timeout_secs, the VM
+    // is ended, the pod's sandbox task stops and the pod can be deleted.
+    ok(
+        &ctd.ctr(&ctd.run_args(
+            &cfg,
+            &[
+                "-d",
+                "--null-io",
+                "--annotation",
+                "io.kubernetes.cri.container-type=sandbox",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-id=h2",
+            ],
+            "h2",
+            &["sleep", "1000"],
+        )),
+        "run -d h2",
+    );
+    let (_, h2_vmm) = vmm_of(&ctd, "h2");
+    // SAFETY: kill(2) on the VMM the shim started for h2.
+    assert_eq!(unsafe { libc::kill(h2_vmm as libc::pid_t, libc::SIGSTOP) }, 0);
+    let late = ctd.ctr(&ctd.run_args(
+        &cfg,
+        &[
+            "-d",
+            "--null-io",
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=h2",
+        ],
+        "h2a",
+        &["true"],
+    ));
+    assert!(!late.status.success(), "a create in a hung pod succeeded");
+    let said = text(&late.stderr);
+    assert!(
+        said.contains("the guest agent did not answer create within 20 s: the sandbox VM was ended"),
+        "{said}"
+    );
+    wait_until("h2 STOPPED after its VM was ended", || {
+        task_status(&ctd, "h2").as_deref() == Some("STOPPED")
+    });
+    let _ = ctd.ctr(&["container", "rm", "h2a"]);
+    ok(&ctd.ctr(&["task", "delete", "h2"]), "task delete h2");
+    ok(&ctd.ctr(&["container", "rm", "h2"]), "container rm h2");
+    assert!(
+        !Path::new(&format!("/proc/{h2_vmm}")).exists(),
+        "h2's VMM {h2_vmm} is still there"
+    );
+
     // 4: the shim is killed: containerd runs the binary's `delete`, after
     // which no shim, VMM, socket, mount or run directory of it remains.
     ok(
