@@ -45,7 +45,7 @@ pub fn parse_user(s: &str) -> Result<User, FlagError> {
     Ok(User {
         uid,
         gid,
-        additional_gids: Vec::new(),
+        ..Default::default()
     })
 }
 
@@ -199,7 +199,7 @@ mod tests {
             User {
                 uid: 1000,
                 gid: 1000,
-                additional_gids: vec![]
+                ..Default::default()
             }
         );
         assert_eq!((parse_user("5:6").unwrap().uid, parse_user("5:6").unwrap().gid), (5, 6));

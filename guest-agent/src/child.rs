@@ -695,6 +695,7 @@ fn exec_process(p: &ExecPlan, stdio: [RawFd; 3], ctl: RawFd) -> ! {
         libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
         set_caps(p, ctl);
         check(libc::chdir(ptr(&p.cwd)), ctl, Stage::Cwd);
+        libc::umask(p.umask);
         if p.no_new_privileges {
             check(
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),

@@ -40,6 +40,7 @@ pub struct ExecPlan {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
+    pub umask: libc::mode_t,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub caps: CapSets,
     pub last_cap: u32,
@@ -72,6 +73,8 @@ impl SeccompPlan {
     }
 }
 
+/// A process whose spec names no umask gets runc's.
+const DEFAULT_UMASK: libc::mode_t = 0o022;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn null_terminated(v: &[CString]) -> Vec<*const c_char> {
@@ -153,6 +156,7 @@ impl ExecPlan {
             uid: p.user.uid,
             gid: p.user.gid,
             groups: p.user.additional_gids.clone(),
+            umask: p.user.umask.unwrap_or(DEFAULT_UMASK),
             rlimits,
             caps: CapSets::from_names(&requested)?,
             last_cap: caps::last_cap(),
@@ -432,7 +436,7 @@ mod tests {
             user: User {
                 uid: 1000,
                 gid: 1000,
-                additional_gids: vec![],
+                ..Default::default()
             },
             ..Default::default()
         };

@@ -45,6 +45,9 @@ pub struct User {
     pub gid: u32,
     #[serde(default)]
     pub additional_gids: Vec<u32>,
+    /// The process's umask; `None`: 0o022, as runc gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -637,6 +640,12 @@ impl Process {
             &self.user.additional_gids,
             MAX_ADDITIONAL_GIDS,
         )?;
+        if let Some(mask) = self.user.umask.filter(|m| *m > 0o777) {
+            return Err(invalid(
+                "process.user.umask",
+                format!("{mask:#o} has bits beyond 0o777"),
+            ));
+        }
         if let Some(adj) = self.oom_score_adj.filter(|a| !OOM_SCORE_ADJ_RANGE.contains(a)) {
             return Err(invalid("process.oomScoreAdj", format!("{adj} is outside -1000..=1000")));
         }
@@ -1295,13 +1304,22 @@ mod tests {
             (
                 Process {
                     user: User {
-                        uid: 0,
-                        gid: 0,
                         additional_gids: vec![1; 65],
+                        ..Default::default()
                     },
                     ..process()
                 },
                 "process.user",
+            ),
+            (
+                Process {
+                    user: User {
+                        umask: Some(0o1022),
+                        ..Default::default()
+                    },
+                    ..process()
+                },
+                "process.user.umask",
             ),
         ];
         for (p, field) in pcases {

@@ -133,6 +133,18 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
 /// `linux.resources.devices`, which the guest applies as a cgroup device
 /// program. FIFO rules (`p`) are dropped: the device cgroup never checks
 /// a FIFO. A negative major or minor is the wildcard.
+/// The agent takes at most [`MAX_DEVICE_RULES`] of either list; the
+/// message names the field.
+fn at_most<T>(list: &[T], field: &str, unit: &str) -> Result<(), SpecError> {
+    if list.len() > MAX_DEVICE_RULES {
+        return Err(SpecError::Field(format!(
+            "{field}: {} {unit}; at most {MAX_DEVICE_RULES}",
+            list.len()
+        )));
+    }
+    Ok(())
+}
+
 fn device_rules(spec: &Spec) -> Result<Vec<DeviceRule>, SpecError> {
     use oci_spec::runtime::LinuxDeviceType as T;
     let devices = spec
@@ -141,12 +153,7 @@ fn device_rules(spec: &Spec) -> Result<Vec<DeviceRule>, SpecError> {
         .and_then(|l| l.resources().as_ref())
         .and_then(|r| r.devices().clone())
         .unwrap_or_default();
-    if devices.len() > MAX_DEVICE_RULES {
-        return Err(SpecError::Field(format!(
-            "linux.resources.devices: {} rules; at most {MAX_DEVICE_RULES}",
-            devices.len()
-        )));
-    }
+    at_most(&devices, "linux.resources.devices", "rules")?;
     let number = |n: Option<i64>, what: &str| -> Result<Option<u32>, SpecError> {
         match n {
             None => Ok(None),
@@ -192,12 +199,7 @@ fn device_nodes(spec: &Spec) -> Result<Vec<DeviceNode>, SpecError> {
         .as_ref()
         .and_then(|l| l.devices().clone())
         .unwrap_or_default();
-    if devices.len() > MAX_DEVICE_RULES {
-        return Err(SpecError::Field(format!(
-            "linux.devices: {} nodes; at most {MAX_DEVICE_RULES}",
-            devices.len()
-        )));
-    }
+    at_most(&devices, "linux.devices", "nodes")?;
     devices
         .iter()
         .map(|d| {
@@ -331,6 +333,23 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
         return refuse(
             "linux.uidMappings/gidMappings",
             "user namespaces are not supported in the sandbox's guest (the VM is the boundary)",
+        );
+    }
+    let time_ns = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Time);
+    if time_ns || linux.time_offsets().as_ref().is_some_and(|o| !o.is_empty()) {
+        return refuse(
+            "linux.timeOffsets",
+            "time namespaces are not supported in the sandbox's guest (its clocks are the VM's)",
+        );
+    }
+    if linux.intel_rdt().is_some() {
+        return refuse(
+            "linux.intelRdt",
+            "cache and memory-bandwidth allocation is the host's to set for the whole VM",
         );
     }
     if let Some(p) = linux.personality() {
@@ -484,6 +503,7 @@ pub fn process(p: &oci_spec::runtime::Process, policy: SpecPolicy) -> Result<Pro
             uid: p.user().uid(),
             gid: p.user().gid(),
             additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+            umask: p.user().umask(),
         },
         terminal: p.terminal().unwrap_or(false),
         rlimits: p
@@ -511,7 +531,7 @@ mod tests {
         let json = br#"{"ociVersion":"1.0.2","hostname":"h","annotations":{"a":"b"},
             "root":{"path":"rootfs","readonly":true},
             "process":{"args":["sh","-c","true"],"env":["PATH=/bin"],"cwd":"/tmp","terminal":true,
-              "user":{"uid":1,"gid":2,"additionalGids":[3]},
+              "user":{"uid":1,"gid":2,"additionalGids":[3],"umask":63},
               "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
               "capabilities":{"bounding":["CAP_KILL"]}},
             "linux":{"resources":{"memory":{"limit":67108864},"pids":{"limit":-1},
@@ -523,6 +543,7 @@ mod tests {
         assert_eq!(s.process.cwd, "/tmp");
         assert!(s.process.terminal);
         assert_eq!(s.process.user.additional_gids, [3]);
+        assert_eq!(s.process.user.umask, Some(0o77));
         assert_eq!(s.process.rlimits.len(), 1);
         assert_eq!(s.hostname.as_deref(), Some("h"));
         assert_eq!(s.annotations.get("a").map(String::as_str), Some("b"));
@@ -680,6 +701,15 @@ mod tests {
         let e = refused(with(r#"{"personality":{"domain":"LINUX32"}}"#, ""), strict);
         assert!(e.contains("linux.personality"), "{e}");
         parse_bundle(&with(r#"{"personality":{"domain":"LINUX"}}"#, ""), strict).unwrap();
+        let e = refused(with(r#"{"namespaces":[{"type":"time"}]}"#, ""), strict);
+        assert!(e.contains("linux.timeOffsets") && e.contains("not supported"), "{e}");
+        let e = refused(
+            with(r#"{"timeOffsets":{"monotonic":{"secs":1,"nanosecs":0}}}"#, ""),
+            strict,
+        );
+        assert!(e.contains("linux.timeOffsets"), "{e}");
+        let e = refused(with(r#"{"intelRdt":{"closID":"guaranteed"}}"#, ""), strict);
+        assert!(e.contains("linux.intelRdt"), "{e}");
         let e = refused(
             with(r#"{"uidMappings":[{"containerID":0,"hostID":1000,"size":1}]}"#, ""),
             strict,

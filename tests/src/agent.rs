@@ -283,6 +283,7 @@ pub fn as_user(mut p: Process, uid: u32, gid: u32, additional_gids: &[u32]) -> P
         uid,
         gid,
         additional_gids: additional_gids.to_vec(),
+        ..Default::default()
     };
     p.capabilities = Some(defaults::capabilities(uid));
     p

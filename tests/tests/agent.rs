@@ -426,6 +426,18 @@ fn env_cwd_user_hostname_and_capabilities() {
 }
 
 #[test]
+fn umask_is_the_specs_or_runcs() {
+    let agent = Agent::start();
+    let script = "umask; f=$(mktemp -u); touch $f; stat -c %a $f; rm $f";
+    let (status, out, err) = agent.run(sh(script));
+    assert_eq!((status, out.as_str()), (0, "0022\n644\n"), "stderr: {err}");
+    let mut p = sh(script);
+    p.user.umask = Some(0o077);
+    let (status, out, err) = agent.run(p);
+    assert_eq!((status, out.as_str()), (0, "0077\n600\n"), "stderr: {err}");
+}
+
+#[test]
 fn rlimits() {
     let agent = Agent::start();
     let mut p = sh("ulimit -n; ulimit -Hn");
