@@ -200,28 +200,41 @@ impl Attr {
     }
 }
 
+/// Room for the verifier's account of a refused program.
+const VERIFIER_LOG_BYTES: usize = 1 << 16;
+
+/// Loads `prog`; with `log`, the verifier writes why it refuses it there.
+fn load(prog: &[Insn], log: Option<&mut [u8]>) -> io::Result<OwnedFd> {
+    let license = c"Apache-2.0";
+    let mut attr = Attr::new();
+    attr.put_u32(0, BPF_PROG_TYPE_CGROUP_DEVICE);
+    attr.put_u32(4, prog.len() as u32);
+    attr.put_u64(8, prog.as_ptr() as u64);
+    attr.put_u64(16, license.as_ptr() as u64);
+    if let Some(log) = log {
+        attr.put_u32(24, 1);
+        attr.put_u32(28, log.len() as u32);
+        attr.put_u64(32, log.as_mut_ptr() as u64);
+    }
+    let fd = attr.call(BPF_PROG_LOAD)?;
+    // SAFETY: bpf() returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Loads the program for `rules` and attaches it to the cgroup at `dir`.
 pub fn attach(dir: &Path, rules: &[DeviceRule]) -> io::Result<()> {
     let prog = program(rules);
-    let license = c"Apache-2.0";
-    let mut load = Attr::new();
-    load.put_u32(0, BPF_PROG_TYPE_CGROUP_DEVICE);
-    load.put_u32(4, prog.len() as u32);
-    load.put_u64(8, prog.as_ptr() as u64);
-    load.put_u64(16, license.as_ptr() as u64);
-    let mut log = vec![0u8; 1 << 16];
-    load.put_u32(24, 1);
-    load.put_u32(28, log.len() as u32);
-    load.put_u64(32, log.as_mut_ptr() as u64);
-    let fd = load.call(BPF_PROG_LOAD).map_err(|e| {
+    // The log costs a buffer per container: only a refusal, which the
+    // deterministic verifier repeats, asks for it.
+    let prog_fd = load(&prog, None).map_err(|e| {
+        let mut log = vec![0u8; VERIFIER_LOG_BYTES];
+        let _ = load(&prog, Some(&mut log));
         let end = log.iter().position(|b| *b == 0).unwrap_or(0);
         io::Error::new(
             e.kind(),
             format!("loading: {e}: {}", String::from_utf8_lossy(&log[..end])),
         )
     })?;
-    // SAFETY: bpf() returned a new descriptor that nothing else owns.
-    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let cgroup = File::open(dir)?;
     let mut at = Attr::new();
     at.put_u32(0, cgroup.as_raw_fd() as u32);
