@@ -25,6 +25,7 @@ use crate::boot::loader;
 use crate::boot::params;
 use crate::config::{BlockConfig, ConfigError, DeviceSet, SerialOutput, VmConfig};
 use crate::devices::bus::lock;
+use crate::devices::legacy::console_file::{BoundedFile, CONSOLE_MAX_BYTES};
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::DeviceManager;
 use crate::host::HostKind;
@@ -69,7 +70,7 @@ fn open_serial(serial: &SerialOutput) -> Result<Option<SerialOut>, VmmError> {
                     path: path.display().to_string(),
                     source,
                 })?;
-            Some(Box::new(f))
+            Some(Box::new(BoundedFile::new(f, CONSOLE_MAX_BYTES)))
         }
     })
 }

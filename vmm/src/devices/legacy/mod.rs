@@ -1,5 +1,6 @@
 //! Legacy PC devices: the 8250 UART console and the i8042 reset line.
 
+pub mod console_file;
 pub mod i8042;
 pub mod serial;
 
