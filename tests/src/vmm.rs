@@ -58,6 +58,10 @@ impl VmmChild {
         vm
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// One request: the status and the body.
     pub fn call(&self, method: &str, target: &str, body: Option<&str>) -> (u16, String) {
         let a = self.api.request(method, target, body).unwrap_or_else(|e| panic!("{e}"));
@@ -89,15 +93,17 @@ impl VmmChild {
         text(&std::fs::read(&self.serial).unwrap_or_default())
     }
 
+    /// Bytes the guest has written to its console, counting those the
+    /// VMM's console budget has dropped since.
     pub fn serial_len(&self) -> u64 {
-        std::fs::metadata(&self.serial).map(|m| m.len()).unwrap_or(0)
+        console_written(&std::fs::read(&self.serial).unwrap_or_default())
     }
 
     /// Waits until the console has grown past `len`: the guest runs.
     pub fn wait_for_output_beyond(&mut self, len: u64) {
         let serial = self.serial.clone();
         self.wait_for("the serial console to grow", || {
-            std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) > len
+            console_written(&std::fs::read(&serial).unwrap_or_default()) > len
         });
     }
 
@@ -142,5 +148,38 @@ impl VmmChild {
 impl Drop for VmmChild {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// What a console file stands for: its bytes, or, once the VMM's budget
+/// has dropped some, those dropped (its first line counts them) plus the
+/// rest after that line.
+pub fn console_written(file: &[u8]) -> u64 {
+    let dropped = file
+        .strip_prefix(b"[bulkhead-vmm: ")
+        .and_then(|rest| rest.iter().position(|b| *b == b'\n').map(|end| (rest, end)))
+        .and_then(|(rest, end)| {
+            let line = std::str::from_utf8(&rest[..end]).ok()?;
+            let count = line
+                .strip_suffix(" earlier console bytes dropped]")?
+                .parse::<u64>()
+                .ok()?;
+            Some((count, "[bulkhead-vmm: ".len() + end + 1))
+        });
+    match dropped {
+        Some((count, note)) => count + (file.len() - note) as u64,
+        None => file.len() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_written_counts_what_the_budget_dropped() {
+        assert_eq!(super::console_written(b"...."), 4);
+        assert_eq!(
+            super::console_written(b"[bulkhead-vmm: 1000 earlier console bytes dropped]\n.."),
+            1002
+        );
     }
 }
