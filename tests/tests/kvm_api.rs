@@ -147,6 +147,81 @@ fn a_stalled_client_does_not_hold_up_the_vm() {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
 }
 
+/// `Key:\tvalue` lines of a /proc status file.
+fn status_fields(path: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// What a guest that took over the VMM would hold once it runs: no
+/// capability in any thread, no way to gain one, no core file, few
+/// descriptors, and guest memory left out of any dump.
+#[test]
+fn the_vmm_holds_no_privilege_while_the_guest_runs() {
+    require_kvm();
+    let mut vm = start(&["--vcpus", "2", "--timeout", "300"]);
+    vm.wait_for_output_beyond(0);
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    let proc_dir = format!("/proc/{}", vm.pid());
+    let tasks: Vec<_> = std::fs::read_dir(format!("{proc_dir}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .collect();
+    // The event loop, two vCPUs and the API's listener at least.
+    assert!(tasks.len() >= 4, "{tasks:?}");
+    for task in &tasks {
+        let f = status_fields(&task.join("status"));
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                f[set],
+                "0000000000000000",
+                "{set} of {} ({})",
+                task.display(),
+                f["Name"]
+            );
+        }
+        assert_eq!(f["NoNewPrivs"], "1", "{}", task.display());
+    }
+    let limits = std::fs::read_to_string(format!("{proc_dir}/limits")).unwrap();
+    let limit = |name: &str| -> (String, String) {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        let mut cols = line[name.len()..].split_whitespace();
+        (cols.next().unwrap().into(), cols.next().unwrap().into())
+    };
+    assert_eq!(limit("Max core file size"), ("0".into(), "0".into()), "{limits}");
+    let (soft, hard) = limit("Max open files");
+    assert!(
+        soft.parse::<u64>().unwrap() <= 4096 && hard.parse::<u64>().unwrap() <= 4096,
+        "{limits}"
+    );
+    // The 32 MiB of guest RAM is one mapping, marked "dd" (do not dump).
+    let smaps = std::fs::read_to_string(format!("{proc_dir}/smaps")).unwrap();
+    let mut size = 0;
+    let mut guest_ram_flags = Vec::new();
+    for line in smaps.lines() {
+        if let Some(kb) = line.strip_prefix("Size:") {
+            size = kb.trim().trim_end_matches(" kB").parse().unwrap();
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if size == 32 * 1024 {
+                guest_ram_flags.push(flags.to_string());
+            }
+        }
+    }
+    assert!(!guest_ram_flags.is_empty(), "no 32 MiB mapping in the VMM");
+    for flags in &guest_ram_flags {
+        assert!(
+            flags.split_whitespace().any(|f| f == "dd"),
+            "guest RAM would be dumped: {flags}"
+        );
+    }
+    let (code, stderr) = vm.terminate();
+    assert_eq!(code, Some(128 + 15), "{stderr}");
+}
+
 #[test]
 fn an_existing_api_socket_path_is_refused() {
     let dir = tempfile::tempdir().unwrap();

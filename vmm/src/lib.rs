@@ -5,6 +5,7 @@ pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod harden;
 pub mod host;
 pub mod kvm_bytes;
 pub mod signals;

@@ -127,6 +127,15 @@ impl Vm {
             // SAFETY: the region is a live mapping owned by `memory`, which
             // this `Vm` keeps for as long as the VM fd exists; slots do not overlap.
             unsafe { fd.set_user_memory_region(mem_region) }.map_err(kvm_err("register guest memory"))?;
+            // Guest memory holds tenant data: never in a core dump.
+            // SAFETY: advice on the live mapping above; it changes only
+            // what a dump includes.
+            if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP) } < 0 {
+                return Err(VmError::Memory {
+                    mib: mem_size >> 20,
+                    reason: format!("madvise(MADV_DONTDUMP): {}", std::io::Error::last_os_error()),
+                });
+            }
         }
         Ok(Vm {
             kvm,

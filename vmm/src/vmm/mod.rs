@@ -37,6 +37,8 @@ pub enum VmmError {
     #[error("cannot run a VM on this host: {0}")]
     NoKvm(&'static str),
     #[error(transparent)]
+    Harden(#[from] crate::harden::HardenError),
+    #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
     Loader(#[from] LoaderError),

@@ -68,6 +68,8 @@ pub(super) fn run_vm(r: Running) -> Result<RunOutcome, VmmError> {
         events.add_subscriber(sub);
     }
 
+    // Before any thread exists to inherit more, and before guest code runs.
+    crate::harden::lock_down()?;
     control::install_kick_handler()?;
     let vcpu_control = Arc::new(VcpuControl::new(vcpu_count));
     for vcpu in vcpus {
