@@ -7,6 +7,7 @@
 //! that the main event loop hands to the device, never on a vCPU thread.
 
 pub mod block;
+pub mod indirect;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

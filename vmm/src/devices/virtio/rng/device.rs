@@ -4,6 +4,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_queue::QueueT;
 
+use crate::devices::virtio::indirect::refuse_indirect;
 use crate::devices::virtio::{DeviceCore, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
@@ -59,6 +60,10 @@ impl Rng {
             };
             budget -= 1;
             let head = chain.head_index();
+            if refuse_indirect(queue, mem, head, "virtio-rng") {
+                used_any = true;
+                continue;
+            }
             let written = match chain.writer(mem) {
                 Ok(mut writer) => {
                     let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);

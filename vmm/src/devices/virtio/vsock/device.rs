@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::Muxer;
 use super::packet::{parse_header, Op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD};
 use super::{VsockConfig, VsockError};
+use crate::devices::virtio::indirect::refuse_indirect;
 use crate::devices::virtio::{read_config_bytes, DeviceCore, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
@@ -75,6 +76,10 @@ impl Vsock {
             };
             budget -= 1;
             let head = chain.head_index();
+            if refuse_indirect(queue, mem, head, "vsock") {
+                used_any = true;
+                continue;
+            }
             match read_tx_packet(mem, chain, &mut self.tx_payload) {
                 Ok(hdr) => {
                     let n = if hdr.op == Op::Rw { hdr.len as usize } else { 0 };
@@ -107,11 +112,19 @@ impl Vsock {
         let mem = &active.mem;
         let queue = &mut self.core.q.queues[RXQ];
         let mut used_any = false;
-        while self.muxer.has_rx_work() {
+        // Host sockets that always have data, and a guest that keeps
+        // posting buffers, must not keep the event loop here either.
+        let mut budget = queue.size();
+        while budget > 0 && self.muxer.has_rx_work() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break; // Retried when the guest posts buffers.
             };
+            budget -= 1;
             let head = chain.head_index();
+            if refuse_indirect(queue, mem, head, "vsock") {
+                used_any = true;
+                continue;
+            }
             let mut writer = match chain.writer(mem) {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 Ok(_) => {
@@ -150,6 +163,10 @@ impl Vsock {
             }
             used_any = true;
         }
+        if budget == 0 {
+            // Possibly more to deliver: come back through the rx eventfd.
+            let _ = self.core.q.events[RXQ].write(1);
+        }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
 
@@ -169,6 +186,10 @@ impl Vsock {
             return false;
         };
         let head = chain.head_index();
+        if refuse_indirect(queue, mem, head, "vsock") {
+            active.signal_used();
+            return false;
+        }
         let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
         let written = match chain.writer(mem) {
             Ok(mut w) if w.available_bytes() >= event.len() => match w.write_all(&event) {

@@ -744,6 +744,24 @@ fn tiny_and_bad_rx_buffers_are_returned_empty() {
     assert_eq!(used.len(), 4);
     assert_eq!(&used[..3].iter().map(|u| u.1).collect::<Vec<_>>(), &[0, 0, 0]);
     assert_eq!(used[3].1, HDR_LEN as u32, "the REQUEST got the good one");
+
+    // A good buffer behind an indirect table (never offered) is refused;
+    // the next packet goes to the next direct buffer.
+    let _second = r.host_connect(71);
+    const TABLE: u64 = 0x30_0000;
+    let good = RX_BUFS + 0x2000 * 5;
+    use virtio_queue::desc::split::Descriptor as D;
+    mem.write_obj(D::new(good, RX_BUF, WRITE, 0), GuestAddress(TABLE))
+        .unwrap();
+    let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    r.rxq.push(&mem, &[(TABLE, 16, indirect)]);
+    r.post_rx(1);
+    let used = r.rxq.take_used(&r.mem);
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        [0, HDR_LEN as u32],
+        "{used:?}"
+    );
 }
 
 #[test]
