@@ -136,6 +136,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         mem_mib: opts.memory_mib,
         keep_console: opts.keep_console.clone(),
         call_timeout: Some(sandbox::DEFAULT_CALL_TIMEOUT),
+        host_cgroup: own_cgroup(),
         ..SandboxConfig::new(artifacts, image)
     };
 
@@ -384,4 +385,12 @@ fn drain(outputs: Vec<std::thread::JoinHandle<u64>>) {
             return;
         }
     }
+}
+
+/// A host cgroup of this run's own, capped to the VM's size, where this
+/// process may make one (as root); otherwise the VMM stays in ours.
+fn own_cgroup() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root.then(|| format!("/bulkhead/run-{}", std::process::id()))
 }

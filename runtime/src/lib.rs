@@ -17,6 +17,7 @@
 //! `template` uses `sandbox`, and `sandbox` knows neither.
 
 pub mod agent_conn;
+pub mod host_cgroup;
 pub mod host_check;
 pub mod paths;
 pub mod rootfs;

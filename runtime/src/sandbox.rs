@@ -5,6 +5,7 @@
 //! asks the guest to stop first.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -18,6 +19,7 @@ use bulkhead_protocol::frame::FrameError;
 use bulkhead_protocol::messages::{CreateContainer, Process, Request, Root, ValidationError};
 
 use crate::agent_conn::{self, ConnError, WaitError};
+use crate::host_cgroup::{HostCgroup, HostCgroupError, Limits};
 use crate::paths::Artifacts;
 use crate::rootfs::RootfsImage;
 use crate::rundir::{self, RunDir, RunDirError};
@@ -83,6 +85,10 @@ pub struct SandboxConfig {
     /// [`Sandbox::request_client`] stream may go unanswered before they fail
     /// with [`SandboxError::Unanswered`]; `None`: as long as the VM lives.
     pub call_timeout: Option<Duration>,
+    /// The host cgroup the VMM runs in (a `cgroupsPath`: absolute, or
+    /// systemd's `slice:prefix:name`), made with the VM's limits and
+    /// removed with it; `None`: the caller's own.
+    pub host_cgroup: Option<String>,
 }
 
 impl SandboxConfig {
@@ -99,6 +105,7 @@ impl SandboxConfig {
             restore_from: None,
             spare_disks: 0,
             call_timeout: None,
+            host_cgroup: None,
         }
     }
 }
@@ -136,6 +143,8 @@ pub enum SandboxError {
     /// A bounded call ([`Sandbox::with_deadline`]) got no answer in time.
     #[error("the guest agent did not answer {op} within {} s", .after.as_secs())]
     Unanswered { op: &'static str, after: Duration },
+    #[error(transparent)]
+    HostCgroup(#[from] HostCgroupError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -207,6 +216,8 @@ pub struct Sandbox {
     // console copy, the run directory.
     first_client: Mutex<Option<AgentClient>>,
     vmm: Mutex<VmmProcess>,
+    /// Removed once the VMM above is reaped.
+    host_cgroup: Option<HostCgroup>,
     _console_keeper: ConsoleKeeper,
     dir: RunDir,
     vsock: PathBuf,
@@ -290,17 +301,24 @@ impl Sandbox {
                 ..VmConfig::new(&cfg.artifacts.kernel)
             }),
         };
+        let host_cgroup = match &cfg.host_cgroup {
+            Some(path) => Some(HostCgroup::create(path, Limits::for_vm(cfg.vcpus, cfg.mem_mib))?),
+            None => None,
+        };
+        let procs = host_cgroup.as_ref().map(HostCgroup::procs_files).transpose()?;
         let spec = Launch {
             vmm: cfg.artifacts.vmm.clone(),
             config,
             config_file: dir.path().join("vmm.json"),
             log: vmm_log.clone(),
+            join_cgroups: procs.iter().flatten().map(|f| f.as_raw_fd()).collect(),
         };
         let retry_every = match cfg.restore_from {
             Some(_) => RESTORE_RETRY_EVERY,
             None => agent_conn::RETRY_EVERY,
         };
         let vmm = Mutex::new(VmmProcess::spawn(&spec)?);
+        drop(procs);
         let waited = agent_conn::wait_for_agent(&vsock, retry_every, |elapsed| {
             if let Some(status) = lock(&vmm).try_status()? {
                 return Err(stopped(status, &console, &vmm_log));
@@ -345,6 +363,7 @@ impl Sandbox {
         Ok(Sandbox {
             first_client: Mutex::new(Some(client)),
             vmm,
+            host_cgroup,
             _console_keeper: keeper,
             dir,
             vsock,
@@ -416,6 +435,11 @@ impl Sandbox {
 
     pub fn console_tail(&self, n: usize) -> Vec<String> {
         util::tail_lines(&self.console, n)
+    }
+
+    /// The VMM's host cgroup, when [`SandboxConfig::host_cgroup`] named one.
+    pub fn host_cgroup(&self) -> Option<&HostCgroup> {
+        self.host_cgroup.as_ref()
     }
 
     pub fn vmm_pid(&self) -> u32 {

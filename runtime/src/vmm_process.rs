@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -47,6 +48,9 @@ pub struct Launch {
     pub config_file: PathBuf,
     /// The VMM's own stdout and stderr.
     pub log: PathBuf,
+    /// `cgroup.procs` files the VMM joins before it runs (it writes "0"
+    /// to each); the caller keeps them open until `spawn` returns.
+    pub join_cgroups: Vec<RawFd>,
 }
 
 impl Launch {
@@ -98,11 +102,18 @@ impl VmmProcess {
             .process_group(0);
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
+        let join_cgroups = spec.join_cgroups.clone();
         // SAFETY: the closure runs between fork and exec and only calls
         // async-signal-safe functions (sigemptyset, sigprocmask, prctl,
-        // getppid) on memory it owns; it allocates nothing.
+        // getppid, write) on memory it owns; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                // Before exec, so nothing of the VMM runs uncharged.
+                for fd in &join_cgroups {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 // Our blocked signals (see signals.rs) are inherited
                 // through exec; the VMM must see its own.
                 let mut set: libc::sigset_t = std::mem::zeroed();
@@ -234,6 +245,7 @@ mod tests {
             config: LaunchConfig::Boot(boot_config(d.path())),
             config_file: d.path().join("vmm.json"),
             log: d.path().join("vmm.log"),
+            join_cgroups: Vec::new(),
         };
         let args = boot.write_config().unwrap();
         assert_eq!(args, [OsString::from("--config"), d.path().join("vmm.json").into()]);
@@ -257,17 +269,30 @@ mod tests {
         let script = d.path().join("fake-vmm");
         std::fs::write(&script, "#!/bin/sh\necho started >&2\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        // Stand-ins for two cgroup.procs files: each gets the "0" that
+        // moves the writer, before the VMM's exec.
+        let joins: Vec<_> = (0..2)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        use std::os::fd::AsRawFd;
         let spec = Launch {
             vmm: script,
             config: LaunchConfig::Boot(boot_config(d.path())),
             config_file: d.path().join("vmm.json"),
             log: d.path().join("vmm.log"),
+            join_cgroups: joins.iter().map(|(w, _)| w.as_raw_fd()).collect(),
         };
         // Started from a short-lived thread: the VMM must outlive it.
         let mut vm = std::thread::spawn(move || VmmProcess::spawn(&spec).unwrap())
             .join()
             .unwrap();
         let pid = vm.pid();
+        for (_, mut r) in joins {
+            use std::io::Read;
+            let mut got = [0u8; 1];
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"0");
+        }
         assert_eq!(
             vm.wait_timeout(Duration::from_millis(300)).unwrap(),
             None,

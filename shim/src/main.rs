@@ -235,6 +235,12 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
             }
         }
     }
+    if let Ok(dirs) = std::fs::read_to_string(bundle.join(pod::CGROUP_FILE)) {
+        // The VMM died with its shim (PR_SET_PDEATHSIG); dropping removes.
+        drop(bulkhead_runtime::host_cgroup::HostCgroup::adopt(
+            dirs.lines().map(PathBuf::from),
+        ));
+    }
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         let path = Path::new(socket_path(address.trim()));
         // The pod's shim serves the socket for all of its containers: keep

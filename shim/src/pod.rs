@@ -19,6 +19,9 @@ use crate::lock;
 
 /// Written into the bundle so that `delete` finds a dead shim's sandbox.
 pub const RUN_DIR_FILE: &str = "bulkhead-run-dir";
+/// In the same bundle: the VMM's host cgroup directories, one per line,
+/// for `delete` to remove after a shim died.
+pub const CGROUP_FILE: &str = "bulkhead-cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -67,6 +70,7 @@ impl Pod {
         cfg: &Config,
         image: &RootfsImage,
         annotations: &HashMap<String, String>,
+        cgroups_path: Option<&str>,
         bundle: &Path,
         events: &Events,
     ) -> Result<(Arc<Sandbox>, u8), PodError> {
@@ -91,6 +95,7 @@ impl Pod {
             api_socket: true,
             spare_disks: cfg.spare_disks,
             call_timeout: Some(cfg.create_timeout()),
+            host_cgroup: cgroups_path.map(str::to_string),
             ..SandboxConfig::new(artifacts, image.clone())
         };
         // The template, built on first use, or cold; the log says which.
@@ -99,6 +104,13 @@ impl Pod {
         let sb = Arc::new(sb);
         if let Err(e) = std::fs::write(bundle.join(RUN_DIR_FILE), sb.run_dir().as_os_str().as_encoded_bytes()) {
             tracing::warn!("cannot record the run directory in the bundle: {e}");
+        }
+        if let Some(cg) = sb.host_cgroup() {
+            let dirs: Vec<String> = cg.dirs().iter().map(|d| d.display().to_string()).collect();
+            tracing::info!("the sandbox VMM runs in the host cgroup {}", dirs.join(", "));
+            if let Err(e) = std::fs::write(bundle.join(CGROUP_FILE), dirs.join("\n")) {
+                tracing::warn!("cannot record the host cgroup in the bundle: {e}");
+            }
         }
         events.watch_oom(&sb);
         let mut disks = DiskSlots::new(&image.path, cfg.spare_disks);

@@ -42,6 +42,9 @@ pub struct BundleSpec {
     pub device_rules: Vec<DeviceRule>,
     /// `linux.devices`.
     pub device_nodes: Vec<DeviceNode>,
+    /// `linux.cgroupsPath`, checked: the host cgroup of the pod's VMM
+    /// when this container starts the pod.
+    pub cgroups_path: Option<String>,
 }
 
 /// Asks for a helper PID 1 that forwards every signal to the workload and
@@ -117,6 +120,7 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
         seccomp: seccomp(json)?,
         device_rules: device_rules(&spec)?,
         device_nodes: device_nodes(&spec)?,
+        cgroups_path: cgroups_path(&spec)?,
         helper_init: match spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION_INIT)) {
             None => false,
             Some(v) if v == "true" => true,
@@ -133,6 +137,18 @@ pub fn parse_bundle(json: &[u8], policy: SpecPolicy) -> Result<BundleSpec, SpecE
 /// `linux.resources.devices`, which the guest applies as a cgroup device
 /// program. FIFO rules (`p`) are dropped: the device cgroup never checks
 /// a FIFO. A negative major or minor is the wildcard.
+fn cgroups_path(spec: &Spec) -> Result<Option<String>, SpecError> {
+    let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) else {
+        return Ok(None);
+    };
+    let text = path
+        .to_str()
+        .ok_or_else(|| SpecError::Field("linux.cgroupsPath is not UTF-8".into()))?;
+    bulkhead_runtime::host_cgroup::relative_path(text)
+        .map_err(|e| SpecError::Field(format!("linux.cgroupsPath: {e}")))?;
+    Ok(Some(text.to_string()))
+}
+
 /// The agent takes at most [`MAX_DEVICE_RULES`] of either list; the
 /// message names the field.
 fn at_most<T>(list: &[T], field: &str, unit: &str) -> Result<(), SpecError> {
@@ -346,6 +362,15 @@ fn refuse_unapplied(spec: &Spec, policy: SpecPolicy) -> Result<(), SpecError> {
             "time namespaces are not supported in the sandbox's guest (its clocks are the VM's)",
         );
     }
+    if linux.net_devices().as_ref().is_some_and(|d| !d.is_empty()) {
+        return refuse(
+            "linux.netDevices",
+            "a host network device cannot be moved into the sandbox's VM",
+        );
+    }
+    if linux.memory_policy().is_some() {
+        return refuse("linux.memoryPolicy", "the guest has a single memory node");
+    }
     if linux.intel_rdt().is_some() {
         return refuse(
             "linux.intelRdt",
@@ -486,6 +511,16 @@ pub fn process(p: &oci_spec::runtime::Process, policy: SpecPolicy) -> Result<Pro
                 lsm_refusal("SELinux label", label)
             )));
         }
+    }
+    let unapplied = [
+        ("process.scheduler", p.scheduler().is_some()),
+        ("process.ioPriority", p.io_priority().is_some()),
+        ("process.execCPUAffinity", p.exec_cpu_affinity().is_some()),
+    ];
+    if let Some((field, _)) = unapplied.iter().find(|(_, set)| *set) {
+        return Err(SpecError::Field(format!(
+            "{field}: not applied in the sandbox's guest, whose vCPUs and disks the host schedules"
+        )));
     }
     let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
@@ -710,6 +745,20 @@ mod tests {
         assert!(e.contains("linux.timeOffsets"), "{e}");
         let e = refused(with(r#"{"intelRdt":{"closID":"guaranteed"}}"#, ""), strict);
         assert!(e.contains("linux.intelRdt"), "{e}");
+        let e = refused(with(r#"{"netDevices":{"eth1":{"name":"net1"}}}"#, ""), strict);
+        assert!(e.contains("linux.netDevices"), "{e}");
+        let e = refused(with(r#"{"memoryPolicy":{"mode":"MPOL_BIND","nodes":"0"}}"#, ""), strict);
+        assert!(e.contains("linux.memoryPolicy"), "{e}");
+        let e = refused(
+            with("{}", r#","scheduler":{"policy":"SCHED_FIFO","priority":50}"#),
+            strict,
+        );
+        assert!(e.contains("process.scheduler"), "{e}");
+        let e = refused(
+            with("{}", r#","ioPriority":{"class":"IOPRIO_CLASS_RT","priority":0}"#),
+            strict,
+        );
+        assert!(e.contains("process.ioPriority"), "{e}");
         let e = refused(
             with(r#"{"uidMappings":[{"containerID":0,"hostID":1000,"size":1}]}"#, ""),
             strict,

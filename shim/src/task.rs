@@ -287,7 +287,14 @@ impl Task for Service {
         let image = rootfs::image_for(&bundle, &mounts, &cache).map_err(internal)?;
         let (sb, disk) = inner
             .pod
-            .ensure_sandbox(&cfg, &image, &bs.annotations, &bundle, &inner.events)
+            .ensure_sandbox(
+                &cfg,
+                &image,
+                &bs.annotations,
+                bs.cgroups_path.as_deref(),
+                &bundle,
+                &inner.events,
+            )
             .map_err(pod_err)?;
         let created = inner.create_in(&sb, disk, &req, &image, bs);
         if created.is_err() {

@@ -116,6 +116,19 @@ fn run_forwards_stdin_and_sigint() {
         }
     }
     assert_eq!(seen, ["got:abc", "ready"]);
+    // The VMM, and only it, runs in the run's own host cgroup.
+    let cgroup = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| PathBuf::from(format!("{root}/bulkhead/run-{}", child.id())))
+        .find(|d| d.is_dir())
+        .expect("no host cgroup for the run");
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert_eq!(procs.lines().count(), 1, "{procs}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", procs.trim())).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("bulkhead-vmm"),
+        "{cmdline:?}"
+    );
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
@@ -125,6 +138,7 @@ fn run_forwards_stdin_and_sigint() {
     assert_eq!(rest, ["INT"], "stderr: {err}");
     assert_eq!(status.code(), Some(9), "stderr: {err}");
     assert_nothing_left(&rt);
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
 }
 
 /// One VM, many checks: exit codes, kill -9, stdin, exec into a running

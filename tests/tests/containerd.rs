@@ -32,6 +32,16 @@ fn ok(o: &std::process::Output, what: &str) -> String {
 const PATIENCE: Duration = Duration::from_secs(300);
 
 /// The task's STATUS column in `ctr task ls`, or `None` when it is not listed.
+/// The host cgroup directories of container `id` (cgroupsPath
+/// /default/<id>) that exist, on v1 or v2.
+fn host_cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    ["memory/", "cpu/", "pids/", ""]
+        .iter()
+        .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}default/{id}")))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
 fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
     let ls = ok(&ctd.ctr(&["task", "ls"]), "task ls");
     ls.lines().find_map(|l| {
@@ -356,6 +366,20 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     assert!(b1_shim != v1_shim && b1_vmm != v1_vmm, "b1 and v1 share a shim or VM");
     let o = ctd.ctr(&["task", "exec", "--exec-id", "v", "v1", "echo", "v1-alive"]);
     assert_eq!(text(&o.stdout), "v1-alive\n", "{}", text(&o.stderr));
+    // v1's VMM runs in the cgroup containerd named (cgroupsPath
+    // /default/v1), capped at its 256 MiB of RAM plus the VMM's 128.
+    let cg = std::fs::read_to_string(format!("/proc/{v1_vmm}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l.ends_with(":/default/v1") && (l.contains(":memory:") || l.starts_with("0::"))),
+        "{cg}"
+    );
+    let limit = host_cgroup_dirs("v1").iter().find_map(|d| {
+        std::fs::read_to_string(d.join("memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
+            .ok()
+    });
+    assert_eq!(limit.as_deref().map(str::trim), Some("402653184"), "{cg}");
 
     // stdin through an exec, ended by CloseIO at EOF.
     let mut cat = KillOnDrop(
@@ -402,6 +426,7 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     });
     ok(&ctd.ctr(&["task", "delete", "v1"]), "task delete v1");
     ok(&ctd.ctr(&["container", "rm", "v1"]), "container rm v1");
+    assert_eq!(host_cgroup_dirs("v1"), Vec::<PathBuf>::new(), "v1's host cgroup left");
 
     // A guest that stops answering (its VMM stopped): SIGKILL through
     // containerd gets no answer within agent_timeout_secs, so the shim
@@ -527,6 +552,9 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_until("the dead shim's run directory removed", || !run_dir.exists());
+    wait_until("the dead shim's VMM cgroup removed", || {
+        host_cgroup_dirs("k1").is_empty()
+    });
     wait_until("the dead shim's bundle removed", || !bundle.exists());
     assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
 
@@ -569,8 +597,8 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     assert_eq!(d1_added.0, 1, "d1 restores a template of its own");
     assert_eq!(
         restores - d1_added.0,
-        5,
-        "a1, b1, v1, h1, k1 restore the template; the log:\n{log}"
+        6,
+        "a1, b1, v1, h1, h2, k1 restore the template; the log:\n{log}"
     );
     assert!(!log.contains("booting the sandbox VM cold"), "{log}");
     // Root images are built once per image (the app's and the pause
@@ -583,8 +611,19 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         .collect();
     assert_eq!(templates.len(), 1, "{templates:?}");
 
-    // Nothing of ours remains: shims, VMMs, mounts, run directories.
+    // Nothing of ours remains: shims, VMMs, mounts, run directories,
+    // host cgroups (their parent, containerd's namespace, is not ours).
     std::thread::sleep(std::time::Duration::from_secs(2));
+    for parent in ["/sys/fs/cgroup/memory/default", "/sys/fs/cgroup/default"] {
+        let left: Vec<_> = std::fs::read_dir(parent)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "host cgroups left in {parent}: {left:?}");
+    }
     let dir = ctd.dir.path().to_string_lossy().into_owned();
     assert!(pids_matching(&format!("{dir}/bin/containerd-shim-bulkhead-v2")).is_empty());
     assert!(pids_matching(&format!("{dir}/run")).is_empty());
