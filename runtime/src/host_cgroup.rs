@@ -139,16 +139,24 @@ impl HostCgroup {
                 write(&dir, "pids.max", &limits.pids.to_string())?;
             }
             Layout::V1(base) => {
+                // Memory is always there (see `layout`); a host may lack
+                // the others' hierarchies, whose limits then cannot hold.
                 for c in V1_CONTROLLERS {
-                    cg.make(&base.join(c).join(&rel))?;
+                    let dir = base.join(c).join(&rel);
+                    if !base.join(c).is_dir() {
+                        tracing::warn!("no {c} cgroup hierarchy: the VMM's {c} is not limited");
+                        continue;
+                    }
+                    cg.make(&dir)?;
+                    match c {
+                        "memory" => write(&dir, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?,
+                        "cpu" => {
+                            write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                            write(&dir, "cpu.cfs_quota_us", &cpu_max.to_string())?;
+                        }
+                        _ => write(&dir, "pids.max", &limits.pids.to_string())?,
+                    }
                 }
-                let dir = base.join("memory").join(&rel);
-                write(&dir, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
-                let dir = base.join("cpu").join(&rel);
-                write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                write(&dir, "cpu.cfs_quota_us", &cpu_max.to_string())?;
-                let dir = base.join("pids").join(&rel);
-                write(&dir, "pids.max", &limits.pids.to_string())?;
             }
         }
         Ok(cg)
@@ -301,5 +309,15 @@ mod tests {
         drop(cg);
         assert!(!root.path().join("memory/pod/vm").exists());
         assert!(root.path().join("memory/pod").exists(), "the parent is not ours");
+    }
+
+    #[test]
+    fn a_missing_v1_hierarchy_is_skipped_not_fatal() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "").unwrap();
+        let cg = HostCgroup::create_under(root.path(), "/p/v", Limits::for_vm(1, 64)).unwrap();
+        assert_eq!(cg.dirs(), [root.path().join("memory/p/v")]);
+        std::fs::remove_file(root.path().join("memory/p/v/memory.limit_in_bytes")).unwrap();
     }
 }
