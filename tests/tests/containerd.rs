@@ -32,6 +32,23 @@ fn ok(o: &std::process::Output, what: &str) -> String {
 const PATIENCE: Duration = Duration::from_secs(300);
 
 /// The task's STATUS column in `ctr task ls`, or `None` when it is not listed.
+/// `ctr run -d --null-io` flags for CRI's `kind` ("sandbox" or
+/// "container") of pod `pod`, annotated as CRI annotates them.
+fn detached_in_pod(kind: &str, pod: &str) -> Vec<String> {
+    vec![
+        "-d".into(),
+        "--null-io".into(),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// The host cgroup directories of container `id` (cgroupsPath
 /// /default/<id>) that exist, on v1 or v2.
 fn host_cgroup_dirs(id: &str) -> Vec<PathBuf> {
@@ -198,21 +215,9 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
         "--annotation",
         "io.kubernetes.cri.sandbox-id=b1",
     ];
+    let b1_flags = detached_in_pod("sandbox", "b1");
     ok(
-        &ctd.ctr(&ctd.run_image_args(
-            &cfg,
-            &[
-                "-d",
-                "--null-io",
-                "--annotation",
-                "io.kubernetes.cri.container-type=sandbox",
-                "--annotation",
-                "io.kubernetes.cri.sandbox-id=b1",
-            ],
-            PAUSE_IMAGE,
-            "b1",
-            &[],
-        )),
+        &ctd.ctr(&ctd.run_image_args(&cfg, &strs(&b1_flags), PAUSE_IMAGE, "b1", &[])),
         "run -d b1 (pause)",
     );
     let o = ctd.ctr(&[
@@ -275,10 +280,9 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     // Two app containers at once next to the pause container; one is
     // killed by the OOM killer under its memory limit (a string that
     // doubles until it breaks 16 MiB), which containerd hears as TaskOOM.
-    let mut detached_in_pod = vec!["-d", "--null-io"];
-    detached_in_pod.extend(IN_POD_B1);
+    let b4_flags = detached_in_pod("container", "b1");
     ok(
-        &ctd.ctr(&ctd.run_args(&cfg, &detached_in_pod, "b4", &["sleep", "1000"])),
+        &ctd.ctr(&ctd.run_args(&cfg, &strs(&b4_flags), "b4", &["sleep", "1000"])),
         "run -d b4",
     );
     let mut oom_in_pod = vec!["--rm", "--memory-limit", "16777216"];
@@ -460,38 +464,16 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     // A guest that stops answering a Create in its pod (same image, so no
     // disk to attach): the call fails within create_timeout_secs, the VM
     // is ended, the pod's sandbox task stops and the pod can be deleted.
+    let h2_flags = detached_in_pod("sandbox", "h2");
     ok(
-        &ctd.ctr(&ctd.run_args(
-            &cfg,
-            &[
-                "-d",
-                "--null-io",
-                "--annotation",
-                "io.kubernetes.cri.container-type=sandbox",
-                "--annotation",
-                "io.kubernetes.cri.sandbox-id=h2",
-            ],
-            "h2",
-            &["sleep", "1000"],
-        )),
+        &ctd.ctr(&ctd.run_args(&cfg, &strs(&h2_flags), "h2", &["sleep", "1000"])),
         "run -d h2",
     );
     let (_, h2_vmm) = vmm_of(&ctd, "h2");
     // SAFETY: kill(2) on the VMM the shim started for h2.
     assert_eq!(unsafe { libc::kill(h2_vmm as libc::pid_t, libc::SIGSTOP) }, 0);
-    let late = ctd.ctr(&ctd.run_args(
-        &cfg,
-        &[
-            "-d",
-            "--null-io",
-            "--annotation",
-            "io.kubernetes.cri.container-type=container",
-            "--annotation",
-            "io.kubernetes.cri.sandbox-id=h2",
-        ],
-        "h2a",
-        &["true"],
-    ));
+    let h2a_flags = detached_in_pod("container", "h2");
+    let late = ctd.ctr(&ctd.run_args(&cfg, &strs(&h2a_flags), "h2a", &["true"]));
     assert!(!late.status.success(), "a create in a hung pod succeeded");
     let said = text(&late.stderr);
     assert!(
