@@ -32,6 +32,8 @@ pub struct Snapshotter {
     /// replaced since boot).
     pub drives: Arc<Drives>,
     pub config: SavedConfig,
+    /// What KVM can save, asked before the seccomp filters forbid asking.
+    pub caps: SaveCaps,
 }
 
 impl Snapshotter {
@@ -95,7 +97,7 @@ impl Snapshotter {
 
     /// Every vCPU's state, read by its own (parked) thread.
     fn vcpu_states(&self) -> Result<Vec<crate::snapshot::VcpuState>, SnapshotError> {
-        let caps = SaveCaps::query(&self.vm.kvm).map_err(|e| SnapshotError::Kvm(e.to_string()))?;
+        let caps = &self.caps;
         let (tx, rx) = channel();
         self.control
             .run_on_parked(|index| {

@@ -34,6 +34,12 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
 
 /// Writes guest RAM to `path`, leaving holes where a page is all zeros (a
 /// freshly booted guest has most of its memory untouched), and syncs it.
+/// The regions' sizes added up; `None` past 2^64 (sizes come from a
+/// state file, which may lie).
+pub fn total_size(regions: &[MemoryRegionState]) -> Option<u64> {
+    regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size))
+}
+
 pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegionState>, SnapshotError> {
     let io = |what: &'static str| {
         move |source| SnapshotError::Io {
@@ -44,7 +50,8 @@ pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegionState>
     };
     let regions = layout(mem);
     let file = File::create(path).map_err(io("create"))?;
-    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let total =
+        total_size(&regions).ok_or_else(|| SnapshotError::GuestMemory("guest memory past 2^64 bytes".into()))?;
     // Sets the length first: unwritten ranges stay holes that read as zeros.
     file.set_len(total).map_err(io("size"))?;
     let mut buf = vec![0u8; CHUNK];
@@ -88,11 +95,12 @@ pub fn map_private(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMe
     };
     let file = File::open(path).map_err(io("open"))?;
     let len = file.metadata().map_err(io("stat"))?.len();
-    let needed: u64 = regions.iter().map(|r| r.size).sum();
-    if len != needed {
+    let needed = total_size(regions);
+    if needed != Some(len) {
         return Err(SnapshotError::StateFile(super::StateFileError::Invalid(format!(
-            "the memory file {} is {len} bytes, the state says {needed}",
-            path.display()
+            "the memory file {} is {len} bytes, the state says {}",
+            path.display(),
+            needed.map_or("more than 2^64".into(), |n| n.to_string())
         ))));
     }
     let mut out = Vec::with_capacity(regions.len());

@@ -146,7 +146,9 @@ impl SnapshotState {
                 return bad(format!("vCPU {i} is saved with id {}", v.id));
             }
         }
-        let total: u64 = self.memory.iter().map(|r| r.size).sum();
+        let Some(total) = memory::total_size(&self.memory) else {
+            return bad("memory region sizes add up to more than 2^64 bytes".into());
+        };
         if total != u64::from(self.config.mem_mib) << 20 {
             return bad(format!(
                 "memory regions add up to {total} bytes, not the configured {} MiB",
@@ -155,13 +157,15 @@ impl SnapshotState {
         }
         let mut expected_offset = 0u64;
         for r in &self.memory {
-            if r.file_offset != expected_offset || r.size == 0 || !r.size.is_multiple_of(4096) {
+            let fits = r.guest_addr.checked_add(r.size).is_some();
+            if r.file_offset != expected_offset || r.size == 0 || !r.size.is_multiple_of(4096) || !fits {
                 return bad(format!(
                     "memory region at {:#x} has size {:#x} and file offset {:#x}",
                     r.guest_addr, r.size, r.file_offset
                 ));
             }
-            expected_offset = r.file_offset.saturating_add(r.size);
+            // Cannot overflow: the sizes' sum fitted above.
+            expected_offset = r.file_offset + r.size;
         }
         let expected_devices = self.config.devices.count();
         if expected_devices != self.virtio.len() {
@@ -171,11 +175,6 @@ impl SnapshotState {
             ));
         }
         Ok(())
-    }
-
-    /// Bytes the memory file must hold.
-    pub fn memory_size(&self) -> u64 {
-        self.memory.iter().map(|r| r.size).sum()
     }
 }
 
