@@ -81,20 +81,17 @@ fn bench_block(write: bool, size: u32) {
         mock.add_desc_chains(&descs, 0).unwrap();
         dev.queues_mut()[0] = mock.create_queue().unwrap();
         if !activated {
-            let start = cpu_time();
             dev.activate(
                 mem.clone(),
                 Arc::new(Interrupt::new(irq.try_clone().unwrap())),
                 VIRTIO_F_VERSION_1,
             )
             .unwrap();
-            busy += cpu_time() - start;
             activated = true;
-        } else {
-            let start = cpu_time();
-            dev.process_queue();
-            busy += cpu_time() - start;
         }
+        let start = cpu_time();
+        dev.process_queue();
+        busy += cpu_time() - start;
         requests += u64::from(REQUESTS_PER_ROUND);
         round += 1;
     }

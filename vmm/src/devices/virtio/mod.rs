@@ -204,9 +204,15 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
         self.activated(acked_features);
         Ok(())
     }
-    /// The device's own work once active, e.g. serving requests the driver
-    /// queued before its first notification.
-    fn activated(&mut self, _acked_features: u64) {}
+    /// Once active: requests the driver queued before its first
+    /// notification are left to the event loop, by signalling the queues'
+    /// eventfds. Activation runs on a vCPU thread (a status write), or on
+    /// a restore before any seccomp filter; neither may do device I/O.
+    fn activated(&mut self, _acked_features: u64) {
+        for evt in self.queue_events() {
+            let _ = evt.write(1);
+        }
+    }
     fn is_activated(&self) -> bool {
         self.core().active.is_some()
     }

@@ -320,10 +320,11 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config_space, offset, data);
     }
     fn activated(&mut self, _features: u64) {
-        // Host connections may have queued REQUESTs before the driver came.
-        let notify = self.process_tx() | self.process_rx();
-        if notify {
-            self.signal();
+        // Host connections may have queued REQUESTs before the driver
+        // came: the event loop sends them. Not the event queue, whose
+        // notification means the driver handled a transport reset.
+        for q in [RXQ, TXQ] {
+            let _ = self.core.q.events[q].write(1);
         }
         self.kick_event_loop();
     }
