@@ -124,6 +124,11 @@ impl Connection {
         c
     }
 
+    /// Guest bytes waiting for the host peer to read.
+    pub fn buffered(&self) -> usize {
+        self.tx_buf.len()
+    }
+
     pub fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }

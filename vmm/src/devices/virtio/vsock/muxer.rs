@@ -25,6 +25,11 @@ use crate::socket_file::SocketFile;
 /// Live connections at most, host streams still sending their CONNECT line
 /// included.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Guest bytes held for host peers that do not read, summed over the VM's
+/// connections. Each connection may hold its credit (`CONN_BUF_ALLOC`),
+/// but a guest must not make the VMM hold that for every connection at
+/// once: past this, the connection whose bytes crossed it is reset.
+pub const MAX_VM_BUFFERED: usize = 32 << 20;
 /// RSTs waiting for rx buffers at most; beyond that they are dropped (a
 /// guest that floods bad packets without reading loses replies).
 const MAX_QUEUED_RST: usize = 2 * MAX_CONNECTIONS;
@@ -67,6 +72,9 @@ pub struct Muxer {
     listener: UnixListener,
     socket_file: SocketFile,
     max_connections: usize,
+    max_buffered: usize,
+    /// The sum of the connections' buffered guest bytes.
+    buffered: usize,
     pending_deadline: Duration,
     conns: HashMap<ConnKey, Connection>,
     pending: HashMap<RawFd, PendingStream>,
@@ -96,6 +104,7 @@ impl Muxer {
     pub fn release(&mut self) {
         self.socket_file.remove();
         self.conns.clear();
+        self.buffered = 0;
         self.pending.clear();
         self.by_fd.clear();
         self.graveyard.clear();
@@ -117,6 +126,8 @@ impl Muxer {
             listener,
             socket_file,
             max_connections: MAX_CONNECTIONS,
+            max_buffered: MAX_VM_BUFFERED,
+            buffered: 0,
             pending_deadline: PENDING_DEADLINE,
             conns: HashMap::new(),
             pending: HashMap::new(),
@@ -134,6 +145,17 @@ impl Muxer {
 
     pub fn listener(&self) -> &UnixListener {
         &self.listener
+    }
+
+    #[cfg(test)]
+    pub fn set_max_buffered(&mut self, bytes: usize) {
+        self.max_buffered = bytes;
+    }
+
+    /// Guest bytes held for host peers, over all connections.
+    #[cfg(test)]
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered
     }
 
     #[cfg(test)]
@@ -332,6 +354,7 @@ impl Muxer {
         let Some(mut c) = self.conns.remove(&key) else {
             return;
         };
+        self.buffered -= c.buffered();
         self.by_fd.remove(&c.fd());
         if c.host_initiated {
             self.host_ports.remove(&key.local_port);
@@ -401,8 +424,19 @@ impl Muxer {
             }
             return;
         };
-        match conn.on_guest_packet(hdr, payload) {
+        let before = conn.buffered();
+        let verdict = conn.on_guest_packet(hdr, payload);
+        self.buffered = self.buffered - before + conn.buffered();
+        match verdict {
             Verdict::Close { rst } => self.close(key, rst),
+            Verdict::Keep if self.buffered > self.max_buffered => {
+                warn!(
+                    "vsock: the guest's unread bytes passed {} MiB; resetting guest port {}",
+                    self.max_buffered >> 20,
+                    hdr.src_port
+                );
+                self.close(key, true);
+            }
             Verdict::Keep => {
                 self.dirty.push(conn.fd());
                 self.schedule(key);
@@ -461,7 +495,10 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        match conn.on_stream_event(set) {
+        let before = conn.buffered();
+        let verdict = conn.on_stream_event(set);
+        self.buffered = self.buffered - before + conn.buffered();
+        match verdict {
             Verdict::Close { rst } => self.close(key, rst),
             Verdict::Keep => {
                 self.dirty.push(fd);
@@ -519,6 +556,7 @@ impl Muxer {
         for (_, c) in self.conns.drain() {
             self.graveyard.push((c.stream, c.registered));
         }
+        self.buffered = 0;
         for (_, p) in self.pending.drain() {
             self.graveyard.push((p.stream, p.registered));
         }

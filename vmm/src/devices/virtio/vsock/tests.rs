@@ -629,6 +629,41 @@ fn guest_overrunning_its_credit_is_reset() {
     drop(host);
 }
 
+/// Connections whose host peers never read may each hold their credit,
+/// but not past the VM's cap: the one that crosses it is reset, the bytes
+/// it held are released, and other connections go on.
+#[test]
+fn unread_guest_bytes_are_capped_per_vm() {
+    let mut r = Rig::new();
+    let cap = 64 * 1024;
+    r.dev().muxer_mut().set_max_buffered(cap);
+    let chunk = vec![3u8; MAX_PKT_PAYLOAD];
+    let mut stalled = Vec::new();
+    let mut reset = None;
+    'conns: for port in 100..110 {
+        let (host, local) = r.established(port, CONN_BUF_ALLOC);
+        stalled.push(host);
+        for _ in 0..(CONN_BUF_ALLOC as usize / MAX_PKT_PAYLOAD) {
+            r.send(gh(Op::Rw, port, local), &chunk);
+            if r.state(local, port).is_none() {
+                reset = Some(port);
+                break 'conns;
+            }
+            assert!(r.dev().muxer().buffered_bytes() <= cap);
+        }
+    }
+    let port = reset.expect("no connection was reset at the VM's cap");
+    r.post_rx(4);
+    assert!(r.recv().iter().any(|(h, _)| h.op == Op::Rst && h.dst_port == port));
+    assert!(r.dev().muxer().buffered_bytes() <= cap);
+    // A fresh connection still carries data.
+    let (mut host, local) = r.established(200, CONN_BUF_ALLOC);
+    r.send(gh(Op::Rw, 200, local), b"still here");
+    assert_eq!(read_n(&mut host, 10), b"still here");
+    drop(stalled);
+    r.pump();
+}
+
 #[test]
 fn guest_shutdown_with_buffered_bytes_flushes_first() {
     let mut r = Rig::new();
