@@ -37,6 +37,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HostCgroupError + '_ {
     }
 }
 
+/// A VMM's use of the host, from its cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub cpu_usec: Option<u64>,
+    pub pids: Option<u64>,
+}
+
 /// The caps of one VMM's cgroup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -197,6 +206,37 @@ impl HostCgroup {
         &self.dirs
     }
 
+    /// What the VMM and its guest use, as the host's kernel counts it: a
+    /// figure the guest cannot misreport. A hierarchy the host lacks
+    /// leaves its figures out.
+    pub fn usage(&self) -> HostUsage {
+        let mut u = HostUsage::default();
+        for d in &self.dirs {
+            let num = |file: &str| {
+                std::fs::read_to_string(d.join(file))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            };
+            u.memory_bytes = u
+                .memory_bytes
+                .or(num("memory.current"))
+                .or(num("memory.usage_in_bytes"));
+            u.memory_limit_bytes = u
+                .memory_limit_bytes
+                .or(num("memory.max"))
+                .or(num("memory.limit_in_bytes"));
+            u.pids = u.pids.or(num("pids.current"));
+            let v2_cpu = std::fs::read_to_string(d.join("cpu.stat")).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse().ok())
+            });
+            // v1: cpuacct, mounted with cpu on most hosts, counts nanoseconds.
+            u.cpu_usec = u.cpu_usec.or(v2_cpu).or(num("cpuacct.usage").map(|ns| ns / 1000));
+        }
+        u
+    }
+
     /// Takes over directories a dead runtime recorded, to remove them;
     /// anything outside the cgroup tree, or not plainly named, is ignored.
     pub fn adopt(dirs: impl IntoIterator<Item = PathBuf>) -> HostCgroup {
@@ -319,5 +359,49 @@ mod tests {
         let cg = HostCgroup::create_under(root.path(), "/p/v", Limits::for_vm(1, 64)).unwrap();
         assert_eq!(cg.dirs(), [root.path().join("memory/p/v")]);
         std::fs::remove_file(root.path().join("memory/p/v/memory.limit_in_bytes")).unwrap();
+    }
+
+    /// The figures come from whichever version's files a directory has.
+    #[test]
+    fn usage_is_read_from_v1_and_v2_files() {
+        let v1 = tempfile::tempdir().unwrap();
+        let (mem, cpu) = (v1.path().join("memory"), v1.path().join("cpu"));
+        std::fs::create_dir(&mem).unwrap();
+        std::fs::create_dir(&cpu).unwrap();
+        std::fs::write(mem.join("memory.usage_in_bytes"), "1048576\n").unwrap();
+        std::fs::write(mem.join("memory.limit_in_bytes"), "402653184\n").unwrap();
+        std::fs::write(cpu.join("cpuacct.usage"), "2500000\n").unwrap();
+        let cg = HostCgroup { dirs: vec![mem, cpu] };
+        let u = cg.usage();
+        std::mem::forget(cg);
+        assert_eq!(
+            u,
+            HostUsage {
+                memory_bytes: Some(1 << 20),
+                memory_limit_bytes: Some(402_653_184),
+                cpu_usec: Some(2500),
+                pids: None,
+            }
+        );
+
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("memory.current"), "4096\n").unwrap();
+        std::fs::write(v2.path().join("memory.max"), "max\n").unwrap();
+        std::fs::write(v2.path().join("cpu.stat"), "usage_usec 77\nuser_usec 50\n").unwrap();
+        std::fs::write(v2.path().join("pids.current"), "5\n").unwrap();
+        let cg = HostCgroup {
+            dirs: vec![v2.path().to_path_buf()],
+        };
+        let u = cg.usage();
+        std::mem::forget(cg);
+        assert_eq!(
+            u,
+            HostUsage {
+                memory_bytes: Some(4096),
+                memory_limit_bytes: None,
+                cpu_usec: Some(77),
+                pids: Some(5),
+            }
+        );
     }
 }

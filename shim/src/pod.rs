@@ -43,17 +43,34 @@ pub enum PodError {
     Sandbox(#[from] SandboxError),
 }
 
+/// The container whose Create asks for the pod's sandbox, as its bundle
+/// describes it.
+#[derive(Clone, Copy)]
+pub struct Asking<'a> {
+    pub container_id: &'a str,
+    pub annotations: &'a HashMap<String, String>,
+    pub cgroups_path: Option<&'a str>,
+    pub bundle: &'a Path,
+}
+
 #[derive(Default)]
 pub struct Pod {
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     /// Which VM disk holds which root image; set with the sandbox.
     disks: Mutex<Option<DiskSlots>>,
     paused: AtomicBool,
+    /// The container whose Create started the VM (CRI's sandbox, or a
+    /// lone `ctr run` container).
+    founder: Mutex<Option<String>>,
 }
 
 impl Pod {
     pub fn sandbox(&self) -> Result<Arc<Sandbox>, PodError> {
         lock(&self.sandbox).clone().ok_or(PodError::NotRunning)
+    }
+
+    pub fn is_founder(&self, container_id: &str) -> bool {
+        lock(&self.founder).as_deref() == Some(container_id)
     }
 
     pub fn is_paused(&self) -> bool {
@@ -67,11 +84,9 @@ impl Pod {
     /// of the disk (see [`Pod::release_disk`]).
     pub fn ensure_sandbox(
         &self,
+        asking: &Asking<'_>,
         cfg: &Config,
         image: &RootfsImage,
-        annotations: &HashMap<String, String>,
-        cgroups_path: Option<&str>,
-        bundle: &Path,
         events: &Events,
     ) -> Result<(Arc<Sandbox>, u8), PodError> {
         let mut slot = lock(&self.sandbox);
@@ -79,6 +94,12 @@ impl Pod {
             let disk = self.claim_disk(sb, image)?;
             return Ok((sb.clone(), disk));
         }
+        let Asking {
+            container_id,
+            annotations,
+            cgroups_path,
+            bundle,
+        } = *asking;
         let (vcpus, mem_mib) = cfg.sizing(annotations).map_err(|e| PodError::Sizing(e.to_string()))?;
         let artifacts = cfg.artifacts().map_err(|e| PodError::Artifacts(e.to_string()))?;
         tracing::info!(
@@ -123,6 +144,7 @@ impl Pod {
             }
         };
         *lock(&self.disks) = Some(disks);
+        *lock(&self.founder) = Some(container_id.to_string());
         *slot = Some(sb.clone());
         Ok((sb, disk))
     }

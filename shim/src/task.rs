@@ -29,7 +29,7 @@ use crate::config::{Config, ConfigSource};
 use crate::events::{now, Events};
 use crate::io::{self, Fifos};
 use crate::lock;
-use crate::pod::{Pod, PodError};
+use crate::pod::{Asking, Pod, PodError};
 use crate::process::{Container, Proc, ProcState};
 use crate::rootfs::{self, RootMount};
 use crate::spec;
@@ -288,11 +288,14 @@ impl Task for Service {
         let (sb, disk) = inner
             .pod
             .ensure_sandbox(
+                &Asking {
+                    container_id: &req.id,
+                    annotations: &bs.annotations,
+                    cgroups_path: bs.cgroups_path.as_deref(),
+                    bundle: &bundle,
+                },
                 &cfg,
                 &image,
-                &bs.annotations,
-                bs.cgroups_path.as_deref(),
-                &bundle,
                 &inner.events,
             )
             .map_err(pod_err)?;
@@ -610,24 +613,43 @@ impl Task for Service {
     fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TResult<api::StatsResponse> {
         let sb = self.inner.pod.sandbox().map_err(pod_err)?;
         let deadline = self.inner.agent_timeout()?;
-        let answer = sb.with_deadline("stats", deadline, |c| c.call(&Request::Stats { container_id: req.id }));
+        let answer = sb.with_deadline("stats", deadline, |c| {
+            c.call(&Request::Stats {
+                container_id: req.id.clone(),
+            })
+        });
         let s = match answer {
             Ok(Response::Stats { stats }) => stats,
             Ok(other) => return Err(internal(format!("stats answered {other:?}"))),
             Err(e) => return Err(agent_err(e)),
         };
+        let mut cpu_usec = s.cpu_usage_usec;
+        let mut memory = s.memory_current_bytes;
+        let mut memory_limit = s.memory_max_bytes.unwrap_or(u64::MAX);
+        let mut pids = s.pids_current;
+        // The pod's own task stands for the whole VM: the host cgroup's
+        // figures, which a hostile guest cannot shrink, wherever the host
+        // has them.
+        if self.inner.pod.is_founder(&req.id) {
+            if let Some(host) = sb.host_cgroup().map(|c| c.usage()) {
+                cpu_usec = host.cpu_usec.unwrap_or(cpu_usec);
+                memory = host.memory_bytes.map_or(memory, |h| h.max(memory));
+                memory_limit = host.memory_limit_bytes.unwrap_or(memory_limit);
+                pids = host.pids.unwrap_or(pids);
+            }
+        }
         let m = Metrics {
             cpu: MessageField::some(CPUStat {
-                usage_usec: s.cpu_usage_usec,
+                usage_usec: cpu_usec,
                 ..Default::default()
             }),
             memory: MessageField::some(MemoryStat {
-                usage: s.memory_current_bytes,
-                usage_limit: s.memory_max_bytes.unwrap_or(u64::MAX),
+                usage: memory,
+                usage_limit: memory_limit,
                 ..Default::default()
             }),
             pids: MessageField::some(PidsStat {
-                current: s.pids_current,
+                current: pids,
                 ..Default::default()
             }),
             ..Default::default()
