@@ -312,6 +312,7 @@ impl Sandbox {
             config_file: dir.path().join("vmm.json"),
             log: vmm_log.clone(),
             join_cgroups: procs.iter().flatten().map(|f| f.as_raw_fd()).collect(),
+            own_namespaces: crate::vmm_process::can_make_namespaces(),
         };
         let retry_every = match cfg.restore_from {
             Some(_) => RESTORE_RETRY_EVERY,

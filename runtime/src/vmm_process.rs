@@ -51,6 +51,27 @@ pub struct Launch {
     /// `cgroup.procs` files the VMM joins before it runs (it writes "0"
     /// to each); the caller keeps them open until `spawn` returns.
     pub join_cgroups: Vec<RawFd>,
+    /// Start the VMM in network, IPC and UTS namespaces of its own (needs
+    /// root): it has no use for the host's network, System V IPC or host
+    /// name, so a VMM taken over by its guest finds none of them.
+    pub own_namespaces: bool,
+}
+
+/// The namespaces a VMM gets of its own with [`Launch::own_namespaces`].
+pub const OWN_NAMESPACES: libc::c_int = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
+/// Whether this process may make namespaces: CAP_SYS_ADMIN in its
+/// effective set (root in a container without it may not).
+pub fn can_make_namespaces() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|eff| eff & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 impl Launch {
@@ -103,9 +124,10 @@ impl VmmProcess {
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         let join_cgroups = spec.join_cgroups.clone();
+        let own_namespaces = spec.own_namespaces;
         // SAFETY: the closure runs between fork and exec and only calls
         // async-signal-safe functions (sigemptyset, sigprocmask, prctl,
-        // getppid, write) on memory it owns; it allocates nothing.
+        // getppid, write, unshare) on memory it owns; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 // Before exec, so nothing of the VMM runs uncharged.
@@ -113,6 +135,9 @@ impl VmmProcess {
                     if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(io::Error::last_os_error());
                     }
+                }
+                if own_namespaces && libc::unshare(OWN_NAMESPACES) != 0 {
+                    return Err(io::Error::last_os_error());
                 }
                 // Our blocked signals (see signals.rs) are inherited
                 // through exec; the VMM must see its own.
@@ -246,6 +271,7 @@ mod tests {
             config_file: d.path().join("vmm.json"),
             log: d.path().join("vmm.log"),
             join_cgroups: Vec::new(),
+            own_namespaces: false,
         };
         let args = boot.write_config().unwrap();
         assert_eq!(args, [OsString::from("--config"), d.path().join("vmm.json").into()]);
@@ -281,6 +307,7 @@ mod tests {
             config_file: d.path().join("vmm.json"),
             log: d.path().join("vmm.log"),
             join_cgroups: joins.iter().map(|(w, _)| w.as_raw_fd()).collect(),
+            own_namespaces: false,
         };
         // Started from a short-lived thread: the VMM must outlive it.
         let mut vm = std::thread::spawn(move || VmmProcess::spawn(&spec).unwrap())
@@ -307,5 +334,36 @@ mod tests {
         assert!(std::fs::read_to_string(d.path().join("vmm.log"))
             .unwrap()
             .contains("started"));
+    }
+
+    /// As root the VMM gets network, IPC and UTS namespaces of its own;
+    /// the others (mount, PID, cgroup, user) stay the host's.
+    #[test]
+    fn the_vmm_can_get_namespaces_of_its_own() {
+        if !can_make_namespaces() {
+            eprintln!("skipped: new namespaces need CAP_SYS_ADMIN");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let script = d.path().join("fake-vmm");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let spec = Launch {
+            vmm: script,
+            config: LaunchConfig::Boot(boot_config(d.path())),
+            config_file: d.path().join("vmm.json"),
+            log: d.path().join("vmm.log"),
+            join_cgroups: Vec::new(),
+            own_namespaces: true,
+        };
+        let vm = VmmProcess::spawn(&spec).unwrap();
+        let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+        let pid = vm.pid().to_string();
+        for kind in ["net", "ipc", "uts"] {
+            assert_ne!(ns(&pid, kind), ns("self", kind), "{kind}");
+        }
+        for kind in ["mnt", "pid", "cgroup", "user"] {
+            assert_eq!(ns(&pid, kind), ns("self", kind), "{kind}");
+        }
     }
 }
