@@ -316,6 +316,65 @@ impl Containerd {
         v
     }
 
+    /// Everything of Bulkhead's this containerd's pods may have left, one
+    /// line each: processes naming our directory (shims, VMMs, clients)
+    /// other than containerd itself, mounts under it, loop devices backed
+    /// by files under it, sandbox run directories, the host cgroups the
+    /// shims said they made, and any under containerd's `default`
+    /// namespace (the parent itself is not ours).
+    /// Caches (images, templates) grow by design and are not counted.
+    pub fn leaks(&self) -> Vec<String> {
+        let ours = format!("{}/", self.dir.path().display());
+        let me = std::process::id();
+        let containerd = self.child.as_ref().map(Child::id);
+        let mut left: Vec<String> = pids_matching(&ours)
+            .into_iter()
+            .filter(|p| *p != me && Some(*p) != containerd)
+            .map(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                format!("process {p}: {}", crate::text(&cmd).replace('\0', " "))
+            })
+            .collect();
+        left.extend(self.mounts_left().into_iter().map(|m| format!("mount: {m}")));
+        for dev in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+            let backing = std::fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
+            if backing.starts_with(&ours) {
+                left.push(format!("loop device {:?}: {}", dev.file_name(), backing.trim()));
+            }
+        }
+        for e in std::fs::read_dir(self.dir.path().join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            left.push(format!("run directory entry {}", e.path().display()));
+        }
+        // Wherever a shim said it put a VMM (CRI's paths included).
+        let log = std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        for line in log.lines() {
+            let Some((_, dirs)) = line.split_once("the sandbox VMM runs in the host cgroup ") else {
+                continue;
+            };
+            for d in dirs.split(", ") {
+                let d = d.trim_end_matches(|c: char| c == '"' || c.is_whitespace());
+                if Path::new(d).exists() {
+                    left.push(format!("host cgroup {d}"));
+                }
+            }
+        }
+        // And any left under containerd's default namespace, where ctr's
+        // containers go (the parent itself is not ours).
+        for hierarchy in ["", "memory/", "cpu/", "pids/"] {
+            let p = Path::new("/sys/fs/cgroup").join(hierarchy).join("default");
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    left.push(format!("host cgroup {}", e.path().display()));
+                }
+            }
+        }
+        left
+    }
+
     /// Paths of ours still mounted.
     pub fn mounts_left(&self) -> Vec<String> {
         let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulkhead_tests::containerd::{pids_matching, require_containerd, Containerd, IMAGE};
+use bulkhead_tests::containerd::{require_containerd, Containerd, IMAGE};
 use bulkhead_tests::{kernel, require_kvm, text, vmm_bin};
 
 fn cri_dir() -> PathBuf {
@@ -110,8 +110,6 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
     eprintln!("the CRI client saw: {seen}");
 
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let dir = ctd.dir.path().to_string_lossy().into_owned();
-    assert!(pids_matching(&format!("{dir}/bin/containerd-shim-bulkhead-v2")).is_empty());
-    assert!(pids_matching(&format!("{dir}/run")).is_empty());
-    assert!(ctd.mounts_left().is_empty(), "{:?}", ctd.mounts_left());
+    let leaks = ctd.leaks();
+    assert!(leaks.is_empty(), "left behind:\n{}", leaks.join("\n"));
 }
