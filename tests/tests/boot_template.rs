@@ -298,6 +298,41 @@ fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
     assert!(waiter.join().unwrap().is_err());
 }
 
+/// A VMM thread that makes a call its seccomp filter refuses ends the
+/// sandbox at once. The refused call is the VMM's debug-build test hook
+/// (sysinfo, 99, from a vCPU thread), switched on by a wrapper around the
+/// VMM under test. The runtime's error says "seccomp violation" and which
+/// call; no VMM and no run directory entry is left.
+#[test]
+fn a_seccomp_violation_ends_the_sandbox_and_names_the_call() {
+    require_kvm();
+    let f = fixture();
+    let wrapper = f.dir.path().join("vmm-refused-call");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nBULKHEAD_VMM_TEST_FORBIDDEN_SYSCALL=vcpu exec '{}' \"$@\"\n",
+            f.artifacts.vmm.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cfg = config("seccomp", Some(f.template.clone()));
+    cfg.artifacts.vmm = wrapper;
+    let e = match Sandbox::boot(&cfg) {
+        Ok(_) => panic!("the sandbox came up although its VMM broke its filter"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("the sandbox's VM stopped: seccomp violation"), "{e}");
+    assert!(
+        e.contains("seccomp violation: system call 99 (") && e.contains(" on the vcpu thread"),
+        "{e}"
+    );
+    let root = cfg.runtime_root.unwrap();
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().collect();
+    assert!(left.is_empty(), "{left:?} left in {}", root.display());
+}
+
 fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }

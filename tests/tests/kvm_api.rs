@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -185,6 +186,9 @@ fn the_vmm_holds_no_privilege_while_the_guest_runs() {
             );
         }
         assert_eq!(f["NoNewPrivs"], "1", "{}", task.display());
+        // Mode 2: a filter, one per thread (each installs its own).
+        assert_eq!(f["Seccomp"], "2", "{} ({})", task.display(), f["Name"]);
+        assert_eq!(f["Seccomp_filters"], "1", "{} ({})", task.display(), f["Name"]);
     }
     let limits = std::fs::read_to_string(format!("{proc_dir}/limits")).unwrap();
     let limit = |name: &str| -> (String, String) {
@@ -239,4 +243,67 @@ fn an_existing_api_socket_path_is_refused() {
         "{stderr}"
     );
     assert!(taken.exists(), "someone else's file must stay");
+}
+
+/// The system call the VMM's debug-build test hook makes (sysinfo on
+/// x86_64), which no thread's filter allows.
+const FORBIDDEN_SYSCALL: u32 = 99;
+
+/// A refused call from any thread kind ends the VMM with SIGSYS, and its
+/// log says which call on which thread; nothing else runs after it.
+#[test]
+fn a_refused_system_call_on_any_thread_ends_the_vmm_with_sigsys() {
+    require_kvm();
+    for kind in ["vmm", "vcpu", "api"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(vmm_bin())
+            .args([
+                "--kernel",
+                SERIAL_LOOP,
+                "--mem-mib",
+                "32",
+                "--no-rng",
+                "--timeout",
+                "60",
+            ])
+            .arg("--api-sock")
+            .arg(dir.path().join("api.sock"))
+            .arg("--serial")
+            .arg(dir.path().join("console.log"))
+            .env("BULKHEAD_VMM_TEST_FORBIDDEN_SYSCALL", kind)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{kind}: {:?}: {stderr}",
+            out.status
+        );
+        let says = format!("seccomp violation: system call {FORBIDDEN_SYSCALL} (");
+        assert!(stderr.contains(&says), "{kind}: {stderr}");
+        assert!(stderr.contains(&format!(" on the {kind} thread")), "{kind}: {stderr}");
+        assert_eq!(
+            bulkhead_vmm_api::exit::describe(out.status),
+            "seccomp violation: a VMM thread made a system call its filter refuses (killed by SIGSYS)"
+        );
+    }
+}
+
+#[test]
+fn no_seccomp_runs_unfiltered_and_says_so() {
+    require_kvm();
+    let mut vm = start(&["--no-seccomp", "--timeout", "300"]);
+    vm.wait_for_output_beyond(0);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap();
+    for task in tasks {
+        let f = status_fields(&task.unwrap().path().join("status"));
+        assert_eq!(f["Seccomp"], "0", "{}", f["Name"]);
+    }
+    let (code, stderr) = vm.terminate();
+    assert_eq!(code, Some(128 + 15), "{stderr}");
+    assert!(
+        stderr.contains("WITHOUT seccomp filters; for debugging only"),
+        "{stderr}"
+    );
 }

@@ -51,6 +51,9 @@ impl VmmExit {
     }
 }
 
+/// The signal a seccomp violation ends the VMM with (31 on Linux).
+pub const SIGSYS: i32 = 31;
+
 /// A VMM process's exit status in words.
 pub fn describe(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -59,6 +62,9 @@ pub fn describe(status: std::process::ExitStatus) -> String {
             None if c > 128 => format!("stopped by signal {} (exit status {c})", c - 128),
             None => format!("exit status {c}"),
         },
+        (None, Some(SIGSYS)) => {
+            "seccomp violation: a VMM thread made a system call its filter refuses (killed by SIGSYS)".into()
+        }
         (None, Some(s)) => format!("killed by signal {s}"),
         (None, None) => "unknown exit".into(),
     }
@@ -74,6 +80,7 @@ mod tests {
             assert_eq!(VmmExit::from_code(i32::from(e.code())), Some(e));
         }
         let st = |raw: i32| std::process::ExitStatus::from_raw(raw);
+        assert!(describe(st(SIGSYS)).starts_with("seccomp violation"));
         assert_eq!(
             describe(st(3 << 8)),
             "KVM internal error, e.g. an instruction the emulator cannot run (exit status 3)"

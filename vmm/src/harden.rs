@@ -29,6 +29,7 @@ fn check(what: &'static str, ret: libc::c_int) -> Result<(), HardenError> {
 }
 
 pub fn lock_down() -> Result<(), HardenError> {
+    keep_heaps();
     let no_core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -45,6 +46,17 @@ pub fn lock_down() -> Result<(), HardenError> {
     check("no new privileges", unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     })
+}
+
+/// glibc, the first time it shrinks a thread's heap, opens
+/// /proc/sys/vm/overcommit_memory; the filtered vCPU and event-loop
+/// threads may not open files. A trim threshold no heap reaches means no
+/// shrink (freed memory stays with the process; large blocks are mapped
+/// and unmapped on their own, as before).
+fn keep_heaps() {
+    // SAFETY: mallopt only sets a malloc tunable; no thread but this one
+    // exists yet.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
 }
 
 fn lower_open_files() -> Result<(), HardenError> {

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod harden;
 pub mod host;
 pub mod kvm_bytes;
+pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod socket_file;

@@ -9,6 +9,7 @@ use clap::Parser;
 use bulkhead_vmm::config::{
     parse_disk, parse_vsock, BlockConfig, CpuTemplate, RestoreConfig, SerialOutput, VmConfig, VsockConfig,
 };
+use bulkhead_vmm::seccomp::SeccompPolicy;
 use bulkhead_vmm::vmm::{self, VmmError};
 use bulkhead_vmm_api::exit::VmmExit;
 
@@ -79,10 +80,15 @@ struct Args {
         conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "cpu_template", "no_rng", "config", "restore"]
     )]
     restore_config: Option<PathBuf>,
+    /// Run without the per-thread seccomp filters. For debugging only: a
+    /// device-model bug the guest exploits could then make any call.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration \
-or an unusable snapshot, 3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout.";
+or an unusable snapshot, 3 KVM internal error (e.g. an instruction the emulator cannot run), 4 guest triple fault, 5 timeout. \
+Killed by SIGSYS: a thread made a system call its seccomp filter refuses (the log names it).";
 
 impl Args {
     /// A restore's configuration, when the flags ask for one.
@@ -199,9 +205,13 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<u8> {
     let args = Args::parse();
+    let seccomp = SeccompPolicy::from_flag(args.no_seccomp);
+    if seccomp == SeccompPolicy::Off {
+        eprintln!("bulkhead-vmm: WARNING: --no-seccomp: running WITHOUT seccomp filters; for debugging only");
+    }
     let outcome = match args.restore_config()? {
-        Some(rc) => vmm::restore(&rc),
-        None => vmm::boot(&args.into_config()?),
+        Some(rc) => vmm::restore(&rc, seccomp),
+        None => vmm::boot(&args.into_config()?, seccomp),
     }
     .map_err(anyhow::Error::from)?;
     let code = outcome.stopped.exit_code();

@@ -25,12 +25,14 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{self, Filters, SeccompError, ThreadKind};
 use crate::socket_file::SocketFile;
 use http::{Parsed, Response};
 pub use routes::ApiContext;
@@ -48,6 +50,10 @@ pub enum ApiError {
     Bind { path: String, source: io::Error },
     #[error("cannot start the API thread: {0}")]
     Thread(io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("the API thread ended before serving")]
+    ThreadEnded,
 }
 
 /// The bound API socket, not served yet: bound early so that a bad path
@@ -73,15 +79,24 @@ impl ApiListener {
         Ok(ApiListener { listener, socket_file })
     }
 
-    /// Starts the API thread.
-    pub fn serve(self, ctx: ApiContext) -> Result<ApiServer, ApiError> {
+    /// Starts the API thread, which serves under its own seccomp filter.
+    pub fn serve(self, filters: Option<Arc<Filters>>, ctx: ApiContext) -> Result<ApiServer, ApiError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Thread)?;
         let thread_stop = stop.try_clone().map_err(ApiError::Thread)?;
         let listener = self.listener;
+        let (sealed_tx, sealed) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(&listener, &thread_stop, &ctx))
+            .spawn(move || {
+                let result = seccomp::apply(filters.as_deref(), ThreadKind::Api);
+                let ok = result.is_ok();
+                let _ = sealed_tx.send(result);
+                if ok {
+                    accept_loop(&listener, &thread_stop, &ctx);
+                }
+            })
             .map_err(ApiError::Thread)?;
+        sealed.recv().map_err(|_| ApiError::ThreadEnded)??;
         info!(path = %self.socket_file.path().display(), "control API listening");
         Ok(ApiServer {
             socket_file: self.socket_file,
@@ -289,7 +304,7 @@ mod tests {
         assert!(matches!(ApiListener::bind(&path), Err(ApiError::PathExists(_))));
         std::fs::remove_file(&path).unwrap();
 
-        let server = ApiListener::bind(&path).unwrap().serve(ctx()).unwrap();
+        let server = ApiListener::bind(&path).unwrap().serve(None, ctx()).unwrap();
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();

@@ -5,7 +5,7 @@ pub mod exit_info;
 pub mod state;
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -18,6 +18,7 @@ use crate::arch::cpu_template::CpuTemplate;
 use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::arch::{cpuid, interrupts, msr};
 use crate::devices::bus::Bus;
+use crate::seccomp::{self, Filters, ThreadKind};
 use control::{ExitCounters, ExitKind, VcpuControl};
 use exit_info::{GuestLocation, VcpuStop};
 
@@ -43,6 +44,13 @@ pub enum VcpuError {
     BadState { cpu: u8, why: String },
     #[error("cannot start the vCPU {0} thread: {1}")]
     Spawn(u8, std::io::Error),
+}
+
+/// What a vCPU thread does before it first enters the guest: install its
+/// seccomp filter, then wait at the gate until every thread has one.
+pub struct VcpuStart {
+    pub filters: Option<Arc<Filters>>,
+    pub gate: Arc<Barrier>,
 }
 
 /// How the boot vCPU enters the kernel.
@@ -155,19 +163,28 @@ impl Vcpu {
         control: Arc<VcpuControl>,
         stops: Sender<VcpuStop>,
         stop_evt: EventFd,
+        start: VcpuStart,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                let sealed = seccomp::apply(start.filters.as_deref(), ThreadKind::Vcpu);
+                start.gate.wait();
                 let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
                 control.enter(index, immediate_exit, Some(&self.fd));
-                // Test and debug builds unwind; the main loop must still hear.
-                let stop = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&control)))
-                    .unwrap_or_else(|_| VcpuStop::RunFailed {
+                let stop = match sealed {
+                    Err(e) => VcpuStop::RunFailed {
                         cpu: index,
-                        error: "the vCPU thread panicked".into(),
-                    });
+                        error: e.to_string(),
+                    },
+                    // Test and debug builds unwind; the main loop must still hear.
+                    Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&control)))
+                        .unwrap_or_else(|_| VcpuStop::RunFailed {
+                            cpu: index,
+                            error: "the vCPU thread panicked".into(),
+                        }),
+                };
                 // Withdraw the kvm_run pointer before the VcpuFd unmaps it.
                 control.leave(index);
                 drop(self);

@@ -29,6 +29,7 @@ use crate::devices::legacy::console_file::{BoundedFile, CONSOLE_MAX_BYTES};
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::manager::DeviceManager;
 use crate::host::HostKind;
+use crate::seccomp::SeccompPolicy;
 use crate::signals::TerminationSignals;
 use crate::snapshot::{self as snap, SavedConfig, SnapshotError};
 use crate::vcpu::{BootEntry, Vcpu};
@@ -137,6 +138,7 @@ impl Machine {
         vcpus: Vec<Vcpu>,
         timeout_secs: Option<u64>,
         saved: SavedConfig,
+        seccomp: SeccompPolicy,
     ) -> Result<RunOutcome, VmmError> {
         run_vm(Running {
             vm: self.vm,
@@ -148,12 +150,13 @@ impl Machine {
             timeout_secs,
             saved,
             host: prep.host,
+            seccomp,
         })
     }
 }
 
 /// Validates `config`, boots the VM and blocks until it ends.
-pub fn boot(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+pub fn boot(config: &VmConfig, seccomp: SeccompPolicy) -> Result<RunOutcome, VmmError> {
     crate::config::validate(config)?;
     let prep = prepare_host(config.api_socket.as_deref())?;
     let host = prep.host;
@@ -210,7 +213,7 @@ pub fn boot(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         cpu_template: plan.template,
         devices: config.devices(),
     };
-    machine.run(prep, vcpus, config.timeout_secs, saved)
+    machine.run(prep, vcpus, config.timeout_secs, saved, seccomp)
 }
 
 /// Checks that `new` can stand in for the saved disks.
@@ -237,7 +240,7 @@ fn replace_disks(saved: &[BlockConfig], new: &[BlockConfig]) -> Result<(), Confi
 
 /// Rebuilds the VM saved in `rc.snapshot_dir`, with its memory mapped
 /// privately from the snapshot's memory file, and runs it until it ends.
-pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
+pub fn restore(rc: &RestoreConfig, seccomp: SeccompPolicy) -> Result<RunOutcome, VmmError> {
     let bad = |source: SnapshotError| VmmError::BadSnapshot {
         dir: rc.snapshot_dir.clone(),
         source,
@@ -295,7 +298,7 @@ pub fn restore(rc: &RestoreConfig) -> Result<RunOutcome, VmmError> {
         mem_mib = saved.mem_mib,
         "restored from the snapshot"
     );
-    machine.run(prep, vcpus, rc.timeout_secs, saved)
+    machine.run(prep, vcpus, rc.timeout_secs, saved, seccomp)
 }
 
 #[cfg(test)]

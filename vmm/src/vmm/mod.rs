@@ -39,6 +39,8 @@ pub enum VmmError {
     #[error(transparent)]
     Harden(#[from] crate::harden::HardenError),
     #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
     Loader(#[from] LoaderError),

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -16,12 +16,14 @@ use crate::api::{ApiContext, ApiListener};
 use crate::devices::bus::lock;
 use crate::devices::manager::DeviceManager;
 use crate::host::HostKind;
+use crate::seccomp::{self, Filters, SeccompPolicy, ThreadKind};
 use crate::signals::TerminationSignals;
 use crate::snapshot::create::Snapshotter;
 use crate::snapshot::SavedConfig;
 use crate::vcpu::control::{self, VcpuControl};
 use crate::vcpu::exit_info::VcpuStop;
-use crate::vcpu::Vcpu;
+use crate::vcpu::state::SaveCaps;
+use crate::vcpu::{Vcpu, VcpuStart};
 use crate::vm::Vm;
 
 /// A built VM, ready to run.
@@ -36,6 +38,7 @@ pub(super) struct Running {
     /// What a snapshot of it records.
     pub saved: SavedConfig,
     pub host: HostKind,
+    pub seccomp: SeccompPolicy,
 }
 
 /// Starts the vCPUs, the API and the event loop; returns when the VM ends.
@@ -50,6 +53,7 @@ pub(super) fn run_vm(r: Running) -> Result<RunOutcome, VmmError> {
         timeout_secs,
         saved,
         host,
+        seccomp,
     } = r;
     let vcpu_count = saved.vcpus;
 
@@ -71,32 +75,46 @@ pub(super) fn run_vm(r: Running) -> Result<RunOutcome, VmmError> {
     // Before any thread exists to inherit more, and before guest code runs.
     crate::harden::lock_down()?;
     control::install_kick_handler()?;
+    let filters = Filters::compile(seccomp)?;
+    // Every thread installs its own filter; no vCPU enters the guest until
+    // all of them, this thread's included, have.
+    let gate = Arc::new(Barrier::new(vcpus.len() + 1));
     let vcpu_control = Arc::new(VcpuControl::new(vcpu_count));
     for vcpu in vcpus {
         let evt = stop_evt.try_clone().map_err(event_loop_err)?;
         // Threads are detached: the process ends with the VM, and a vCPU
         // blocked in KVM_RUN (or parked by a pause) cannot be joined anyway.
-        vcpu.spawn(vcpu_control.clone(), stop_tx.clone(), evt)?;
+        let start = VcpuStart {
+            filters: filters.clone(),
+            gate: gate.clone(),
+        };
+        vcpu.spawn(vcpu_control.clone(), stop_tx.clone(), evt, start)?;
     }
     drop(stop_tx);
     let _api = match api_listener {
-        Some(l) => Some(l.serve(ApiContext {
-            control: vcpu_control.clone(),
-            vcpus: vcpu_count,
-            mem_mib: saved.mem_mib,
-            started: Instant::now(),
-            drives: Some(virtio.drives.clone()),
-            snapshot: Some(Arc::new(Snapshotter {
-                vm: vm.clone(),
-                control: vcpu_control,
-                serial: devices.serial.clone(),
-                transports: devices.transports.clone(),
-                drives: virtio.drives.clone(),
-                config: saved.clone(),
-            })),
-        })?),
+        Some(l) => Some(l.serve(
+            filters.clone(),
+            ApiContext {
+                control: vcpu_control.clone(),
+                vcpus: vcpu_count,
+                mem_mib: saved.mem_mib,
+                started: Instant::now(),
+                drives: Some(virtio.drives.clone()),
+                snapshot: Some(Arc::new(Snapshotter {
+                    vm: vm.clone(),
+                    control: vcpu_control,
+                    serial: devices.serial.clone(),
+                    transports: devices.transports.clone(),
+                    drives: virtio.drives.clone(),
+                    config: saved.clone(),
+                    caps: SaveCaps::query(&vm.kvm)?,
+                })),
+            },
+        )?),
         None => None,
     };
+    seccomp::apply(filters.as_deref(), ThreadKind::Vmm)?;
+    gate.wait();
 
     let stopped = loop {
         events.run().map_err(event_loop_err)?;
