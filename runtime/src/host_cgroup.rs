@@ -16,9 +16,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// What the VMM itself may use besides guest RAM: its code, thread
 /// stacks, device buffers (vsock holds up to a few MiB per busy connection).
 pub const VMM_OVERHEAD_BYTES: u64 = 128 << 20;
-/// Threads of a VMM besides its vCPUs: the event loop, the control API
-/// and its connections (each served on a thread of its own).
+/// Threads of a VMM besides its vCPUs (the event loop, the control API),
+/// with room to spare: its seccomp filters refuse new threads anyway.
 const VMM_THREADS: u64 = 64;
+/// v1's `memory.limit_in_bytes` at or past this means no limit (the
+/// kernel writes the largest page-aligned i64).
+const V1_NO_LIMIT: u64 = 1 << 62;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostCgroupError {
@@ -221,10 +224,11 @@ impl HostCgroup {
                 .memory_bytes
                 .or(num("memory.current"))
                 .or(num("memory.usage_in_bytes"));
+            // v1 says "no limit" with a huge number, v2 with "max".
             u.memory_limit_bytes = u
                 .memory_limit_bytes
                 .or(num("memory.max"))
-                .or(num("memory.limit_in_bytes"));
+                .or(num("memory.limit_in_bytes").filter(|&l| l < V1_NO_LIMIT));
             u.pids = u.pids.or(num("pids.current"));
             let v2_cpu = std::fs::read_to_string(d.join("cpu.stat")).ok().and_then(|s| {
                 s.lines()
@@ -371,8 +375,12 @@ mod tests {
         std::fs::write(mem.join("memory.usage_in_bytes"), "1048576\n").unwrap();
         std::fs::write(mem.join("memory.limit_in_bytes"), "402653184\n").unwrap();
         std::fs::write(cpu.join("cpuacct.usage"), "2500000\n").unwrap();
-        let cg = HostCgroup { dirs: vec![mem, cpu] };
+        let cg = HostCgroup {
+            dirs: vec![mem.clone(), cpu],
+        };
         let u = cg.usage();
+        std::fs::write(mem.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(cg.usage().memory_limit_bytes, None, "v1's unlimited is no limit");
         std::mem::forget(cg);
         assert_eq!(
             u,

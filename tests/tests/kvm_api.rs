@@ -303,7 +303,7 @@ fn no_seccomp_runs_unfiltered_and_says_so() {
     let (code, stderr) = vm.terminate();
     assert_eq!(code, Some(128 + 15), "{stderr}");
     assert!(
-        stderr.contains("WITHOUT seccomp filters; for debugging only"),
+        stderr.contains("SECCOMP IS OFF (--no-seccomp)") && stderr.contains("for debugging only"),
         "{stderr}"
     );
 }

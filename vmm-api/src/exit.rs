@@ -51,7 +51,8 @@ impl VmmExit {
     }
 }
 
-/// The signal a seccomp violation ends the VMM with (31 on Linux).
+/// The signal a seccomp violation ends the VMM with (31 on x86-64 and
+/// arm64 Linux, the VMM's targets; this crate has no libc).
 pub const SIGSYS: i32 = 31;
 
 /// A VMM process's exit status in words.

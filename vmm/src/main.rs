@@ -205,10 +205,8 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<u8> {
     let args = Args::parse();
+    // Filters::compile warns, loudly, when this is off.
     let seccomp = SeccompPolicy::from_flag(args.no_seccomp);
-    if seccomp == SeccompPolicy::Off {
-        eprintln!("bulkhead-vmm: WARNING: --no-seccomp: running WITHOUT seccomp filters; for debugging only");
-    }
     let outcome = match args.restore_config()? {
         Some(rc) => vmm::restore(&rc, seccomp),
         None => vmm::boot(&args.into_config()?, seccomp),

@@ -32,14 +32,14 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
         .collect()
 }
 
-/// Writes guest RAM to `path`, leaving holes where a page is all zeros (a
-/// freshly booted guest has most of its memory untouched), and syncs it.
 /// The regions' sizes added up; `None` past 2^64 (sizes come from a
 /// state file, which may lie).
 pub fn total_size(regions: &[MemoryRegionState]) -> Option<u64> {
     regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size))
 }
 
+/// Writes guest RAM to `path`, leaving holes where a page is all zeros (a
+/// freshly booted guest has most of its memory untouched), and syncs it.
 pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegionState>, SnapshotError> {
     let io = |what: &'static str| {
         move |source| SnapshotError::Io {
