@@ -618,25 +618,31 @@ impl Task for Service {
                 container_id: req.id.clone(),
             })
         });
+        // The pod's own task stands for the whole VM: the host cgroup's
+        // figures, which a hostile guest cannot shrink, wherever the host
+        // has them; nor can a guest that does not answer withhold them.
+        let host = match self.inner.pod.is_founder(&req.id) {
+            true => sb.host_cgroup().map(|c| c.usage()),
+            false => None,
+        };
         let s = match answer {
             Ok(Response::Stats { stats }) => stats,
             Ok(other) => return Err(internal(format!("stats answered {other:?}"))),
+            Err(e) if host.is_some() => {
+                tracing::warn!(container = %req.id, "stats: the guest did not answer ({e}); the host cgroup's figures alone");
+                Default::default()
+            }
             Err(e) => return Err(agent_err(e)),
         };
         let mut cpu_usec = s.cpu_usage_usec;
         let mut memory = s.memory_current_bytes;
         let mut memory_limit = s.memory_max_bytes.unwrap_or(u64::MAX);
         let mut pids = s.pids_current;
-        // The pod's own task stands for the whole VM: the host cgroup's
-        // figures, which a hostile guest cannot shrink, wherever the host
-        // has them.
-        if self.inner.pod.is_founder(&req.id) {
-            if let Some(host) = sb.host_cgroup().map(|c| c.usage()) {
-                cpu_usec = host.cpu_usec.unwrap_or(cpu_usec);
-                memory = host.memory_bytes.map_or(memory, |h| h.max(memory));
-                memory_limit = host.memory_limit_bytes.unwrap_or(memory_limit);
-                pids = host.pids.unwrap_or(pids);
-            }
+        if let Some(host) = host {
+            cpu_usec = host.cpu_usec.unwrap_or(cpu_usec);
+            memory = host.memory_bytes.map_or(memory, |h| h.max(memory));
+            memory_limit = host.memory_limit_bytes.unwrap_or(memory_limit);
+            pids = host.pids.unwrap_or(pids);
         }
         let m = Metrics {
             cpu: MessageField::some(CPUStat {

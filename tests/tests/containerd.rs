@@ -52,11 +52,25 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// The host cgroup directories of container `id` (cgroupsPath
 /// /default/<id>) that exist, on v1 or v2.
 fn host_cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    ["memory/", "cpu/", "pids/", ""]
+    ["memory/", "cpu/", "cpuacct/", "pids/", ""]
         .iter()
         .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}default/{id}")))
         .filter(|d| d.is_dir())
         .collect()
+}
+
+/// The first of `names` found in container `id`'s host cgroup (v1's
+/// memory hierarchy first, then v2's), as a number.
+fn host_cgroup_number(id: &str, names: &[&str]) -> u64 {
+    host_cgroup_text(id, names)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn host_cgroup_text(id: &str, names: &[&str]) -> Option<String> {
+    host_cgroup_dirs(id)
+        .iter()
+        .find_map(|d| names.iter().find_map(|n| std::fs::read_to_string(d.join(n)).ok()))
 }
 
 fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
@@ -378,26 +392,12 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
             .any(|l| l.ends_with(":/default/v1") && (l.contains(":memory:") || l.starts_with("0::"))),
         "{cg}"
     );
-    let limit = host_cgroup_dirs("v1").iter().find_map(|d| {
-        std::fs::read_to_string(d.join("memory.limit_in_bytes"))
-            .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
-            .ok()
-    });
+    let limit = host_cgroup_text("v1", &["memory.limit_in_bytes", "memory.max"]);
     assert_eq!(limit.as_deref().map(str::trim), Some("402653184"), "{cg}");
     // v1 founded its pod, so its task metrics are the host cgroup's: the
     // host's limit, and the memory the host counts for the VM (read
     // around the call; an idle VM's moves little), not the guest's.
-    let host_memory = || -> u64 {
-        host_cgroup_dirs("v1")
-            .iter()
-            .find_map(|d| {
-                std::fs::read_to_string(d.join("memory.usage_in_bytes"))
-                    .or_else(|_| std::fs::read_to_string(d.join("memory.current")))
-                    .ok()
-            })
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let host_memory = || host_cgroup_number("v1", &["memory.usage_in_bytes", "memory.current"]);
     let before = host_memory();
     let metrics = ok(&ctd.ctr(&["task", "metrics", "--format", "json", "v1"]), "metrics v1");
     let after = host_memory();
@@ -472,6 +472,16 @@ fn containerd_runs_pods_in_vms_and_leaves_nothing_behind() {
     let (_, h1_vmm) = vmm_of(&ctd, "h1");
     // SAFETY: kill(2) on the VMM the shim started for h1.
     assert_eq!(unsafe { libc::kill(h1_vmm as libc::pid_t, libc::SIGSTOP) }, 0);
+    // Its task metrics still come once the guest's answer is overdue: the
+    // host cgroup's, which a guest cannot withhold.
+    let metrics = ok(
+        &ctd.ctr(&["task", "metrics", "--format", "json", "h1"]),
+        "metrics h1 (hung)",
+    );
+    let m: serde_json::Value = serde_json::from_str(&metrics).unwrap_or_else(|e| panic!("{e}: {metrics}"));
+    let h1_limit = host_cgroup_number("h1", &["memory.limit_in_bytes", "memory.max"]);
+    assert!(h1_limit > 0 && m["memory"]["usage_limit"] == h1_limit, "{metrics}");
+    assert!(m["memory"]["usage"].as_u64().unwrap_or(0) > 0, "{metrics}");
     ok(
         &ctd.ctr(&["task", "kill", "-s", "SIGKILL", "h1"]),
         "task kill h1 (hung guest)",
