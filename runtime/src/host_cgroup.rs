@@ -169,6 +169,14 @@ impl HostCgroup {
                         _ => write(&dir, "pids.max", &limits.pids.to_string())?,
                     }
                 }
+                // Accounting only: where cpuacct is a hierarchy apart from
+                // cpu (not mounted with it), the VMM joins it too, so that
+                // its CPU time is counted for the pod.
+                let acct = base.join("cpuacct");
+                let cpu = std::fs::canonicalize(base.join("cpu")).ok();
+                if acct.is_dir() && std::fs::canonicalize(&acct).ok() != cpu {
+                    cg.make(&acct.join(&rel))?;
+                }
             }
         }
         Ok(cg)
@@ -331,11 +339,15 @@ mod tests {
     #[test]
     fn v1_layout_is_made_and_removed() {
         let root = tempfile::tempdir().unwrap();
-        for c in V1_CONTROLLERS {
+        for c in V1_CONTROLLERS.iter().chain(&["cpuacct"]) {
             std::fs::create_dir(root.path().join(c)).unwrap();
         }
         std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "").unwrap();
         let cg = HostCgroup::create_under(root.path(), "/pod/vm", Limits::for_vm(1, 128)).unwrap();
+        assert!(
+            root.path().join("cpuacct/pod/vm").is_dir(),
+            "cpuacct apart from cpu: joined too"
+        );
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(
             read("memory/pod/vm/memory.limit_in_bytes"),
@@ -343,7 +355,7 @@ mod tests {
         );
         assert_eq!(read("cpu/pod/vm/cpu.cfs_quota_us"), "200000");
         assert_eq!(read("pids/pod/vm/pids.max"), "65");
-        assert_eq!(cg.dirs().len(), 3);
+        assert_eq!(cg.dirs().len(), 4);
         // Plain directories hold the files written; a real cgroup's do not.
         for d in cg.dirs() {
             for f in std::fs::read_dir(d).unwrap() {
@@ -353,6 +365,18 @@ mod tests {
         drop(cg);
         assert!(!root.path().join("memory/pod/vm").exists());
         assert!(root.path().join("memory/pod").exists(), "the parent is not ours");
+
+        // cpuacct mounted with cpu (a link to one directory): joined once.
+        let root = tempfile::tempdir().unwrap();
+        for c in ["memory", "pids", "cpu,cpuacct"] {
+            std::fs::create_dir(root.path().join(c)).unwrap();
+        }
+        std::os::unix::fs::symlink("cpu,cpuacct", root.path().join("cpu")).unwrap();
+        std::os::unix::fs::symlink("cpu,cpuacct", root.path().join("cpuacct")).unwrap();
+        std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "").unwrap();
+        let cg = HostCgroup::create_under(root.path(), "/p/v", Limits::for_vm(1, 128)).unwrap();
+        assert_eq!(cg.dirs().len(), 3, "{:?}", cg.dirs());
+        std::mem::forget(cg);
     }
 
     #[test]

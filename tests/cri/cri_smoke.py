@@ -13,7 +13,7 @@ sys.path.insert(0, os.environ["CRI_STUBS"])
 import cri_subset_pb2 as pb  # noqa: E402
 import cri_subset_pb2_grpc as rpc  # noqa: E402
 
-sock, handler, image, log_dir = sys.argv[1:5]
+sock, handler, image, log_dir, cgroup_parent = sys.argv[1:6]
 rt = rpc.RuntimeServiceStub(grpc.insecure_channel(f"unix://{sock}"))
 LONG = 900
 
@@ -22,6 +22,7 @@ pod_config = pb.PodSandboxConfig(
     hostname="smoke",
     log_directory=log_dir,
     linux=pb.LinuxPodSandboxConfig(
+        cgroup_parent=cgroup_parent,
         security_context=pb.LinuxSandboxSecurityContext(
             namespace_options=pb.NamespaceOption(network=pb.NODE)
         )
@@ -116,6 +117,34 @@ while time.time() < deadline:
         break
     time.sleep(0.2)
 seen["log"] = log
+# The pod's stats: containerd reads them from the pod's host cgroup, where
+# the VMM runs (in the sandbox's own cgroup beneath it); the host's figure
+# for the VMM is read around the call.
+def host_memory():
+    for base in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        for name in ("memory.usage_in_bytes", "memory.current"):
+            try:
+                return int(open(f"{base}{cgroup_parent}/{pod}/{name}").read())
+            except (FileNotFoundError, ValueError):
+                pass
+    return 0
+
+
+def value(v, field):
+    return getattr(v, field).value if v.HasField(field) else None
+
+
+before = host_memory()
+stats = rt.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod), timeout=LONG).stats.linux
+seen["pod_stats"] = {
+    "host_before": before,
+    "host_after": host_memory(),
+    "usage_bytes": value(stats.memory, "usage_bytes"),
+    "working_set_bytes": value(stats.memory, "working_set_bytes"),
+    "cpu_nanos": value(stats.cpu, "usage_core_nano_seconds"),
+    "containers": sorted(c.attributes.id for c in stats.containers),
+    "app": container,
+}
 rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=LONG)
 status = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=container), timeout=LONG).status
 seen["state_after_stop"] = pb.ContainerState.Name(status.state)

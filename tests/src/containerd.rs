@@ -364,7 +364,7 @@ impl Containerd {
         }
         // And any left under containerd's default namespace, where ctr's
         // containers go (the parent itself is not ours).
-        for hierarchy in ["", "memory/", "cpu/", "pids/"] {
+        for hierarchy in ["", "memory/", "cpu/", "cpuacct/", "pids/"] {
             let p = Path::new("/sys/fs/cgroup").join(hierarchy).join("default");
             for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
                 if e.path().is_dir() {

@@ -44,12 +44,17 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
     let logs = scratch.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
+    // The pod's host cgroup, as a kubelet names one per pod; the shim
+    // makes it, as runc would, and leaves it (the kubelet's to remove).
+    let cgroup_parent = format!("/bulkhead-cri-{}", std::process::id());
+    let _pod_cgroup = PodCgroup(cgroup_parent.clone());
     let out = Command::new("python3")
         .arg(cri_dir().join("cri_smoke.py"))
         .arg(ctd.dir.path().join("c.sock"))
         .arg("bulkhead")
         .arg(IMAGE)
         .arg(&logs)
+        .arg(&cgroup_parent)
         .env("CRI_STUBS", &stubs)
         .output()
         .expect("python3");
@@ -108,8 +113,63 @@ fn cri_runs_a_pod_through_the_runtime_handler() {
     assert_eq!(log.matches("restoring the sandbox VM").count(), 1, "{log}");
     assert!(log.contains(" as disk 1"), "{log}");
     eprintln!("the CRI client saw: {seen}");
+    // The pod's stats are the host's: containerd reads the pod's host
+    // cgroup, which holds the VMM, so a guest cannot understate them.
+    let stats = &seen["pod_stats"];
+    let (before, after) = (
+        stats["host_before"].as_u64().unwrap_or(0),
+        stats["host_after"].as_u64().unwrap_or(0),
+    );
+    assert!(before > 0 && after > 0, "no host cgroup for the pod's VMM: {stats}");
+    let usage = stats["usage_bytes"]
+        .as_u64()
+        .or_else(|| stats["working_set_bytes"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        usage >= before.min(after) / 2 && usage <= before.max(after) * 2,
+        "the pod's memory {usage}, its VMM's host cgroup {before}..{after}: {stats}"
+    );
+    assert!(stats["cpu_nanos"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert!(
+        stats["containers"]
+            .as_array()
+            .is_some_and(|c| c.contains(&stats["app"])),
+        "{stats}"
+    );
 
     std::thread::sleep(std::time::Duration::from_secs(2));
     let leaks = ctd.leaks();
     assert!(leaks.is_empty(), "left behind:\n{}", leaks.join("\n"));
+    // The sandbox's cgroup went with it.
+    let left: Vec<_> = pod_cgroup_dirs(&cgroup_parent)
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "host cgroups left: {left:?}");
+}
+
+/// The pod's host cgroup in each hierarchy there is one in.
+fn pod_cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    ["memory", "cpu", "cpuacct", "pids", ""]
+        .iter()
+        .map(|h| Path::new("/sys/fs/cgroup").join(h).join(parent.trim_start_matches('/')))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// Removes the pod's host cgroup, a kubelet's job, however the test ends
+/// (children first, should a failure have left the sandbox's).
+struct PodCgroup(String);
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in pod_cgroup_dirs(&self.0) {
+            for child in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(child.path());
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
 }
