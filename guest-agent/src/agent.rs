@@ -22,6 +22,8 @@ use crate::oom::OomWatch;
 use crate::plan::{self, ExecPlan, InitPlan, JoinPlan, MountStep, PlanError, SeccompPlan};
 use crate::stdio::{self, Attached, Handles, Streams};
 use crate::transport::Transport;
+use crate::volume::{VolumeError, Volumes};
+use bulkhead_protocol::volume::VOLUME_MOUNT_TYPE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -33,6 +35,16 @@ pub enum OpError {
     AlreadyExists(String),
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<VolumeError> for OpError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::NotReady(_) => OpError::NotFound(e.to_string()),
+            VolumeError::Sealed(_) | VolumeError::TooLarge { .. } => OpError::Invalid(e.to_string()),
+            VolumeError::Io { .. } => OpError::Failed(e.to_string()),
+        }
+    }
 }
 
 impl From<PlanError> for OpError {
@@ -237,6 +249,8 @@ pub struct Agent {
     pub oom: OomWatch,
     /// Stdio streams the host opened, until a request names them.
     pub attached: Arc<Attached>,
+    /// Copied-in volumes, apart from `state`: filling one takes a while.
+    volumes: Mutex<Volumes>,
 }
 
 fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
@@ -255,7 +269,16 @@ fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: 
     Ok(())
 }
 
-fn unmount(target: &Path) {
+pub(crate) fn mount_tmpfs(target: &Path, data: &str) -> io::Result<()> {
+    mount("tmpfs", target, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, data)
+}
+
+pub(crate) fn remount_read_only(target: &Path) -> io::Result<()> {
+    let flags = libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    mount("", target, "", flags, "")
+}
+
+pub(crate) fn unmount(target: &Path) {
     if let Ok(t) = CString::new(target.as_os_str().as_encoded_bytes()) {
         // SAFETY: a NUL-terminated path.
         unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
@@ -266,6 +289,7 @@ impl Agent {
     pub fn new(cfg: Config) -> io::Result<Agent> {
         fs::create_dir_all(&cfg.state_dir)?;
         Ok(Agent {
+            volumes: Mutex::new(Volumes::new(&cfg.state_dir)),
             cfg,
             state: Mutex::new(State::default()),
             exited: Condvar::new(),
@@ -393,6 +417,19 @@ impl Agent {
                     &shm.to_string_lossy(),
                     Path::new("/dev"),
                 )?);
+                continue;
+            }
+            if m.kind == VOLUME_MOUNT_TYPE {
+                // A copied-in volume: bound read-only from its tmpfs.
+                let volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+                let source = volumes.source(&m.source)?.to_string_lossy().into_owned();
+                let bind = Mount {
+                    destination: m.destination.clone(),
+                    kind: "bind".into(),
+                    source: String::new(),
+                    options: ["rbind", "ro", "nosuid", "nodev"].map(String::from).to_vec(),
+                };
+                steps.push(MountStep::new(&rootfs, &bind, &source, Path::new("/dev"))?);
                 continue;
             }
             let mut source = m.source.clone();
@@ -911,6 +948,17 @@ impl Agent {
             R::ListProcesses { container_id } => self.processes(container_id).map(|pids| Response::Processes { pids }),
             R::Delete { container_id } => self.delete(container_id).map(|()| Response::Ok),
             R::Reseed { entropy, realtime_ns } => self.reseed(entropy, *realtime_ns).map(|()| Response::Ok),
+            R::Volume {
+                volume_id,
+                entries,
+                seal,
+            } => self
+                .volumes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fill(volume_id, entries, *seal)
+                .map(|()| Response::Ok)
+                .map_err(OpError::from),
             R::NextOomEvent => Ok(Response::Oom {
                 container_id: self.oom.next(),
             }),

@@ -16,6 +16,7 @@ mod server;
 mod stdio;
 mod transport;
 mod vector_state;
+mod volume;
 
 use std::path::PathBuf;
 use std::sync::Arc;

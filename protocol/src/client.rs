@@ -130,6 +130,7 @@ pub fn op_name(req: &Request) -> &'static str {
         Request::ListProcesses { .. } => "list_processes",
         Request::Delete { .. } => "delete",
         Request::Reseed { .. } => "reseed",
+        Request::Volume { .. } => "volume",
         Request::NextOomEvent => "next_oom_event",
         Request::Shutdown => "shutdown",
     }

@@ -20,6 +20,7 @@ pub mod guest_env;
 pub mod handshake;
 pub mod messages;
 pub mod stdio;
+pub mod volume;
 
 /// The vsock port the agent listens on for requests.
 pub const AGENT_PORT: u32 = 1024;

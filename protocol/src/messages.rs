@@ -16,7 +16,11 @@ pub const MIN_ENTROPY_BYTES: usize = 32;
 pub const MAX_ENTROPY_BYTES: usize = 256;
 
 /// Mount types a container may ask for; block-device roots come separately.
-pub const MOUNT_TYPES: &[&str] = &["tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup2", "bind"];
+/// Mount types a container may ask for; `volume` is a copied-in volume
+/// (see [`crate::volume`]), named by its id as the source.
+pub const MOUNT_TYPES: &[&str] = &[
+    "tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup2", "bind", "volume",
+];
 
 /// Rlimits by their OCI names.
 pub const RLIMITS: &[&str] = &[
@@ -483,6 +487,14 @@ pub enum Request {
     Delete {
         container_id: String,
     },
+    /// Fills copied-in volume `volume_id` (made by its first message, on a
+    /// guest tmpfs); `seal` makes it read-only and mountable, and ends it.
+    Volume {
+        volume_id: String,
+        entries: Vec<crate::volume::VolumeEntry>,
+        #[serde(default)]
+        seal: bool,
+    },
     /// Blocks until a container is killed for running out of memory.
     NextOomEvent,
     Shutdown,
@@ -707,6 +719,9 @@ impl CreateContainer {
                 ));
             }
             check_text("mounts.source", &m.source)?;
+            if m.kind == crate::volume::VOLUME_MOUNT_TYPE {
+                check_id("mounts.source (a volume id)", &m.source)?;
+            }
             check_count("mounts.options", &m.options, 64)?;
             for o in &m.options {
                 check_text("mounts.options", o)?;
@@ -791,6 +806,11 @@ impl Request {
             } => {
                 check_id("container_id", container_id)?;
                 resources.validate()
+            }
+            Request::Volume { volume_id, entries, .. } => {
+                check_id("volume_id", volume_id)?;
+                check_count("entries", entries, crate::volume::MAX_ENTRIES)?;
+                entries.iter().try_for_each(crate::volume::VolumeEntry::validate)
             }
             Request::Start { container_id }
             | Request::Delete { container_id }
