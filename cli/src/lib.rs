@@ -3,6 +3,7 @@
 //! is `bulkhead_runtime`'s.
 
 pub mod containerd_check;
+pub mod copy_in;
 pub mod default_rootfs;
 pub mod initramfs;
 pub mod process;

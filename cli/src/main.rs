@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use bulkhead::process::ProcessFlags;
-use bulkhead::run::{self, RunOptions};
+use bulkhead::run::{self, CopyInFlags, RunOptions};
 use bulkhead::{containerd_check, default_rootfs, initramfs, version};
 use bulkhead_runtime::host_check;
 use bulkhead_runtime::paths::ArtifactFlags;
@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Boot a sandbox, run CMD in it, and exit with CMD's exit status
     /// (125 when the sandbox itself failed).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Say whether this host can run sandboxes, and why not; then whether
     /// containerd can run them.
     Check(CheckArgs),
@@ -146,6 +146,17 @@ struct RunArgs {
     /// (built and cached on first use).
     #[arg(long)]
     cold: bool,
+    /// Copy FILE into the guest's memory as /run/secrets/NAME (mode 0400,
+    /// the command's user); never written to a disk.
+    #[arg(long = "secret", value_name = "NAME=FILE")]
+    secrets: Vec<String>,
+    /// Copy a host directory into the guest's memory, read-only at
+    /// GUESTPATH (at most 8 MiB; symlinks leading out of it are refused).
+    #[arg(long = "volume", value_name = "HOSTDIR:GUESTPATH:ro")]
+    volumes: Vec<String>,
+    /// A fresh tmpfs at PATH in the guest, SIZE as 64m.
+    #[arg(long = "tmpfs", value_name = "PATH[:SIZE]")]
+    tmpfs: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -164,7 +175,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     };
     let code = match command {
-        Command::Run(a) => run::run(run_options(a)),
+        Command::Run(a) => run::run(run_options(*a)),
         Command::Check(a) => {
             let report = host_check::diagnose(&a.artifacts.into());
             emit(&report.render());
@@ -213,6 +224,11 @@ fn run_options(a: RunArgs) -> RunOptions {
         quiet: a.quiet,
         keep_console: a.keep_console,
         cold: a.cold,
+        copy_in: CopyInFlags {
+            secrets: a.secrets,
+            volumes: a.volumes,
+            tmpfs: a.tmpfs,
+        },
     }
 }
 

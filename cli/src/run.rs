@@ -20,6 +20,7 @@ use bulkhead_runtime::start::{self, BootMode, Observer};
 use bulkhead_runtime::stdio::{self, StdioPlan};
 use bulkhead_runtime::template::TemplateCache;
 
+use crate::copy_in::{self, CopyInError, PlannedVolume};
 use crate::default_rootfs;
 use crate::process::{self, ProcessFlags};
 use crate::signals::{self, SignalFd};
@@ -51,6 +52,32 @@ pub struct RunOptions {
     pub keep_console: Option<PathBuf>,
     /// `--cold`: boot the kernel instead of restoring a template.
     pub cold: bool,
+    pub copy_in: CopyInFlags,
+}
+
+/// `--secret`, `--volume`, `--tmpfs`.
+#[derive(Clone, Debug, Default)]
+pub struct CopyInFlags {
+    pub secrets: Vec<String>,
+    pub volumes: Vec<String>,
+    pub tmpfs: Vec<String>,
+}
+
+/// What the flags copy in, checked and read before a VM starts; the
+/// container's mounts for it added.
+fn plan_copy_in(flags: &CopyInFlags, container: &mut CreateContainer) -> Result<Vec<PlannedVolume>, CopyInError> {
+    let user = &container.process.user;
+    let mut planned: Vec<PlannedVolume> = copy_in::secrets(&flags.secrets, user.uid, user.gid)?
+        .into_iter()
+        .collect();
+    for (i, v) in flags.volumes.iter().enumerate() {
+        planned.push(copy_in::volume(v, i)?);
+    }
+    container.mounts.extend(planned.iter().map(PlannedVolume::mount));
+    for t in &flags.tmpfs {
+        container.mounts.push(copy_in::tmpfs(t)?);
+    }
+    Ok(planned)
 }
 
 fn say(msg: &str) {
@@ -130,6 +157,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
     container.hostname = Some(opts.process.hostname.clone());
     container.root.readonly = opts.read_only;
     container.init = opts.init;
+    let volumes = plan_copy_in(&opts.copy_in, &mut container).map_err(Failure::sandbox)?;
     container.validate().map_err(Failure::sandbox)?;
     let cfg = SandboxConfig {
         vcpus: opts.cpus,
@@ -163,7 +191,7 @@ fn run_inner(opts: &RunOptions) -> Result<i32, Failure> {
         }
         Err(f) => return Err(f),
     };
-    let status = attach(&sandbox, container, &sigs, opts.interactive);
+    let status = attach(&sandbox, volumes, container, &sigs, opts.interactive);
     // Stop the VM whatever happened; the workload's status is the answer.
     let result = match status {
         Ok(code) => Ok(code),
@@ -239,6 +267,7 @@ impl Observer for Progress<'_> {
 /// until it exits; returns its exit status.
 fn attach(
     sandbox: &Sandbox,
+    volumes: Vec<PlannedVolume>,
     container: CreateContainer,
     sigs: &SignalFd,
     interactive: bool,
@@ -249,6 +278,12 @@ fn attach(
         tty,
     };
     let mut control = sandbox.request_client("create")?;
+    for v in volumes {
+        let mut requests = v.requests();
+        let sent = requests.iter().try_for_each(|r| control.call_ok(r));
+        copy_in::wipe_requests(&mut requests);
+        sent?;
+    }
     let streams = sandbox.create(&mut control, container, plan)?;
     let mut waiter = sandbox.client()?;
 

@@ -92,6 +92,96 @@ fn run_echo_hello() {
     assert_nothing_left(&rt);
 }
 
+/// `--secret`, `--volume` and `--tmpfs`: a file and a kubelet-style
+/// directory (its `..data` symlink swap layout) are copied into guest
+/// memory and mounted read-only, a tmpfs is made; the secret's content is
+/// found in no file on the host afterwards. (Named to start after
+/// `run_echo_hello`, which must be the run that builds the shared
+/// template, to show its progress lines.)
+#[test]
+fn run_with_secrets_volumes_and_tmpfs() {
+    let rt = runtime_dir("copy-in");
+    let src = tempfile::tempdir().unwrap();
+    let marker = format!(
+        "secret-marker-{}-{}",
+        std::process::id(),
+        rt.display().to_string().len()
+    );
+    let secret = src.path().join("token");
+    std::fs::write(&secret, &marker).unwrap();
+    let vol = src.path().join("config");
+    std::fs::create_dir_all(vol.join("..2026_12_02/sub")).unwrap();
+    std::fs::write(vol.join("..2026_12_02/game.properties"), "lives=3\n").unwrap();
+    std::fs::write(vol.join("..2026_12_02/sub/private"), "x").unwrap();
+    std::fs::set_permissions(
+        vol.join("..2026_12_02/sub/private"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_12_02", vol.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/game.properties", vol.join("game.properties")).unwrap();
+    let script = "stat -c '%a %u' /run/secrets/token; cat /run/secrets/token; echo; \
+                  cat /etc/game/game.properties; readlink /etc/game/..data; \
+                  stat -c '%a %u' /etc/game/..data/sub/private; \
+                  touch /etc/game/new 2>&1 | grep -o 'Read-only file system'; \
+                  echo scratch > /scratch/f && cat /scratch/f; \
+                  grep ' /scratch ' /proc/mounts | grep -o 'size=1024k'";
+    let out = cli(&rt)
+        .args(["run", "-q", "-u", "1000:1000"])
+        .arg("--secret")
+        .arg(format!("token={}", secret.display()))
+        .arg("--volume")
+        .arg(format!("{}:/etc/game:ro", vol.display()))
+        .args(["--tmpfs", "/scratch:1m", "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("400 1000\n{marker}\nlives=3\n..2026_12_02\n600 0\nRead-only file system\nscratch\nsize=1024k\n"),
+        "stderr: {stderr}"
+    );
+    assert_nothing_left(&rt);
+    // The secret crossed as messages into guest memory: no file of ours on
+    // the host (caches, templates, run directories) holds it.
+    let mut holding = Vec::new();
+    let mut dirs = vec![fixture()._dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (path, kind) = (e.path(), e.file_type().unwrap());
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                    holding.push(path);
+                }
+            }
+        }
+    }
+    assert!(holding.is_empty(), "the secret is on the host's disk in {holding:?}");
+
+    // Refused before any VM starts, naming the problem.
+    std::os::unix::fs::symlink("/etc/shadow", vol.join("escape")).unwrap();
+    let out = cli(&rt)
+        .args(["run", "-q", "--volume"])
+        .arg(format!("{}:/etc/game:ro", vol.display()))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("could lead out of the volume"), "{stderr}");
+    let out = cli(&rt)
+        .args(["run", "-q", "--volume", "/tmp:/data", "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only read-only volumes"), "{stderr}");
+    assert_nothing_left(&rt);
+}
+
 /// stdin reaches the workload, and Ctrl-C (SIGINT to `bulkhead`) reaches a
 /// workload that traps it; its exit code comes back.
 #[test]
