@@ -8,12 +8,17 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use bulkhead_protocol::frame::MAX_FRAME_BYTES;
 use bulkhead_protocol::messages::{Mount, Request};
-use bulkhead_protocol::volume::{encode_hex, VolumeEntry, MAX_CHUNK_BYTES, MAX_VOLUME_BYTES, VOLUME_MOUNT_TYPE};
+use bulkhead_protocol::volume::{
+    encode_hex, VolumeEntry, MAX_CHUNK_BYTES, MAX_ENTRIES, MAX_VOLUME_BYTES, VOLUME_MOUNT_TYPE,
+};
 
 /// Where `--secret NAME=FILE` puts NAME.
 pub const SECRETS_DIR: &str = "/run/secrets";
 const SECRETS_VOLUME: &str = "secrets";
+/// Entries in one volume: the guest's tmpfs has 4096 inodes.
+const MAX_VOLUME_ENTRIES: usize = 4000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CopyInError {
@@ -32,9 +37,14 @@ pub enum CopyInError {
     Source { path: String, reason: String },
     #[error("{what} holds more than {MAX_VOLUME_BYTES} bytes, the limit of one copied-in volume")]
     TooLarge { what: String },
+    #[error(
+        "{what} holds more than {MAX_VOLUME_ENTRIES} files, directories and links, the limit of one copied-in volume"
+    )]
+    TooMany { what: String },
 }
 
-/// One volume to send, its entries in order, then its mount.
+/// One volume to send, its entries in order, then its mount. Its file
+/// content is overwritten when it is dropped.
 #[derive(Debug)]
 pub struct PlannedVolume {
     pub id: String,
@@ -53,19 +63,22 @@ impl PlannedVolume {
         }
     }
 
-    /// The messages that fill and seal it, each well inside a frame.
-    pub fn requests(&self) -> Vec<Request> {
-        const PER_MESSAGE: usize = 2 * MAX_CHUNK_BYTES;
+    /// The messages that fill and seal it, each well inside a frame and
+    /// the agent's entry count; the entries move into them (wipe them with
+    /// [`wipe_requests`] once sent).
+    pub fn take_requests(&mut self) -> Vec<Request> {
+        let budget = MAX_FRAME_BYTES as usize - 4096;
         let mut out = Vec::new();
         let mut batch = Vec::new();
         let mut size = 0;
-        for e in &self.entries {
-            let n = 2 * e.data_len() as usize + e.path().len() + 128;
-            if !batch.is_empty() && size + n > PER_MESSAGE {
+        for e in std::mem::take(&mut self.entries) {
+            // A chunk's hex is at most half a frame; names may need escaping.
+            let n = serde_json::to_vec(&e).map_or(budget, |v| v.len()) + 1;
+            if !batch.is_empty() && (size + n > budget || batch.len() == MAX_ENTRIES) {
                 out.push(std::mem::take(&mut batch));
                 size = 0;
             }
-            batch.push(e.clone());
+            batch.push(e);
             size += n;
         }
         out.push(batch);
@@ -81,15 +94,25 @@ impl PlannedVolume {
     }
 }
 
+impl Drop for PlannedVolume {
+    fn drop(&mut self) {
+        wipe_entries(&mut self.entries);
+    }
+}
+
+fn wipe_entries(entries: &mut [VolumeEntry]) {
+    for e in entries {
+        if let VolumeEntry::File { data, .. } = e {
+            wipe_string(data);
+        }
+    }
+}
+
 /// Overwrites secret content we held, so it does not linger in freed memory.
 pub fn wipe_requests(requests: &mut [Request]) {
     for r in requests {
         if let Request::Volume { entries, .. } = r {
-            for e in entries {
-                if let VolumeEntry::File { data, .. } = e {
-                    wipe_string(data);
-                }
-            }
+            wipe_entries(entries);
         }
     }
 }
@@ -127,7 +150,11 @@ pub fn secrets(flags: &[String], uid: u32, gid: u32) -> Result<Option<PlannedVol
     if flags.is_empty() {
         return Ok(None);
     }
-    let mut entries = Vec::new();
+    let mut planned = PlannedVolume {
+        id: SECRETS_VOLUME.into(),
+        entries: Vec::new(),
+        destination: SECRETS_DIR.into(),
+    };
     let mut total = 0u64;
     let mut names = std::collections::HashSet::new();
     for f in flags {
@@ -146,14 +173,10 @@ pub fn secrets(flags: &[String], uid: u32, gid: u32) -> Result<Option<PlannedVol
                 what: "--secret".into(),
             });
         }
-        push_file(&mut entries, name, &content, 0o400, uid, gid);
+        push_file(&mut planned.entries, name, &content, 0o400, uid, gid);
         wipe_bytes(&mut content);
     }
-    Ok(Some(PlannedVolume {
-        id: SECRETS_VOLUME.into(),
-        entries,
-        destination: SECRETS_DIR.into(),
-    }))
+    Ok(Some(planned))
 }
 
 /// `--volume HOSTDIR:GUESTPATH:ro`, the `index`th.
@@ -170,14 +193,14 @@ pub fn volume(flag: &str, index: usize) -> Result<PlannedVolume, CopyInError> {
     if mode != "ro" {
         return Err(CopyInError::WritableVolume(flag.into()));
     }
-    let mut entries = Vec::new();
-    let mut total = 0u64;
-    walk(Path::new(host), "", &mut entries, &mut total, flag)?;
-    Ok(PlannedVolume {
+    let mut planned = PlannedVolume {
         id: format!("volume{index}"),
-        entries,
+        entries: Vec::new(),
         destination: guest.into(),
-    })
+    };
+    let mut total = 0u64;
+    walk(Path::new(host), "", &mut planned.entries, &mut total, flag)?;
+    Ok(planned)
 }
 
 /// `--tmpfs PATH[:SIZE]`: a fresh tmpfs in the guest.
@@ -275,6 +298,11 @@ fn walk(dir: &Path, rel: &str, entries: &mut Vec<VolumeEntry>, total: &mut u64, 
         .map_err(|e| source_err(dir, e.to_string()))?;
     names.sort();
     for path in names {
+        if entries.len() >= MAX_VOLUME_ENTRIES {
+            return Err(CopyInError::TooMany {
+                what: format!("--volume {flag}"),
+            });
+        }
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -291,7 +319,7 @@ fn walk(dir: &Path, rel: &str, entries: &mut Vec<VolumeEntry>, total: &mut u64, 
             let target = fs::read_link(&path).map_err(|e| source_err(&path, e.to_string()))?;
             let target = target
                 .to_str()
-                .filter(|t| !t.starts_with('/') && !t.split('/').any(|c| c == ".." || c.is_empty()))
+                .filter(|t| !t.starts_with('/') && !t.split('/').any(|c| c == ".." || c == "." || c.is_empty()))
                 .ok_or_else(|| source_err(&path, format!("a symlink to {target:?} could lead out of the volume")))?;
             entries.push(VolumeEntry::Symlink {
                 path: inside,
@@ -350,9 +378,29 @@ mod tests {
         for e in &v.entries {
             e.validate().unwrap();
         }
-        let reqs = v.requests();
+        let mut v = v;
+        let reqs = v.take_requests();
         assert_eq!(reqs.len(), 1);
         assert!(matches!(&reqs[0], Request::Volume { seal: true, .. }));
+    }
+
+    #[test]
+    fn many_small_files_go_in_several_messages_up_to_a_bound() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..1500 {
+            fs::write(d.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let mut v = volume(&format!("{}:/v:ro", d.path().display()), 0).unwrap();
+        let reqs = v.take_requests();
+        assert!(reqs.len() >= 2, "{} messages", reqs.len());
+        for r in &reqs {
+            r.validate().unwrap();
+        }
+        for i in 1500..=MAX_VOLUME_ENTRIES {
+            fs::write(d.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let e = volume(&format!("{}:/v:ro", d.path().display()), 0).unwrap_err();
+        assert!(matches!(e, CopyInError::TooMany { .. }), "{e}");
     }
 
     #[test]
@@ -396,8 +444,10 @@ mod tests {
             })
             .collect();
         assert_eq!(offsets, [0, MAX_CHUNK_BYTES as u64, 2 * MAX_CHUNK_BYTES as u64]);
-        let mut reqs = v.requests();
-        assert_eq!(reqs.len(), 3, "one chunk per message");
+        let mut v = v;
+        let mut reqs = v.take_requests();
+        // Two full chunks never share a frame; the short tail joins one.
+        assert_eq!(reqs.len(), 2);
         for r in &reqs {
             r.validate().unwrap();
             let wire = serde_json::to_vec(r).unwrap();

@@ -278,8 +278,8 @@ fn attach(
         tty,
     };
     let mut control = sandbox.request_client("create")?;
-    for v in volumes {
-        let mut requests = v.requests();
+    for mut v in volumes {
+        let mut requests = v.take_requests();
         let sent = requests.iter().try_for_each(|r| control.call_ok(r));
         copy_in::wipe_requests(&mut requests);
         sent?;

@@ -16,8 +16,8 @@ pub const MIN_ENTROPY_BYTES: usize = 32;
 pub const MAX_ENTROPY_BYTES: usize = 256;
 
 /// Mount types a container may ask for; block-device roots come separately.
-/// Mount types a container may ask for; `volume` is a copied-in volume
-/// (see [`crate::volume`]), named by its id as the source.
+/// `volume` is a copied-in volume (see [`crate::volume`]), named by its id
+/// as the source.
 pub const MOUNT_TYPES: &[&str] = &[
     "tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup2", "bind", "volume",
 ];

@@ -175,7 +175,9 @@ impl HostCgroup {
                 let acct = base.join("cpuacct");
                 let cpu = std::fs::canonicalize(base.join("cpu")).ok();
                 if acct.is_dir() && std::fs::canonicalize(&acct).ok() != cpu {
-                    cg.make(&acct.join(&rel))?;
+                    if let Err(e) = cg.make(&acct.join(&rel)) {
+                        tracing::warn!("the VMM's CPU time goes uncounted: {e}");
+                    }
                 }
             }
         }
