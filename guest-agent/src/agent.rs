@@ -970,7 +970,8 @@ impl Agent {
     /// Fresh entropy and the wall clock; the clock only in a guest, never
     /// on a host running the debug listener.
     pub fn reseed(&self, entropy: &str, realtime_ns: u64) -> Result<(), OpError> {
-        let seed = crate::reseed::decode_hex(entropy).ok_or_else(|| OpError::Invalid("entropy is not hex".into()))?;
+        let seed =
+            bulkhead_protocol::hex::decode(entropy).ok_or_else(|| OpError::Invalid("entropy is not hex".into()))?;
         crate::reseed::mix_entropy(&seed).map_err(failed("reseeding the random pool"))?;
         if self.cfg.transport.is_guest() {
             crate::reseed::set_realtime(realtime_ns).map_err(failed("setting the clock"))?;

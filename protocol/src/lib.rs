@@ -18,6 +18,7 @@ pub mod defaults;
 pub mod frame;
 pub mod guest_env;
 pub mod handshake;
+pub mod hex;
 pub mod messages;
 pub mod stdio;
 pub mod volume;

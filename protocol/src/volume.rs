@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::hex::{decode as decode_hex, encode as encode_hex};
 use crate::messages::{ValidationError, MAX_PATH_LEN};
 
 /// What one volume may hold, in file bytes.
@@ -121,29 +122,6 @@ fn invalid(field: &str, reason: impl Into<String>) -> ValidationError {
     }
 }
 
-/// Lowercase hex, as `File` entries carry data.
-pub fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
-}
-
-/// `None` unless `s` is an even number of hex digits.
-pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |c: u8| char::from(c).to_digit(16);
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| Some((digit(p[0])? << 4 | digit(p[1])?) as u8))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +176,6 @@ mod tests {
         assert!(file("f", MAX_VOLUME_BYTES, "00").validate().is_err());
         assert!(file("f", u64::MAX, "00").validate().is_err(), "offset overflow");
     }
-
     /// The fuzz target's seed stays a valid request, so fuzzing starts
     /// past the parser's refusals.
     #[test]
@@ -208,14 +185,5 @@ mod tests {
         let req: crate::messages::Request = serde_json::from_slice(&payload).unwrap();
         req.validate().unwrap();
         assert!(matches!(req, crate::messages::Request::Volume { seal: true, .. }));
-    }
-
-    #[test]
-    fn hex_round_trips() {
-        let bytes: Vec<u8> = (0..=255).collect();
-        assert_eq!(decode_hex(&encode_hex(&bytes)), Some(bytes));
-        assert_eq!(decode_hex("0"), None);
-        assert_eq!(decode_hex("0g"), None);
-        assert_eq!(decode_hex("ABcd"), Some(vec![0xab, 0xcd]));
     }
 }

@@ -38,9 +38,7 @@ pub fn random_hex(n: usize) -> io::Result<String> {
     Ok(hex(&buf))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use bulkhead_protocol::hex::encode as hex;
 
 /// A directory removed (with its contents) when dropped.
 #[derive(Debug)]
