@@ -336,7 +336,7 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> Resul
     })
 }
 
-fn from_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+pub(crate) fn from_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
         path: path.to_path_buf(),
         source,

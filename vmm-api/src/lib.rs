@@ -9,4 +9,5 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod exit;
+pub mod jail;
 pub mod snapshot;

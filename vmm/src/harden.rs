@@ -1,7 +1,8 @@
 //! What the VMM gives up before the guest runs, so that a device-model bug
 //! a guest exploits holds as little as possible: every capability, the
 //! right to gain privileges through exec, ptrace and core dumps by its
-//! peers, and more than a few thousand descriptors. Called on the main
+//! peers, root itself when jailed, and more than a few thousand
+//! descriptors. Called on the main
 //! thread before any other thread exists, since capabilities and
 //! `no_new_privs` are per thread and threads inherit them.
 
@@ -105,6 +106,13 @@ fn drop_capabilities() -> Result<(), HardenError> {
     }
     // SAFETY: as above. Fails only on kernels without ambient sets.
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    // After the bounding set (that needs CAP_SETPCAP), before the rest.
+    if let Some((uid, gid)) = crate::jail::identity() {
+        crate::jail::take_identity(uid, gid).map_err(|source| HardenError {
+            what: "taking the jail's uid and gid",
+            source,
+        })?;
+    }
     let header = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,

@@ -28,8 +28,15 @@ impl HostKind {
         }
     }
 
-    /// Looks at `/dev/kvm`, `/proc/cpuinfo` and `/sys/module`.
+    /// Looks at `/dev/kvm`, `/proc/cpuinfo` and `/sys/module`, once: the
+    /// jailed VMM sees none of the last two, so `main` asks before it
+    /// enters the jail.
     pub fn detect() -> HostKind {
+        static DETECTED: std::sync::OnceLock<HostKind> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Self::look)
+    }
+
+    fn look() -> HostKind {
         let kvm_usable = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -7,6 +7,7 @@ pub mod config;
 pub mod devices;
 pub mod harden;
 pub mod host;
+pub mod jail;
 pub mod kvm_bytes;
 pub mod seccomp;
 pub mod signals;

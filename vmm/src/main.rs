@@ -9,9 +9,11 @@ use clap::Parser;
 use bulkhead_vmm::config::{
     parse_disk, parse_vsock, BlockConfig, CpuTemplate, RestoreConfig, SerialOutput, VmConfig, VsockConfig,
 };
+use bulkhead_vmm::host::HostKind;
 use bulkhead_vmm::seccomp::SeccompPolicy;
 use bulkhead_vmm::vmm::{self, VmmError};
 use bulkhead_vmm_api::exit::VmmExit;
+use bulkhead_vmm_api::jail::JailConfig;
 
 #[derive(Parser, Debug)]
 #[command(name = "bulkhead-vmm", version, about = "Boot a Linux kernel in a KVM microVM.", after_help = EXIT_HELP)]
@@ -84,6 +86,12 @@ struct Args {
     /// device-model bug the guest exploits could then make any call.
     #[arg(long)]
     no_seccomp: bool,
+    /// JSON file naming the jail to enter before anything else (needs
+    /// root): a root of its own holding only the listed files and
+    /// /dev/kvm, and the uid and gid the guest runs under (field names:
+    /// root, uid, gid, paths: [{path, writable}]).
+    #[arg(long, value_name = "PATH")]
+    jail: Option<PathBuf>,
 }
 
 const EXIT_HELP: &str = "Exit status: 0 guest reboot or shutdown, 1 VMM error, 2 invalid configuration \
@@ -203,13 +211,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Enters the jail, if there is one, once the configuration is read (it
+/// may lie outside) and before anything it names is opened.
+fn enter(jail: Option<&JailConfig>) -> anyhow::Result<()> {
+    if let Some(jail) = jail {
+        // What the jail hides, asked first.
+        HostKind::detect();
+        bulkhead_vmm::api::routes::open_statm();
+        bulkhead_vmm::jail::enter(jail)?;
+    }
+    Ok(())
+}
+
 fn run() -> anyhow::Result<u8> {
     let args = Args::parse();
     // Filters::compile warns, loudly, when this is off.
     let seccomp = SeccompPolicy::from_flag(args.no_seccomp);
+    let jail = args.jail.as_deref().map(JailConfig::from_json_file).transpose()?;
     let outcome = match args.restore_config()? {
-        Some(rc) => vmm::restore(&rc, seccomp),
-        None => vmm::boot(&args.into_config()?, seccomp),
+        Some(rc) => {
+            enter(jail.as_ref())?;
+            vmm::restore(&rc, seccomp)
+        }
+        None => {
+            let config = args.into_config()?;
+            enter(jail.as_ref())?;
+            vmm::boot(&config, seccomp)
+        }
     }
     .map_err(anyhow::Error::from)?;
     let code = outcome.stopped.exit_code();

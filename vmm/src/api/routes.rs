@@ -200,9 +200,22 @@ pub fn metrics(ctx: &ApiContext) -> Metrics {
     }
 }
 
+/// /proc/self/statm, opened before the jail hides /proc.
+static STATM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Opens what [`own_rss`] reads; `main` calls it before entering the jail.
+pub fn open_statm() {
+    STATM.get_or_init(|| std::fs::File::open("/proc/self/statm").ok());
+}
+
 /// Resident pages from /proc/self/statm (its second field), in bytes.
 fn own_rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    use std::io::{Read, Seek};
+    open_statm();
+    let mut f = STATM.get()?.as_ref()?;
+    f.rewind().ok()?;
+    let mut statm = String::new();
+    f.read_to_string(&mut statm).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
