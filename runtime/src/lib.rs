@@ -12,6 +12,7 @@
 //! - [`agent_conn`], [`stdio`]: the agent's request and stdio streams.
 //! - [`host_check`], [`paths`], [`rundir`]: the host, the artifacts, and
 //!   per-sandbox directories.
+//! - [`jail`]: the VMM's identity per sandbox, and images shown to it.
 //!
 //! Dependencies point one way: `start` uses `template` and `sandbox`,
 //! `template` uses `sandbox`, and `sandbox` knows neither.
@@ -19,10 +20,12 @@
 pub mod agent_conn;
 pub mod host_cgroup;
 pub mod host_check;
+pub mod jail;
 pub mod paths;
 pub mod rootfs;
 pub mod rundir;
 pub mod sandbox;
+pub mod spawn;
 pub mod start;
 pub mod stdio;
 pub mod template;

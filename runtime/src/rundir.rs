@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::util;
 
 /// `sun_path` holds 108 bytes with the NUL; leave room for
-/// `/v.sock_<port>`.
-const MAX_DIR_LEN: usize = 107 - "/v.sock_4294967295".len();
+/// `/vm/v.sock_<port>`.
+const MAX_DIR_LEN: usize = 107 - "/vm/v.sock_4294967295".len();
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {

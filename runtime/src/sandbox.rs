@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -20,6 +21,7 @@ use bulkhead_protocol::messages::{CreateContainer, Process, Request, Root, Valid
 
 use crate::agent_conn::{self, ConnError, WaitError};
 use crate::host_cgroup::{HostCgroup, HostCgroupError, Limits};
+use crate::jail::{self, JailError, JailId};
 use crate::paths::Artifacts;
 use crate::rootfs::RootfsImage;
 use crate::rundir::{self, RunDir, RunDirError};
@@ -29,6 +31,7 @@ use crate::vmm_process::{Launch, LaunchConfig, VmmProcess, VmmProcessError, GUES
 use bulkhead_vmm_api::client::{ApiCallError, ApiClient};
 use bulkhead_vmm_api::config::{BlockConfig, RestoreConfig, SerialOutput, VmConfig, VsockConfig};
 use bulkhead_vmm_api::control::TargetState;
+use bulkhead_vmm_api::jail::{JailConfig, JailPath};
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 256;
@@ -45,6 +48,11 @@ const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
 /// refuses empty images).
 const EMPTY_DISK_FILE: &str = "empty.img";
 const EMPTY_DISK_BYTES: usize = 4096;
+/// Under the run directory: what the VMM may write (its sockets, the
+/// console, spare-disk images shown to it), owned by its jail's uid.
+const VM_DIR: &str = "vm";
+/// Under the run directory: where the VMM mounts its jail's root.
+const JAIL_ROOT_DIR: &str = "root";
 /// Control API calls are quick (a disk swap opens one file, a pause parks
 /// the vCPUs): this only catches a wedged VMM.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,6 +97,12 @@ pub struct SandboxConfig {
     /// systemd's `slice:prefix:name`), made with the VM's limits and
     /// removed with it; `None`: the caller's own.
     pub host_cgroup: Option<String>,
+    /// A directory the VMM may write snapshots into (a template's, while
+    /// it is built); [`Sandbox::lend_for_snapshot`] hands it over.
+    pub snapshot_into: Option<PathBuf>,
+    /// Jail the VMM (when this process may: root with CAP_SYS_ADMIN).
+    /// Off only to measure what the jail costs.
+    pub jail: bool,
 }
 
 impl SandboxConfig {
@@ -106,6 +120,8 @@ impl SandboxConfig {
             spare_disks: 0,
             call_timeout: None,
             host_cgroup: None,
+            snapshot_into: None,
+            jail: true,
         }
     }
 }
@@ -124,6 +140,8 @@ pub enum SandboxError {
     Stdio(#[from] StdioError),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
     #[error("the sandbox's VM stopped: {reason}{}", render_logs(.console, .vmm_log))]
     VmStopped {
         reason: String,
@@ -216,10 +234,16 @@ pub struct Sandbox {
     // console copy, the run directory.
     first_client: Mutex<Option<AgentClient>>,
     vmm: Mutex<VmmProcess>,
+    /// Released only once the VMM above is reaped.
+    jail_id: Option<JailId>,
+    /// Per disk slot, the mount point in the VM directory where its image
+    /// is shown to the jailed VMM (removed when the slot changes).
+    shown: Mutex<Vec<Option<PathBuf>>>,
     /// Removed once the VMM above is reaped.
     host_cgroup: Option<HostCgroup>,
     _console_keeper: ConsoleKeeper,
     dir: RunDir,
+    vm_dir: PathBuf,
     vsock: PathBuf,
     console: PathBuf,
     vmm_log: PathBuf,
@@ -238,6 +262,45 @@ const _: fn() = || {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The VMM's jail: read-only, what it boots or restores from and its
+/// disks; writable, its VM directory and a snapshot target.
+fn jail_config(
+    cfg: &SandboxConfig,
+    config: &LaunchConfig,
+    run_dir: &Path,
+    vm_dir: &Path,
+    id: &JailId,
+) -> Result<JailConfig, SandboxError> {
+    let ro = |path: &Path| JailPath {
+        path: path.to_path_buf(),
+        writable: false,
+    };
+    let rw = |path: &Path| JailPath {
+        path: path.to_path_buf(),
+        writable: true,
+    };
+    let mut paths = vec![rw(vm_dir)];
+    match config {
+        LaunchConfig::Boot(c) => {
+            paths.push(ro(&c.kernel));
+            paths.extend(c.initrd.as_deref().map(ro));
+        }
+        LaunchConfig::Restore(r) => paths.push(ro(&r.snapshot_dir)),
+    }
+    if !cfg.rootfs.path.starts_with(vm_dir) {
+        paths.push(ro(&cfg.rootfs.path));
+    }
+    paths.extend(cfg.snapshot_into.as_deref().map(rw));
+    let root = run_dir.join(JAIL_ROOT_DIR);
+    std::fs::DirBuilder::new().mode(0o700).create(&root)?;
+    Ok(JailConfig {
+        root,
+        uid: id.uid(),
+        gid: id.gid(),
+        paths,
+    })
 }
 
 fn stopped(status: ExitStatus, console: &Path, vmm_log: &Path) -> SandboxError {
@@ -262,8 +325,18 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let root = cfg.runtime_root.clone().unwrap_or_else(rundir::default_root);
         let dir = RunDir::create(&root)?;
-        let vsock = dir.path().join("v.sock");
-        let console = dir.path().join("console.log");
+        let vm_dir = dir.path().join(VM_DIR);
+        std::fs::DirBuilder::new().mode(0o700).create(&vm_dir)?;
+        // Root and CAP_SYS_ADMIN: what the jail needs.
+        let jail_id = match cfg.jail && crate::vmm_process::can_make_namespaces() {
+            true => Some(JailId::allocate()?),
+            false => None,
+        };
+        if let Some(id) = &jail_id {
+            std::os::unix::fs::chown(&vm_dir, Some(id.uid()), Some(id.gid()))?;
+        }
+        let vsock = vm_dir.join("v.sock");
+        let console = vm_dir.join("console.log");
         let vmm_log = dir.path().join("vmm.log");
         let keeper = ConsoleKeeper {
             from: console.clone(),
@@ -272,11 +345,11 @@ impl Sandbox {
         let ro = |path: PathBuf| BlockConfig { path, read_only: true };
         let mut disks = vec![ro(cfg.rootfs.path.clone())];
         if cfg.spare_disks > 0 {
-            let empty = dir.path().join(EMPTY_DISK_FILE);
+            let empty = vm_dir.join(EMPTY_DISK_FILE);
             std::fs::write(&empty, [0u8; EMPTY_DISK_BYTES])?;
             disks.extend(std::iter::repeat_n(ro(empty), usize::from(cfg.spare_disks)));
         }
-        let api_socket = cfg.api_socket.then(|| dir.path().join("api.sock"));
+        let api_socket = cfg.api_socket.then(|| vm_dir.join("api.sock"));
         let vsock_config = VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: vsock.clone(),
@@ -306,6 +379,10 @@ impl Sandbox {
             None => None,
         };
         let procs = host_cgroup.as_ref().map(HostCgroup::procs_files).transpose()?;
+        let jail = match &jail_id {
+            Some(id) => Some(jail_config(cfg, &config, dir.path(), &vm_dir, id)?),
+            None => None,
+        };
         let spec = Launch {
             vmm: cfg.artifacts.vmm.clone(),
             config,
@@ -313,6 +390,7 @@ impl Sandbox {
             log: vmm_log.clone(),
             join_cgroups: procs.iter().flatten().map(|f| f.as_raw_fd()).collect(),
             own_namespaces: crate::vmm_process::can_make_namespaces(),
+            jail,
         };
         let retry_every = match cfg.restore_from {
             Some(_) => RESTORE_RETRY_EVERY,
@@ -364,9 +442,12 @@ impl Sandbox {
         Ok(Sandbox {
             first_client: Mutex::new(Some(client)),
             vmm,
+            jail_id,
+            shown: Mutex::new(vec![None; usize::from(cfg.spare_disks) + 1]),
             host_cgroup,
             _console_keeper: keeper,
             dir,
+            vm_dir,
             vsock,
             console,
             vmm_log,
@@ -401,26 +482,75 @@ impl Sandbox {
     /// Gives spare disk `slot` (1-based: slot 1 is /dev/vdb) the image at
     /// `path`; the guest sees the new size shortly after (the agent waits
     /// for it, see `Root::size_bytes`). The disk must be unused in the guest.
+    /// A jailed VMM sees the image bound at a path in its VM directory,
+    /// in its own mount namespace only.
     pub fn attach_image(&self, slot: u8, path: &Path) -> Result<(), SandboxError> {
+        self.replace_disk(slot, Some(path))
+    }
+
+    /// Empties spare disk `slot` again, so the VMM lets go of its image.
+    pub fn detach_image(&self, slot: u8) -> Result<(), SandboxError> {
+        self.replace_disk(slot, None)
+    }
+
+    fn replace_disk(&self, slot: u8, image: Option<&Path>) -> Result<(), SandboxError> {
         if slot == 0 || slot > self.spare_disks {
             return Err(SandboxError::NoSuchDisk {
                 slot,
                 count: self.spare_disks,
             });
         }
-        self.api()?.replace_drive(slot, path).map_err(|e| self.explain(e))
+        let api = self.api()?;
+        let mut shown = lock(&self.shown);
+        let (path, mount_point) = match (image, &self.jail_id) {
+            (None, _) => (self.vm_dir.join(EMPTY_DISK_FILE), None),
+            (Some(p), None) => (p.to_path_buf(), None),
+            (Some(p), Some(_)) => {
+                let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let target = self.vm_dir.join(format!("disk{slot}-{n}.img"));
+                std::fs::File::create(&target)?;
+                if let Err(e) = jail::bind_into(self.vmm_pid(), p, &target) {
+                    let _ = std::fs::remove_file(&target);
+                    return Err(e.into());
+                }
+                (target.clone(), Some(target))
+            }
+        };
+        let replaced = api.replace_drive(slot, &path).map_err(|e| self.explain(e));
+        // The mount point no longer in use: unlinking it on the host
+        // detaches the mount in the VMM's namespace too.
+        let unused = match replaced {
+            Ok(()) => std::mem::replace(&mut shown[usize::from(slot)], mount_point),
+            Err(_) => mount_point,
+        };
+        if let Some(old) = unused {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!("cannot remove {}: {e}", old.display());
+            }
+        }
+        replaced
     }
 
-    /// Empties spare disk `slot` again, so the VMM lets go of its image.
-    pub fn detach_image(&self, slot: u8) -> Result<(), SandboxError> {
-        self.attach_image(slot, &self.dir.path().join(EMPTY_DISK_FILE))
+    /// The uid and gid of the jailed VMM, when it is jailed.
+    pub fn jail_identity(&self) -> Option<(u32, u32)> {
+        self.jail_id.as_ref().map(|id| (id.uid(), id.gid()))
+    }
+
+    /// Hands [`SandboxConfig::snapshot_into`] to the jailed VMM so that it
+    /// can write a snapshot there; give it back to root with
+    /// [`jail::chown_shallow`] once the VMM is gone.
+    pub fn lend_for_snapshot(&self, dir: &Path) -> Result<(), SandboxError> {
+        if let Some((uid, gid)) = self.jail_identity() {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        }
+        Ok(())
     }
 
     pub fn run_dir(&self) -> &Path {
         self.dir.path()
     }
 
-    /// The VMM's vsock socket (`<run dir>/v.sock`).
+    /// The VMM's vsock socket (`<run dir>/vm/v.sock`).
     pub fn vsock_path(&self) -> &Path {
         &self.vsock
     }

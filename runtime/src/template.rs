@@ -466,6 +466,7 @@ fn build_snapshot(
         boot_timeout: opts.boot_timeout,
         keep_console: opts.keep_console.clone(),
         api_socket: true,
+        snapshot_into: Some(out.to_path_buf()),
         ..SandboxConfig::new(
             artifacts.clone(),
             RootfsImage {
@@ -483,9 +484,16 @@ fn build_snapshot(
     let api = sandbox.api_socket_path().ok_or(TemplateError::NoApi)?.to_path_buf();
     let api = ApiClient::new(api, API_TIMEOUT);
     api.pause()?;
+    sandbox.lend_for_snapshot(out)?;
+    let jailed = sandbox.jail_identity().is_some();
     api.snapshot(out)?;
     // Dropping kills the VMM and removes its run directory.
     drop(sandbox);
+    // Every later VMM maps this memory: none may own it, and the jail's
+    // uid goes to another sandbox next.
+    if jailed {
+        crate::jail::chown_shallow(out, 0, 0).map_err(io_err(out))?;
+    }
     std::fs::remove_file(&placeholder).map_err(io_err(&placeholder))?;
     tracing::debug!("template snapshot written after {:?}", started.elapsed());
     Ok(())

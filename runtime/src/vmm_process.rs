@@ -5,15 +5,21 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bulkhead_vmm_api::config::{RestoreConfig, VmConfig};
+use bulkhead_vmm_api::jail::JailConfig;
+
+use crate::spawn;
+
+/// The jail's description, next to the VMM's configuration file.
+const JAIL_FILE: &str = "jail.json";
 
 /// The guest's vsock context id; any value above 2 (the host) works.
 pub const GUEST_CID: u32 = 3;
@@ -55,10 +61,14 @@ pub struct Launch {
     /// root): it has no use for the host's network, System V IPC or host
     /// name, so a VMM taken over by its guest finds none of them.
     pub own_namespaces: bool,
+    /// The jail the VMM enters first (written next to `config_file`).
+    pub jail: Option<JailConfig>,
 }
 
-/// The namespaces a VMM gets of its own with [`Launch::own_namespaces`].
-pub const OWN_NAMESPACES: libc::c_int = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+/// The namespaces a VMM starts in with [`Launch::own_namespaces`] (it
+/// makes its mount namespace itself, when jailed).
+pub const OWN_NAMESPACES: u64 =
+    (libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
 
 /// Whether this process may make namespaces: CAP_SYS_ADMIN in its
 /// effective set (root in a container without it may not).
@@ -87,12 +97,23 @@ impl Launch {
         };
         let json = json.map_err(|e| err(io::Error::other(e)))?;
         std::fs::write(&self.config_file, json).map_err(err)?;
-        Ok(vec![flag.into(), self.config_file.clone().into()])
+        let mut args: Vec<OsString> = vec![flag.into(), self.config_file.clone().into()];
+        if let Some(jail) = &self.jail {
+            let path = self.config_file.with_file_name(JAIL_FILE);
+            let json = serde_json::to_vec_pretty(jail).map_err(|e| err(io::Error::other(e)))?;
+            std::fs::write(&path, json).map_err(|source| VmmProcessError::Config {
+                path: path.clone(),
+                source,
+            })?;
+            args.extend(["--jail".into(), path.into()]);
+        }
+        Ok(args)
     }
 }
 
 pub struct VmmProcess {
-    child: Child,
+    /// Ours to reap: until `exit` is set, no other process has this pid.
+    pid: libc::pid_t,
     exit: Option<ExitStatus>,
     /// Dropping it ends the thread that started the VMM.
     release: Option<mpsc::Sender<()>>,
@@ -110,58 +131,21 @@ impl VmmProcess {
             path: spec.log.clone(),
             source,
         })?;
-        let log2 = log.try_clone().map_err(|source| VmmProcessError::Log {
-            path: spec.log.clone(),
-            source,
-        })?;
-        let mut cmd = Command::new(&spec.vmm);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Terminal signals (Ctrl-C) reach us only; we forward them.
-            .process_group(0);
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
         let join_cgroups = spec.join_cgroups.clone();
-        let own_namespaces = spec.own_namespaces;
-        // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigemptyset, sigprocmask, prctl,
-        // getppid, write, unshare) on memory it owns; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Before exec, so nothing of the VMM runs uncharged.
-                for fd in &join_cgroups {
-                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                if own_namespaces && libc::unshare(OWN_NAMESPACES) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // Our blocked signals (see signals.rs) are inherited
-                // through exec; the VMM must see its own.
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // We may have died before the prctl took effect.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        let namespaces = if spec.own_namespaces { OWN_NAMESPACES } else { 0 };
+        let program = spec.vmm.clone();
         let (child_tx, child_rx) = mpsc::channel();
         let (release, released) = mpsc::channel::<()>();
         let owner = std::thread::Builder::new()
             .name("vmm-owner".into())
             .spawn(move || {
-                let spawned = cmd.spawn();
+                let setup = spawn::ChildSetup {
+                    join_cgroups: &join_cgroups,
+                    log: log.as_raw_fd(),
+                    namespaces,
+                };
+                let spawned = spawn::spawn(&program, &args, &setup);
+                drop(log);
                 let ok = spawned.is_ok();
                 if child_tx.send(spawned).is_ok() && ok {
                     // Blocks until the VmmProcess is dropped.
@@ -185,9 +169,9 @@ impl VmmProcess {
                 });
             }
         };
-        tracing::debug!(pid = child.id(), "started {}", spec.vmm.display());
+        tracing::debug!(pid = child, "started {}", spec.vmm.display());
         Ok(VmmProcess {
-            child,
+            pid: child,
             exit: None,
             release: Some(release),
             owner: Some(owner),
@@ -195,13 +179,31 @@ impl VmmProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid.unsigned_abs()
+    }
+
+    fn wait(&mut self, flags: libc::c_int) -> Result<Option<ExitStatus>, VmmProcessError> {
+        let mut status = 0;
+        loop {
+            // SAFETY: waits for our own unreaped child; status is ours.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+            if r == self.pid {
+                return Ok(Some(ExitStatus::from_raw(status)));
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(VmmProcessError::Wait(e));
+            }
+        }
     }
 
     /// The exit status if the VMM has ended (it is reaped here).
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>, VmmProcessError> {
         if self.exit.is_none() {
-            self.exit = self.child.try_wait().map_err(VmmProcessError::Wait)?;
+            self.exit = self.wait(libc::WNOHANG)?;
         }
         Ok(self.exit)
     }
@@ -225,10 +227,13 @@ impl VmmProcess {
         if let Some(s) = self.try_status()? {
             return Ok(s);
         }
-        if let Err(e) = self.child.kill() {
-            tracing::debug!("kill VMM: {e}");
+        // SAFETY: kill takes integers; the pid is our unreaped child's.
+        if unsafe { libc::kill(self.pid, libc::SIGKILL) } != 0 {
+            tracing::debug!("kill VMM: {}", io::Error::last_os_error());
         }
-        let s = self.child.wait().map_err(VmmProcessError::Wait)?;
+        let s = self
+            .wait(0)?
+            .ok_or_else(|| VmmProcessError::Wait(io::Error::other("waitpid returned no status")))?;
         self.exit = Some(s);
         Ok(s)
     }
@@ -237,7 +242,7 @@ impl VmmProcess {
 impl Drop for VmmProcess {
     fn drop(&mut self) {
         if let Err(e) = self.kill() {
-            tracing::warn!("VMM (pid {}): {e}", self.child.id());
+            tracing::warn!("VMM (pid {}): {e}", self.pid);
         }
         self.release.take();
         if let Some(t) = self.owner.take() {
@@ -272,6 +277,7 @@ mod tests {
             log: d.path().join("vmm.log"),
             join_cgroups: Vec::new(),
             own_namespaces: false,
+            jail: None,
         };
         let args = boot.write_config().unwrap();
         assert_eq!(args, [OsString::from("--config"), d.path().join("vmm.json").into()]);
@@ -308,6 +314,7 @@ mod tests {
             log: d.path().join("vmm.log"),
             join_cgroups: joins.iter().map(|(w, _)| w.as_raw_fd()).collect(),
             own_namespaces: false,
+            jail: None,
         };
         // Started from a short-lived thread: the VMM must outlive it.
         let mut vm = std::thread::spawn(move || VmmProcess::spawn(&spec).unwrap())
@@ -336,8 +343,9 @@ mod tests {
             .contains("started"));
     }
 
-    /// As root the VMM gets network, IPC and UTS namespaces of its own;
-    /// the others (mount, PID, cgroup, user) stay the host's.
+    /// As root the VMM gets PID, network, IPC and UTS namespaces of its
+    /// own, and is PID 1 in its PID namespace; the others (mount, cgroup,
+    /// user) stay the host's (a jailed VMM makes its mount namespace).
     #[test]
     fn the_vmm_can_get_namespaces_of_its_own() {
         if !can_make_namespaces() {
@@ -355,15 +363,36 @@ mod tests {
             log: d.path().join("vmm.log"),
             join_cgroups: Vec::new(),
             own_namespaces: true,
+            jail: None,
         };
         let vm = VmmProcess::spawn(&spec).unwrap();
         let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
         let pid = vm.pid().to_string();
-        for kind in ["net", "ipc", "uts"] {
+        for kind in ["pid", "net", "ipc", "uts"] {
             assert_ne!(ns(&pid, kind), ns("self", kind), "{kind}");
         }
-        for kind in ["mnt", "pid", "cgroup", "user"] {
+        for kind in ["mnt", "cgroup", "user"] {
             assert_eq!(ns(&pid, kind), ns("self", kind), "{kind}");
         }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap();
+        assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), [pid.as_str(), "1"]);
+    }
+
+    /// A VMM that cannot be executed is an error naming it.
+    #[test]
+    fn a_missing_vmm_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = Launch {
+            vmm: d.path().join("no-such-vmm"),
+            config: LaunchConfig::Boot(boot_config(d.path())),
+            config_file: d.path().join("vmm.json"),
+            log: d.path().join("vmm.log"),
+            join_cgroups: Vec::new(),
+            own_namespaces: can_make_namespaces(),
+            jail: None,
+        };
+        let e = VmmProcess::spawn(&spec).err().expect("no VMM to start").to_string();
+        assert!(e.contains("no-such-vmm") && e.contains("No such file"), "{e}");
     }
 }

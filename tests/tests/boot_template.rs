@@ -7,6 +7,7 @@
 //! with `--ignored --nocapture`) prints the figures for restore against
 //! cold boot and the host memory of N restored sandboxes.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -82,6 +83,11 @@ fn fixture() -> &'static Fixture {
             !template.dir().join("placeholder.img").exists(),
             "the placeholder disk stays behind"
         );
+        // The jailed VMM that wrote it handed it back: later VMMs map it.
+        for e in std::fs::read_dir(template.dir()).unwrap() {
+            let m = e.unwrap().metadata().unwrap();
+            assert_eq!((m.uid(), m.gid()), (0, 0), "template files belong to root");
+        }
         Fixture {
             artifacts,
             cache_root,
@@ -249,6 +255,14 @@ fn spare_disks_take_new_images_while_the_guest_runs() {
         .attach_image(1, Path::new("/nonexistent.img"))
         .unwrap_err()
         .to_string();
+    assert!(e.contains("/nonexistent.img") && e.contains("No such file"), "{e}");
+    // The VMM itself opens only what its jail holds.
+    let e = sb
+        .api()
+        .unwrap()
+        .replace_drive(1, Path::new("/etc/hostname"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("400") && e.contains("cannot open"), "{e}");
     // Refused: disk 1 still has image c.
     assert_eq!(run_on_disk(&sb, "on-c-again", &c, 1, "cat /marker"), "sea");
@@ -261,9 +275,14 @@ fn spare_disks_take_new_images_while_the_guest_runs() {
 #[test]
 fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
     let f = fixture();
+    let snap = f.dir.path().join("open-stream-snapshot");
+    std::fs::create_dir(&snap).unwrap();
     let mut cfg = config("open-stream", Some(f.template.clone()));
     cfg.api_socket = true;
+    // The jailed VMM writes only where its jail lets it.
+    cfg.snapshot_into = Some(snap.clone());
     let sb = Sandbox::boot(&cfg).unwrap();
+    sb.lend_for_snapshot(&snap).unwrap();
     let mut waiting = sb.client().unwrap();
     let waiter = std::thread::spawn(move || waiting.call(&Request::NextOomEvent));
     // The request reaches the agent and blocks there (a round trip on
@@ -272,7 +291,6 @@ fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
     assert_eq!(sb.run_process(sh("echo busy"), None).unwrap().stdout_text(), "busy\n");
     assert!(!waiter.is_finished());
 
-    let snap = f.dir.path().join("open-stream-snapshot");
     let api = ApiClient::new(sb.api_socket_path().unwrap(), Duration::from_secs(120));
     api.pause().unwrap();
     api.snapshot(&snap).unwrap();
@@ -296,6 +314,107 @@ fn snapshot_with_an_open_stream_restores_with_a_working_agent() {
     assert!(!waiter.is_finished());
     assert!(restored.shutdown().unwrap().success());
     assert!(waiter.join().unwrap().is_err());
+}
+
+/// Every non-directory under `root`, relative to it.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out
+}
+
+/// The runtime jails every VMM: its own mount, network, IPC and UTS
+/// namespaces; a root holding only the template, the root image, its VM
+/// directory and /dev/kvm; a uid and gid of its own per sandbox; no
+/// capabilities, no new privileges, its seccomp filters. Host files it
+/// could open before are out of its reach, its control API's included.
+#[test]
+fn every_vmm_is_jailed_apart() {
+    let f = fixture();
+    let a = restore("jail-a");
+    let b = restore("jail-b");
+    let field = |status: &str, key: &str| -> Vec<String> {
+        let line = status.lines().find_map(|l| l.strip_prefix(key));
+        line.unwrap_or_else(|| panic!("no {key}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let mut ids = Vec::new();
+    for sb in [&a, &b] {
+        let pid = sb.vmm_pid();
+        let (uid, gid) = sb.jail_identity().expect("a root runtime jails its VMMs");
+        assert_ne!(uid, 0);
+        ids.push(uid);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert_eq!(field(&status, "Uid:"), vec![uid.to_string(); 4]);
+        assert_eq!(field(&status, "Gid:"), vec![gid.to_string(); 4]);
+        assert!(field(&status, "Groups:").is_empty());
+        for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(&status, cap), ["0000000000000000"], "{cap}");
+        }
+        assert_eq!(field(&status, "NoNewPrivs:"), ["1"]);
+        assert_eq!(field(&status, "Seccomp:"), ["2"]);
+        for ns in ["pid", "mnt", "net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            assert_ne!(
+                theirs,
+                std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+                "{ns}"
+            );
+        }
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let files = files_under(&root);
+        let rel = |p: &Path| p.strip_prefix("/").unwrap().to_path_buf();
+        let allowed = [
+            PathBuf::from("dev/kvm"),
+            rel(f.template.dir()),
+            rel(&f.image.path),
+            rel(&sb.run_dir().join("vm")),
+        ];
+        for file in &files {
+            assert!(
+                allowed.iter().any(|a| file.starts_with(a)),
+                "{} in the jail",
+                file.display()
+            );
+        }
+        for needed in [&allowed[0], &allowed[2], &rel(sb.vsock_path())] {
+            assert!(files.contains(needed), "{} missing from {files:?}", needed.display());
+        }
+        assert!(Path::new("/etc/hostname").exists() && !root.join("etc/hostname").exists());
+        let e = sb
+            .api()
+            .unwrap()
+            .replace_drive(2, Path::new("/etc/hostname"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("400") && e.contains("cannot open"), "{e}");
+        // Nor can it write anywhere on the host but its VM directory.
+        let target = f.dir.path().join(format!("snapshot-from-{pid}"));
+        std::fs::create_dir(&target).unwrap();
+        sb.set_paused(true).unwrap();
+        let e = sb.api().unwrap().snapshot(&target).unwrap_err().to_string();
+        sb.set_paused(false).unwrap();
+        assert!(e.contains("400") || e.contains("500"), "{e}");
+        assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{e}");
+    }
+    assert_ne!(ids[0], ids[1], "two sandboxes share a uid");
+    // Both still serve.
+    for sb in [&a, &b] {
+        start_long(sb);
+        assert_eq!(exec(sb, "long", "echo up"), "up\n");
+    }
 }
 
 /// A VMM thread that makes a call its seccomp filter refuses ends the
@@ -399,10 +518,11 @@ fn cli_run(name: &str, cold: bool) -> Duration {
 #[ignore = "benchmark: cargo test --test boot_template -- --ignored --nocapture"]
 fn bench_template_against_cold() {
     let f = fixture();
-    let runs = |n: usize, name: &str, template: Option<Template>| -> Vec<Duration> {
+    let runs = |n: usize, name: &str, template: Option<Template>, jail: bool| -> Vec<Duration> {
         (0..n)
             .map(|i| {
-                let cfg = config(&format!("{name}-{i}"), template.clone());
+                let mut cfg = config(&format!("{name}-{i}"), template.clone());
+                cfg.jail = jail;
                 let t0 = Instant::now();
                 let sb = Sandbox::boot(&cfg).unwrap();
                 let took = t0.elapsed();
@@ -411,10 +531,23 @@ fn bench_template_against_cold() {
             })
             .collect()
     };
-    let restored = runs(10, "bench-restore", Some(f.template.clone()));
-    let cold = runs(2, "bench-cold", None);
+    let restored = runs(10, "bench-restore", Some(f.template.clone()), true);
+    let unjailed = runs(10, "bench-unjailed", Some(f.template.clone()), false);
+    let cold = runs(2, "bench-cold", None, true);
     let run_tpl: Vec<Duration> = (0..5).map(|i| cli_run(&format!("cli-tpl-{i}"), false)).collect();
     let run_cold: Vec<Duration> = (0..2).map(|i| cli_run(&format!("cli-cold-{i}"), true)).collect();
+
+    // The jail's own host memory: its root tmpfs (the VMM's PSS is
+    // measured below, jailed as always).
+    let sb = restore("bench-jail-root");
+    let root = std::ffi::CString::new(format!("/proc/{}/root", sb.vmm_pid())).unwrap();
+    // SAFETY: statvfs is plain data; all zeros is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let r = unsafe { libc::statvfs(root.as_ptr(), &mut st) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let jail_root = ((st.f_blocks - st.f_bfree) * st.f_frsize / 1024, st.f_files - st.f_ffree);
+    drop(sb);
 
     let mut mem = Vec::new();
     for n in [1usize, 5, 10] {
@@ -432,6 +565,8 @@ fn bench_template_against_cold() {
     eprintln!("== template benchmark ({host:?} host, 1 vCPU, 256 MiB) ==");
     eprintln!("template build (cold boot + snapshot): {}", millis(f.build_time));
     eprintln!("restore to agent-ready (reseed included): {}", summary(&restored));
+    eprintln!("the same without the jail:                {}", summary(&unjailed));
+    eprintln!("jail root tmpfs: {} KiB in {} inodes", jail_root.0, jail_root.1);
     eprintln!("cold boot to agent-ready:                 {}", summary(&cold));
     eprintln!("bulkhead run -- true, template:           {}", summary(&run_tpl));
     eprintln!("bulkhead run -- true, --cold:             {}", summary(&run_cold));
@@ -482,9 +617,8 @@ fn load_one(name: &str) -> Result<(), String> {
         // The guest's and the VMM's view, for whoever investigates.
         let keep = fixture().dir.path().join("load-failures").join(name);
         let _ = std::fs::create_dir_all(&keep);
-        for f in ["vmm.log", "console.log"] {
-            let _ = std::fs::copy(sb.run_dir().join(f), keep.join(f));
-        }
+        let _ = std::fs::copy(sb.run_dir().join("vmm.log"), keep.join("vmm.log"));
+        let _ = std::fs::copy(sb.console_path(), keep.join("console.log"));
         format!(
             "{e}\nlogs kept in {}\nconsole:\n  {}",
             keep.display(),

@@ -1,0 +1,187 @@
+//! Starting the VMM in a PID namespace of its own, which
+//! `std::process::Command` cannot do (the namespace must be given at
+//! clone time): clone3 with namespace flags, then in the child only
+//! system calls on memory prepared before the clone, then execve.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::Path;
+
+/// The kernel's `struct clone_args` (version 0, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// What the child does before it becomes `program`.
+pub struct ChildSetup<'a> {
+    /// `cgroup.procs` files to join (the child writes "0" to each).
+    pub join_cgroups: &'a [RawFd],
+    /// The child's stdout and stderr.
+    pub log: RawFd,
+    /// Namespaces (CLONE_NEW*) the child starts in.
+    pub namespaces: u64,
+}
+
+fn cstring(s: OsString) -> io::Result<CString> {
+    CString::new(s.into_vec()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in an argument"))
+}
+
+fn pipe() -> io::Result<(File, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these; each is owned once.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts `program` with `args` as a child of the calling thread (which
+/// its parent-death signal follows); returns its pid once it has
+/// executed, or why it could not.
+pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Result<libc::pid_t> {
+    let path = cstring(program.as_os_str().to_owned())?;
+    let mut argv_c = vec![path.clone()];
+    for a in args {
+        argv_c.push(cstring(a.clone())?);
+    }
+    let env_c: Vec<CString> = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            cstring(kv)
+        })
+        .collect::<io::Result<_>>()?;
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let devnull = File::open("/dev/null")?;
+    // The child learns through `alive` (hung up) that we are gone, and
+    // tells us through `errors` why it could not exec.
+    let (alive_rx, alive_tx) = pipe()?;
+    let (mut errors_rx, errors_tx) = pipe()?;
+    let mut args = CloneArgs {
+        flags: setup.namespaces,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM forks: the child gets a copy of our
+    // memory and returns 0 here; it then runs `child` only, which makes
+    // system calls and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see `child`.
+        unsafe {
+            child(
+                setup,
+                &Prepared {
+                    path: path.as_ptr(),
+                    argv: argv.as_ptr(),
+                    envp: envp.as_ptr(),
+                    devnull: devnull.as_raw_fd(),
+                    alive_rx: alive_rx.as_raw_fd(),
+                    alive_tx: alive_tx.as_raw_fd(),
+                    errors_tx: errors_tx.as_raw_fd(),
+                },
+            )
+        }
+    }
+    let pid = pid as libc::pid_t;
+    drop(errors_tx);
+    let mut report = Vec::new();
+    errors_rx.read_to_end(&mut report)?;
+    drop(alive_tx);
+    if let Ok(errno) = <[u8; 4]>::try_from(&report[..]) {
+        let mut status = 0;
+        // SAFETY: reaps the child we made, which is exiting.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
+    Ok(pid)
+}
+
+struct Prepared {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    devnull: RawFd,
+    alive_rx: RawFd,
+    alive_tx: RawFd,
+    errors_tx: RawFd,
+}
+
+/// The child's side.
+///
+/// # Safety
+/// Runs between clone and exec in a copy of a multithreaded process:
+/// only async-signal-safe system calls, on memory prepared before the
+/// clone; never returns.
+unsafe fn child(setup: &ChildSetup, p: &Prepared) -> ! {
+    let fail = || -> ! {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(p.errors_tx, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    };
+    // Before exec, so nothing of the VMM runs uncharged.
+    for fd in setup.join_cgroups {
+        if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+            fail();
+        }
+    }
+    if libc::dup2(p.devnull, 0) < 0 || libc::dup2(setup.log, 1) < 0 || libc::dup2(setup.log, 2) < 0 {
+        fail();
+    }
+    // Terminal signals (Ctrl-C) reach the runtime only; it forwards them.
+    if libc::setpgid(0, 0) != 0 {
+        fail();
+    }
+    // Our blocked and ignored signals would survive exec; the VMM must
+    // see its own.
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+        fail();
+    }
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        fail();
+    }
+    // We may have died before the prctl took effect: then no one holds
+    // the pipe's write end any more.
+    libc::close(p.alive_tx);
+    let mut poll = libc::pollfd {
+        fd: p.alive_rx,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    if libc::poll(&mut poll, 1, 0) != 0 {
+        *libc::__errno_location() = libc::ESRCH;
+        fail();
+    }
+    libc::execve(p.path, p.argv, p.envp);
+    fail()
+}
