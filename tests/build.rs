@@ -12,6 +12,7 @@ const GUESTS: &[&str] = &[
     "spin",
     "serial_loop",
     "serial_counter",
+    "touch_ram",
 ];
 
 fn main() {

@@ -9,6 +9,7 @@ const LONG_MODE: &str = env!("GUEST_LONG_MODE");
 const TRIPLE_FAULT: &str = env!("GUEST_TRIPLE_FAULT");
 const INT3: &str = env!("GUEST_INT3");
 const SPIN: &str = env!("GUEST_SPIN");
+const TOUCH_RAM: &str = env!("GUEST_TOUCH_RAM");
 
 /// Every guest gets a VMM timeout so a regression cannot hang the suite.
 fn boot(kernel: &str, extra: &[&str]) -> std::process::Output {
@@ -233,4 +234,73 @@ fn termination_signal_stops_the_vmm_and_cleans_up() {
     assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
     assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
     assert!(!uds.exists(), "the vsock socket was left behind");
+}
+
+/// A guest that writes to all of its RAM makes the host back all of it,
+/// and the VMM still fits the memory limit the runtime gives its host
+/// cgroup (guest RAM plus the VMM's allowance): it is not OOM-killed, and
+/// the cgroup is charged at least the guest's RAM and at most the limit.
+/// A guest can go no further: its RAM is all the memory it has.
+#[test]
+fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
+    use bulkhead_runtime::host_cgroup::{HostCgroup, Limits};
+    use bulkhead_runtime::vmm_process::{can_make_namespaces, Launch, LaunchConfig, VmmProcess};
+    use bulkhead_vmm_api::config::{SerialOutput, VmConfig};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+    require_kvm();
+    if !can_make_namespaces() {
+        eprintln!("skipped: host cgroups need root");
+        return;
+    }
+    const MEM_MIB: u32 = 256;
+    let limits = Limits::for_vm(1, MEM_MIB);
+    let cg = HostCgroup::create(&format!("/bulkhead-kvm-tier-{}", std::process::id()), limits).unwrap();
+    let procs = cg.procs_files().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let spec = Launch {
+        vmm: bulkhead_tests::vmm_bin(),
+        config: LaunchConfig::Boot(VmConfig {
+            mem_mib: MEM_MIB,
+            serial: SerialOutput::File(console.clone()),
+            timeout_secs: Some(900),
+            ..VmConfig::new(TOUCH_RAM)
+        }),
+        config_file: dir.path().join("vmm.json"),
+        log: dir.path().join("vmm.log"),
+        join_cgroups: procs.iter().map(|f| f.as_raw_fd()).collect(),
+        own_namespaces: false,
+        jail: None,
+    };
+    let mut vmm = VmmProcess::spawn(&spec).unwrap();
+    drop(procs);
+    let line = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("touched RAM")) {
+            break l.to_string();
+        }
+        if let Some(status) = vmm.try_status().unwrap() {
+            let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
+            panic!("the VMM ended ({status}) before its guest had touched its RAM: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.contains(&format!("up to {MEM_MIB} MiB")), "{line}");
+    let used = cg.usage().memory_bytes.expect("the memory controller's figure");
+    let ram = u64::from(MEM_MIB) << 20;
+    eprintln!(
+        "charged {} MiB for {MEM_MIB} MiB of guest RAM, limit {} MiB",
+        used >> 20,
+        limits.memory_bytes >> 20
+    );
+    assert!(used >= ram - ram / 10, "charged {used} bytes for {ram} of guest RAM");
+    assert!(
+        used <= limits.memory_bytes,
+        "charged {used} over the limit {}",
+        limits.memory_bytes
+    );
+    assert_eq!(vmm.try_status().unwrap(), None, "the VMM did not survive its guest");
+    vmm.kill().unwrap();
+    drop(cg);
 }
