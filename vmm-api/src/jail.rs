@@ -58,7 +58,11 @@ mod tests {
         let f = d.path().join("jail.json");
         std::fs::write(&f, serde_json::to_vec(&j).unwrap()).unwrap();
         assert_eq!(JailConfig::from_json_file(&f).unwrap(), j);
-        std::fs::write(&f, r#"{"root":"/r","uid":5,"gid":5,"paths":[{"path":"/p","dev":true}]}"#).unwrap();
+        std::fs::write(
+            &f,
+            r#"{"root":"/r","uid":5,"gid":5,"paths":[{"path":"/p","dev":true}]}"#,
+        )
+        .unwrap();
         let e = JailConfig::from_json_file(&f).unwrap_err().to_string();
         assert!(e.contains("paths[0]") && e.contains("dev"), "{e}");
     }
