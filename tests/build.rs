@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "serial_loop",
     "serial_counter",
     "touch_ram",
+    "vsock_rx_flood",
 ];
 
 fn main() {

@@ -10,6 +10,7 @@ const TRIPLE_FAULT: &str = env!("GUEST_TRIPLE_FAULT");
 const INT3: &str = env!("GUEST_INT3");
 const SPIN: &str = env!("GUEST_SPIN");
 const TOUCH_RAM: &str = env!("GUEST_TOUCH_RAM");
+const VSOCK_RX_FLOOD: &str = env!("GUEST_VSOCK_RX_FLOOD");
 
 /// Every guest gets a VMM timeout so a regression cannot hang the suite.
 fn boot(kernel: &str, extra: &[&str]) -> std::process::Output {
@@ -303,4 +304,71 @@ fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
     assert_eq!(vmm.try_status().unwrap(), None, "the VMM did not survive its guest");
     vmm.kill().unwrap();
     drop(cg);
+}
+
+/// A guest that keeps its vsock rx ring full of buffers pointing past its
+/// RAM, and notifies without pause, while a host peer waits to connect
+/// (so the device always has a packet to try): the VMM refuses buffer
+/// after buffer, and SIGTERM still ends it, cleanly, with its socket gone.
+#[test]
+fn sigterm_ends_a_vmm_whose_guest_floods_vsock_rx_with_bad_buffers() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let log = dir.path().join("vmm.log");
+    let mut child = std::process::Command::new(bulkhead_tests::vmm_bin())
+        .args([
+            "--kernel",
+            VSOCK_RX_FLOOD,
+            "--mem-mib",
+            "32",
+            "--no-rng",
+            "--timeout",
+            "300",
+            "--vsock",
+        ])
+        .arg(format!("3,{}", uds.display()))
+        .env("BULKHEAD_LOG", "bulkhead_vmm::devices::virtio::vsock=debug,info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut banner = [0u8; 28];
+    std::io::Read::read_exact(&mut stdout, &mut banner).unwrap();
+    assert_eq!(&banner, b"kvm-tier: flooding vsock rx\n");
+    let mut peer = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+    peer.write_all(b"CONNECT 1234\n").unwrap();
+    // The refusals show in the log; wait for a good many of them.
+    let refused = |s: &str| s.matches("malformed rx chain").count();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if refused(&text) >= 1000 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the VMM ended under the flood: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    eprintln!("SIGTERM under the flood: exited after {:?}", t0.elapsed());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    assert!(text.contains("stopped by SIGTERM"));
+    assert!(!uds.exists(), "the vsock socket was left behind");
 }
