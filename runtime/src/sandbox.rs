@@ -300,6 +300,7 @@ fn jail_config(
         uid: id.uid(),
         gid: id.gid(),
         paths,
+        parent_fd: Some(crate::spawn::PARENT_FD),
     })
 }
 

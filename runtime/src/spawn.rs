@@ -24,6 +24,17 @@ struct CloneArgs {
     tls: u64,
 }
 
+/// In the child, the read end of a pipe whose write end
+/// [`Spawned::parent_alive`] holds: it reads end-of-file once we are gone.
+pub const PARENT_FD: RawFd = 3;
+
+/// A started child.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    /// Held for the child's life (see [`PARENT_FD`]).
+    pub parent_alive: OwnedFd,
+}
+
 /// What the child does before it becomes `program`.
 pub struct ChildSetup<'a> {
     /// `cgroup.procs` files to join (the child writes "0" to each).
@@ -51,7 +62,7 @@ fn pipe() -> io::Result<(File, OwnedFd)> {
 /// Starts `program` with `args` as a child of the calling thread (which
 /// its parent-death signal follows); returns its pid once it has
 /// executed, or why it could not.
-pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Result<libc::pid_t> {
+pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Result<Spawned> {
     let path = cstring(program.as_os_str().to_owned())?;
     let mut argv_c = vec![path.clone()];
     for a in args {
@@ -113,14 +124,16 @@ pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Resul
     drop(errors_tx);
     let mut report = Vec::new();
     errors_rx.read_to_end(&mut report)?;
-    drop(alive_tx);
     if let Ok(errno) = <[u8; 4]>::try_from(&report[..]) {
         let mut status = 0;
         // SAFETY: reaps the child we made, which is exiting.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
     }
-    Ok(pid)
+    Ok(Spawned {
+        pid,
+        parent_alive: alive_tx,
+    })
 }
 
 struct Prepared {
@@ -155,6 +168,15 @@ unsafe fn child(setup: &ChildSetup, p: &Prepared) -> ! {
     if libc::dup2(p.devnull, 0) < 0 || libc::dup2(setup.log, 1) < 0 || libc::dup2(setup.log, 2) < 0 {
         fail();
     }
+    // Kept through exec: dup2 clears close-on-exec, except onto itself.
+    let kept = if p.alive_rx == PARENT_FD {
+        libc::fcntl(PARENT_FD, libc::F_SETFD, 0)
+    } else {
+        libc::dup2(p.alive_rx, PARENT_FD)
+    };
+    if kept < 0 {
+        fail();
+    }
     // Terminal signals (Ctrl-C) reach the runtime only; it forwards them.
     if libc::setpgid(0, 0) != 0 {
         fail();
@@ -178,6 +200,7 @@ unsafe fn child(setup: &ChildSetup, p: &Prepared) -> ! {
         events: libc::POLLIN,
         revents: 0,
     };
+    poll.fd = PARENT_FD;
     if libc::poll(&mut poll, 1, 0) != 0 {
         *libc::__errno_location() = libc::ESRCH;
         fail();

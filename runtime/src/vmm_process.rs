@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -115,6 +115,8 @@ pub struct VmmProcess {
     /// Ours to reap: until `exit` is set, no other process has this pid.
     pid: libc::pid_t,
     exit: Option<ExitStatus>,
+    /// The VMM's way to learn that we are gone (see `spawn::PARENT_FD`).
+    _parent_alive: OwnedFd,
     /// Dropping it ends the thread that started the VMM.
     release: Option<mpsc::Sender<()>>,
     owner: Option<JoinHandle<()>>,
@@ -169,9 +171,10 @@ impl VmmProcess {
                 });
             }
         };
-        tracing::debug!(pid = child, "started {}", spec.vmm.display());
+        tracing::debug!(pid = child.pid, "started {}", spec.vmm.display());
         Ok(VmmProcess {
-            pid: child,
+            pid: child.pid,
+            _parent_alive: child.parent_alive,
             exit: None,
             release: Some(release),
             owner: Some(owner),

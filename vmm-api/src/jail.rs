@@ -31,6 +31,11 @@ pub struct JailConfig {
     /// Everything of the host's file system the VMM may reach, besides
     /// `/dev/kvm`.
     pub paths: Vec<JailPath>,
+    /// A pipe's read end whose write end the runtime holds for the VMM's
+    /// life. Taking the jail's uid clears the parent-death signal; the VMM
+    /// sets it again, and this tells it whether the runtime died first.
+    #[serde(default)]
+    pub parent_fd: Option<i32>,
 }
 
 impl JailConfig {
@@ -53,6 +58,7 @@ mod tests {
                 path: "/run/x/vm".into(),
                 writable: true,
             }],
+            parent_fd: Some(3),
         };
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("jail.json");

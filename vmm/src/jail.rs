@@ -32,12 +32,13 @@ pub enum JailError {
     RootIdentity,
 }
 
-/// The identity [`enter`] recorded for [`crate::harden::lock_down`].
-static IDENTITY: OnceLock<(u32, u32)> = OnceLock::new();
+/// The identity [`enter`] recorded for [`crate::harden::lock_down`], and
+/// the runtime's pipe ([`JailConfig::parent_fd`]).
+static IDENTITY: OnceLock<(u32, u32, Option<i32>)> = OnceLock::new();
 
 /// The uid and gid the VMM takes at lock-down, when it is jailed.
 pub fn identity() -> Option<(u32, u32)> {
-    IDENTITY.get().copied()
+    IDENTITY.get().map(|&(u, g, _)| (u, g))
 }
 
 fn cstr(path: &Path) -> Result<CString, JailError> {
@@ -162,7 +163,7 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
         None,
     )?;
     pivot(root)?;
-    let _ = IDENTITY.set((cfg.uid, cfg.gid));
+    let _ = IDENTITY.set((cfg.uid, cfg.gid, cfg.parent_fd));
     tracing::debug!(uid = cfg.uid, gid = cfg.gid, "jailed in {}", root.display());
     Ok(())
 }
@@ -185,7 +186,41 @@ fn pivot(root: &Path) -> Result<(), JailError> {
 
 /// Takes the jail's identity: no supplementary groups, then the gid, then
 /// the uid (which empties the permitted and effective capability sets).
+/// The change clears the parent-death signal: it is set again, and if the
+/// runtime's end of [`JailConfig::parent_fd`] closed before that, the
+/// runtime is gone and so must the VMM be.
 pub(crate) fn take_identity(uid: u32, gid: u32) -> io::Result<()> {
+    let mut death_signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int we own.
+    if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut death_signal as *mut libc::c_int) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    change_ids(uid, gid)?;
+    // SAFETY: prctl with integer arguments only.
+    if death_signal != 0 && unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if let Some(fd) = IDENTITY.get().and_then(|&(_, _, fd)| fd) {
+        let mut watch = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd we own; close takes an
+        // integer.
+        let gone = unsafe {
+            let ready = libc::poll(&mut watch, 1, 0);
+            libc::close(fd);
+            ready != 0
+        };
+        if gone {
+            return Err(io::Error::other("the runtime that started the VMM is gone"));
+        }
+    }
+    Ok(())
+}
+
+fn change_ids(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: setgroups with a zero count reads nothing.
     if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(io::Error::last_os_error());
