@@ -39,6 +39,8 @@ pub enum ConnError {
     TimedOut(Duration),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Peer(#[from] bulkhead_vmm_api::peer::PeerError),
 }
 
 impl ConnError {
@@ -117,6 +119,7 @@ pub fn vsock_connect<E: std::error::Error>(
         }
         Err(e) => return Err(io_err(e)),
     };
+    bulkhead_vmm_api::peer::check_owner_serves(&s, uds).map_err(|e| WaitError::Conn(ConnError::Peer(e)))?;
     if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
         return Err(WaitError::Conn(not_ready_or(e, uds)));
     }
@@ -323,5 +326,26 @@ mod tests {
         let e = wait_for_agent::<GaveUp>(&uds, RETRY_EVERY, |_| Ok(())).err().unwrap();
         assert!(e.to_string().contains("answered CONNECT with \"NO\""), "{e}");
         t.join().unwrap();
+    }
+
+    /// A socket swapped for a link to someone else's is refused before
+    /// a byte is written to it, and not retried.
+    #[test]
+    fn a_socket_not_served_by_its_directory_owner_is_refused() {
+        if !crate::vmm_process::can_make_namespaces() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let uds = d.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        std::os::unix::fs::chown(d.path(), Some(4242), None).unwrap();
+        let e = connect_agent(&uds).err().unwrap();
+        assert!(matches!(e, ConnError::Peer(_)) && !e.retryable(), "{e}");
+        listener.set_nonblocking(true).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "the client wrote {got:?}");
     }
 }

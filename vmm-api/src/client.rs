@@ -60,6 +60,7 @@ impl ApiClient {
             status: None,
         };
         let mut s = UnixStream::connect(&self.socket).map_err(|e| err(format!("{}: {e}", self.socket.display())))?;
+        crate::peer::check_owner_serves(&s, &self.socket).map_err(|e| err(e.to_string()))?;
         s.set_read_timeout(Some(self.timeout)).map_err(|e| err(e.to_string()))?;
         s.set_write_timeout(Some(self.timeout))
             .map_err(|e| err(e.to_string()))?;

@@ -10,4 +10,5 @@ pub mod config;
 pub mod control;
 pub mod exit;
 pub mod jail;
+pub mod peer;
 pub mod snapshot;
