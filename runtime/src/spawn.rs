@@ -93,13 +93,29 @@ pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Resul
     // SAFETY: clone3 without CLONE_VM forks: the child gets a copy of our
     // memory and returns 0 here; it then runs `child` only, which makes
     // system calls and never returns.
-    let pid = unsafe {
+    let mut pid = unsafe {
         libc::syscall(
             libc::SYS_clone3,
             &mut args as *mut CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
     };
+    if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // Older kernels, and container seccomp profiles that hide clone3
+        // so that callers fall back: clone(2) takes the same flags. A null
+        // stack makes it a fork (the child runs on a copy of ours).
+        // SAFETY: as for clone3 above.
+        pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                setup.namespaces | libc::SIGCHLD as u64,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+    }
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -207,4 +223,109 @@ unsafe fn child(setup: &ChildSetup, p: &Prepared) -> ! {
     }
     libc::execve(p.path, p.argv, p.envp);
     fail()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    const INNER: &str = "BULKHEAD_TEST_CLONE3_HIDDEN";
+
+    /// Under a seccomp profile that hides clone3 (as container runtimes'
+    /// defaults do), the VMM still starts in its namespaces, through
+    /// clone(2). The check runs in a copy of this test binary started
+    /// under such a filter.
+    #[test]
+    fn namespaces_are_made_without_clone3() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: new namespaces need root");
+            return;
+        }
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "spawn::tests::inner_spawn_with_clone3_hidden",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(INNER, "1");
+        // SAFETY: only prctl calls on a filter prepared before the fork.
+        unsafe {
+            cmd.pre_exec(|| {
+                const LD_W_ABS: u16 = 0x20;
+                const JEQ_K: u16 = 0x15;
+                const RET_K: u16 = 0x06;
+                let filter = [
+                    libc::sock_filter {
+                        code: LD_W_ABS,
+                        jt: 0,
+                        jf: 0,
+                        k: 0,
+                    },
+                    libc::sock_filter {
+                        code: JEQ_K,
+                        jt: 0,
+                        jf: 1,
+                        k: libc::SYS_clone3 as u32,
+                    },
+                    libc::sock_filter {
+                        code: RET_K,
+                        jt: 0,
+                        jf: 0,
+                        k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+                    },
+                    libc::sock_filter {
+                        code: RET_K,
+                        jt: 0,
+                        jf: 0,
+                        k: libc::SECCOMP_RET_ALLOW,
+                    },
+                ];
+                let prog = libc::sock_fprog {
+                    len: filter.len() as u16,
+                    filter: filter.as_ptr() as *mut libc::sock_filter,
+                };
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const _) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("1 passed"), "the inner check did not run: {text}");
+    }
+
+    #[test]
+    #[ignore = "run by namespaces_are_made_without_clone3 under its filter"]
+    fn inner_spawn_with_clone3_hidden() {
+        assert!(
+            std::env::var_os(INNER).is_some(),
+            "run by namespaces_are_made_without_clone3"
+        );
+        // SAFETY: a clone3 with no arguments fails before doing anything.
+        let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null_mut::<CloneArgs>(), 0usize) };
+        assert_eq!((r, io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOSYS)));
+        let log = File::create("/dev/null").unwrap();
+        let setup = ChildSetup {
+            join_cgroups: &[],
+            log: log.as_raw_fd(),
+            namespaces: (libc::CLONE_NEWPID | libc::CLONE_NEWUTS) as u64,
+        };
+        let child = spawn(Path::new("/bin/sleep"), &["30".into()], &setup).unwrap();
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/uts")).unwrap();
+        assert_ne!(ns(&child.pid.to_string()), ns("self"));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).unwrap();
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap();
+        assert_eq!(nspid.split_whitespace().last(), Some("1"));
+        // SAFETY: ends and reaps the child we started.
+        unsafe {
+            libc::kill(child.pid, libc::SIGKILL);
+            libc::waitpid(child.pid, std::ptr::null_mut(), 0);
+        }
+    }
 }
