@@ -24,6 +24,12 @@ pub enum JailError {
     Registry { path: PathBuf, source: io::Error },
     #[error("jail identities: all {ID_COUNT} are in use")]
     Exhausted,
+    #[error(
+        "jail identities: ids {ID_BASE}..{} are not all mapped in this user namespace ({map}); \
+         run the runtime in the host's user namespace, or map that range into this one",
+        ID_BASE + ID_COUNT
+    )]
+    Unmapped { map: &'static str },
     #[error("cannot show {image} to the VMM at {target}: {why}")]
     Bind {
         image: PathBuf,
@@ -43,6 +49,15 @@ pub struct JailId {
 
 impl JailId {
     pub fn allocate() -> Result<JailId, JailError> {
+        for map in ["/proc/self/uid_map", "/proc/self/gid_map"] {
+            let text = std::fs::read_to_string(map).map_err(|source| JailError::Registry {
+                path: map.into(),
+                source,
+            })?;
+            if !maps_range(&text, ID_BASE, ID_COUNT) {
+                return Err(JailError::Unmapped { map });
+            }
+        }
         let registry = Path::new(REGISTRY);
         let err = |source| JailError::Registry {
             path: registry.to_path_buf(),
@@ -91,14 +106,41 @@ impl JailId {
     }
 }
 
-/// Hands `path` (and what it directly holds) to `uid`:`gid`, or back to
-/// root with `0`, `0`.
-pub fn chown_shallow(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
-    if path.is_dir() {
-        for e in std::fs::read_dir(path)? {
-            std::os::unix::fs::lchown(e?.path(), Some(uid), Some(gid))?;
+/// Whether one line of a `/proc/PID/uid_map` (inside, outside, count)
+/// holds every id in `first..first + count`.
+fn maps_range(map: &str, first: u32, count: u32) -> bool {
+    let last = u64::from(first) + u64::from(count);
+    map.lines().any(|l| {
+        let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        matches!(f[..], [inside, _, n] if inside <= u64::from(first) && last <= inside + n)
+    })
+}
+
+/// Takes back a directory lent to a jailed VMM, once that VMM is gone:
+/// it must hold only regular files named in `expected`, each with one
+/// link, and it and they become root's again (mode 0700 and 0600). A link,
+/// a FIFO or a stray name is refused, so the caller never follows or
+/// keeps anything the VMM planted.
+pub fn reclaim(dir: &Path, expected: &[&str]) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let planted = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", dir.display()));
+    if !std::fs::symlink_metadata(dir)?.is_dir() {
+        return Err(planted("not a directory".into()));
+    }
+    std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let meta = std::fs::symlink_metadata(e.path())?;
+        if !expected.iter().any(|x| name == *x) {
+            return Err(planted(format!("unexpected entry {name:?} left by the VMM")));
         }
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(planted(format!("{name:?} is not a plain file")));
+        }
+        std::os::unix::fs::lchown(e.path(), Some(0), Some(0))?;
+        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
 }
@@ -195,9 +237,15 @@ pub fn bind_into(pid: u32, source: &Path, target: &Path) -> Result<(), JailError
     let mut report = Vec::new();
     let _ = io::Read::read_to_end(&mut &report_rx, &mut report);
     let mut status = 0;
-    // SAFETY: waits for the child we forked; status is ours.
-    if unsafe { libc::waitpid(child, &mut status, 0) } != child {
-        return Err(fail(format!("waitpid: {}", io::Error::last_os_error())));
+    loop {
+        // SAFETY: waits for the child we forked; status is ours.
+        if unsafe { libc::waitpid(child, &mut status, 0) } == child {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(fail(format!("waitpid: {e}")));
+        }
     }
     if let [step, a, b, c, d] = report[..] {
         let errno = io::Error::from_raw_os_error(i32::from_ne_bytes([a, b, c, d]));
@@ -235,6 +283,35 @@ mod tests {
         let held: Vec<JailId> = (0..4).map(|_| JailId::allocate().unwrap()).collect();
         assert!(held.iter().all(|h| h.uid() != b.uid()));
         assert!(held.iter().any(|h| h.uid() == freed) || held.iter().all(|h| h.uid() > freed));
+    }
+
+    #[test]
+    fn the_id_range_must_be_mapped() {
+        assert!(maps_range("         0          0 4294967295\n", ID_BASE, ID_COUNT));
+        assert!(!maps_range("0 100000 65536\n", ID_BASE, ID_COUNT));
+        assert!(maps_range("0 1000 1\n1900000000 5000000 65536\n", ID_BASE, ID_COUNT));
+        assert!(!maps_range("1900000000 5000000 65535\n", ID_BASE, ID_COUNT));
+        assert!(!maps_range("garbage\n", ID_BASE, ID_COUNT));
+    }
+
+    #[test]
+    fn a_lent_directory_comes_back_only_with_plain_expected_files() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("state"), b"s").unwrap();
+        reclaim(&out, &["state", "memory"]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", out.join("memory")).unwrap();
+        let e = reclaim(&out, &["state", "memory"]).unwrap_err();
+        assert!(e.to_string().contains("not a plain file"), "{e}");
+        std::fs::remove_file(out.join("memory")).unwrap();
+        std::fs::write(out.join("meta.json"), b"{}").unwrap();
+        let e = reclaim(&out, &["state", "memory"]).unwrap_err();
+        assert!(e.to_string().contains("unexpected entry \"meta.json\""), "{e}");
+        std::fs::remove_file(out.join("meta.json")).unwrap();
+        std::fs::hard_link(out.join("state"), out.join("memory")).unwrap();
+        let e = reclaim(&out, &["state", "memory"]).unwrap_err();
+        assert!(e.to_string().contains("not a plain file"), "{e}");
     }
 
     #[test]

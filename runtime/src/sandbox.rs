@@ -4,9 +4,9 @@
 //! `Sandbox` kills the VMM and removes the run directory; [`Sandbox::shutdown`]
 //! asks the guest to stop first.
 
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -29,7 +29,7 @@ use crate::stdio::{self, StdioError, StdioPlan, StdioStreams};
 use crate::util;
 use crate::vmm_process::{Launch, LaunchConfig, VmmProcess, VmmProcessError, GUEST_CID};
 use bulkhead_vmm_api::client::{ApiCallError, ApiClient};
-use bulkhead_vmm_api::config::{BlockConfig, RestoreConfig, SerialOutput, VmConfig, VsockConfig};
+use bulkhead_vmm_api::config::{BlockConfig, RestoreConfig, SerialOutput, VmConfig, VsockConfig, CONSOLE_MAX_BYTES};
 use bulkhead_vmm_api::control::TargetState;
 use bulkhead_vmm_api::jail::{JailConfig, JailPath};
 
@@ -42,14 +42,21 @@ pub const ROOT_DEVICE: &str = "/dev/vda";
 /// After `exited`, output still in flight drains within this.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const CONSOLE_LINES: usize = 20;
+/// What the VMM's own log (`vmm.log`) may grow to when it is jailed.
+pub const VMM_LOG_MAX_BYTES: u64 = 8 << 20;
+/// A kept console is the log's last this many bytes: the VMM caps the log
+/// at 1 MiB, but a VMM that broke out of its device model could write on.
+const KEPT_CONSOLE_BYTES: u64 = 4 << 20;
 /// A restored VMM has its socket up within milliseconds: look that often.
 const RESTORE_RETRY_EVERY: Duration = Duration::from_millis(2);
 /// The image behind an unused spare disk: one page of zeros (the VMM
 /// refuses empty images).
 const EMPTY_DISK_FILE: &str = "empty.img";
 const EMPTY_DISK_BYTES: usize = 4096;
-/// Under the run directory: what the VMM may write (its sockets, the
-/// console, spare-disk images shown to it), owned by its jail's uid.
+/// Under the run directory: what the jailed VMM sees of it, owned by root
+/// (mode 0711) so that the VMM can plant no link or file there for the
+/// runtime to follow: its sockets (bound before it gives up root), the
+/// console (the one file it may write) and spare-disk images shown to it.
 const VM_DIR: &str = "vm";
 /// Under the run directory: where the VMM mounts its jail's root.
 const JAIL_ROOT_DIR: &str = "root";
@@ -222,7 +229,7 @@ struct ConsoleKeeper {
 impl Drop for ConsoleKeeper {
     fn drop(&mut self) {
         if let Some(to) = &self.to {
-            if let Err(e) = std::fs::copy(&self.from, to) {
+            if let Err(e) = util::copy_tail(&self.from, to, KEPT_CONSOLE_BYTES) {
                 tracing::warn!("cannot keep the console log as {}: {e}", to.display());
             }
         }
@@ -234,8 +241,6 @@ pub struct Sandbox {
     // console copy, the run directory.
     first_client: Mutex<Option<AgentClient>>,
     vmm: Mutex<VmmProcess>,
-    /// Released only once the VMM above is reaped.
-    jail_id: Option<JailId>,
     /// Per disk slot, the mount point in the VM directory where its image
     /// is shown to the jailed VMM (removed when the slot changes).
     shown: Mutex<Vec<Option<PathBuf>>>,
@@ -243,6 +248,8 @@ pub struct Sandbox {
     host_cgroup: Option<HostCgroup>,
     _console_keeper: ConsoleKeeper,
     dir: RunDir,
+    /// Released only once the VMM is reaped and its files are gone.
+    jail_id: Option<JailId>,
     vm_dir: PathBuf,
     vsock: PathBuf,
     console: PathBuf,
@@ -262,6 +269,17 @@ const _: fn() = || {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The most the jailed VMM may write to one file: its log's allowance
+/// (the console keeps itself under [`CONSOLE_MAX_BYTES`]), or, while it
+/// snapshots a template, the guest's memory. Its disks are read-only.
+fn max_file_bytes(cfg: &SandboxConfig) -> u64 {
+    let logs = VMM_LOG_MAX_BYTES.max(CONSOLE_MAX_BYTES);
+    match cfg.snapshot_into {
+        Some(_) => logs.max(u64::from(cfg.mem_mib) << 20),
+        None => logs,
+    }
 }
 
 /// The VMM's jail: read-only, what it boots or restores from and its
@@ -301,7 +319,31 @@ fn jail_config(
         gid: id.gid(),
         paths,
         parent_fd: Some(crate::spawn::PARENT_FD),
+        max_file_bytes: Some(max_file_bytes(cfg)),
     })
+}
+
+/// A directory of the run directory's, with exactly `mode` (not the
+/// umask's).
+fn make_dir(path: &Path, mode: u32) -> io::Result<()> {
+    std::fs::DirBuilder::new().mode(mode).create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A new file (never an existing one or a link), as [`make_dir`]; where
+/// given, handed to the jail's uid and gid.
+fn make_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(f)
 }
 
 fn stopped(status: ExitStatus, console: &Path, vmm_log: &Path) -> SandboxError {
@@ -326,18 +368,17 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let root = cfg.runtime_root.clone().unwrap_or_else(rundir::default_root);
         let dir = RunDir::create(&root)?;
-        let vm_dir = dir.path().join(VM_DIR);
-        std::fs::DirBuilder::new().mode(0o700).create(&vm_dir)?;
         // Root and CAP_SYS_ADMIN: what the jail needs.
         let jail_id = match cfg.jail && crate::vmm_process::can_make_namespaces() {
             true => Some(JailId::allocate()?),
             false => None,
         };
-        if let Some(id) = &jail_id {
-            std::os::unix::fs::chown(&vm_dir, Some(id.uid()), Some(id.gid()))?;
-        }
+        let owner = jail_id.as_ref().map(|id| (id.uid(), id.gid()));
+        let vm_dir = dir.path().join(VM_DIR);
+        make_dir(&vm_dir, 0o711)?;
         let vsock = vm_dir.join("v.sock");
         let console = vm_dir.join("console.log");
+        make_file(&console, 0o600, owner)?;
         let vmm_log = dir.path().join("vmm.log");
         let keeper = ConsoleKeeper {
             from: console.clone(),
@@ -347,7 +388,7 @@ impl Sandbox {
         let mut disks = vec![ro(cfg.rootfs.path.clone())];
         if cfg.spare_disks > 0 {
             let empty = vm_dir.join(EMPTY_DISK_FILE);
-            std::fs::write(&empty, [0u8; EMPTY_DISK_BYTES])?;
+            make_file(&empty, 0o444, None)?.write_all(&[0u8; EMPTY_DISK_BYTES])?;
             disks.extend(std::iter::repeat_n(ro(empty), usize::from(cfg.spare_disks)));
         }
         let api_socket = cfg.api_socket.then(|| vm_dir.join("api.sock"));
@@ -443,11 +484,11 @@ impl Sandbox {
         Ok(Sandbox {
             first_client: Mutex::new(Some(client)),
             vmm,
-            jail_id,
             shown: Mutex::new(vec![None; usize::from(cfg.spare_disks) + 1]),
             host_cgroup,
             _console_keeper: keeper,
             dir,
+            jail_id,
             vm_dir,
             vsock,
             console,
@@ -509,8 +550,20 @@ impl Sandbox {
             (Some(p), Some(_)) => {
                 let n = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let target = self.vm_dir.join(format!("disk{slot}-{n}.img"));
-                std::fs::File::create(&target)?;
-                if let Err(e) = jail::bind_into(self.vmm_pid(), p, &target) {
+                make_file(&target, 0o444, None)?;
+                // Held so that the VMM cannot be reaped, and its pid
+                // reused, while the helper enters its namespace.
+                let vmm = lock(&self.vmm);
+                let bound = match vmm.unreaped_pid() {
+                    Some(pid) => jail::bind_into(pid, p, &target),
+                    None => Err(jail::JailError::Bind {
+                        image: p.to_path_buf(),
+                        target: target.clone(),
+                        why: "the VMM has ended".into(),
+                    }),
+                };
+                drop(vmm);
+                if let Err(e) = bound {
                     let _ = std::fs::remove_file(&target);
                     return Err(e.into());
                 }
@@ -539,7 +592,7 @@ impl Sandbox {
 
     /// Hands [`SandboxConfig::snapshot_into`] to the jailed VMM so that it
     /// can write a snapshot there; give it back to root with
-    /// [`jail::chown_shallow`] once the VMM is gone.
+    /// [`jail::reclaim`] once the VMM is gone.
     pub fn lend_for_snapshot(&self, dir: &Path) -> Result<(), SandboxError> {
         if let Some((uid, gid)) = self.jail_identity() {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;

@@ -12,8 +12,8 @@
 //! swaps in the real root image (`--disk`), which must fit in it.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::DirBuilderExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -351,7 +351,13 @@ impl TemplateCache {
             path: meta_path.clone(),
             source,
         })?;
-        std::fs::write(&meta_path, json).map_err(io_err(&meta_path))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&meta_path)
+            .and_then(|mut f| f.write_all(&json))
+            .map_err(io_err(&meta_path))?;
         self.install(tmp, &dir, &wanted)?;
         Ok(Template { dir })
     }
@@ -492,7 +498,7 @@ fn build_snapshot(
     // Every later VMM maps this memory: none may own it, and the jail's
     // uid goes to another sandbox next.
     if jailed {
-        crate::jail::chown_shallow(out, 0, 0).map_err(io_err(out))?;
+        crate::jail::reclaim(out, &[STATE_FILE, MEMORY_FILE, PLACEHOLDER_FILE]).map_err(io_err(out))?;
     }
     std::fs::remove_file(&placeholder).map_err(io_err(&placeholder))?;
     tracing::debug!("template snapshot written after {:?}", started.elapsed());

@@ -68,12 +68,36 @@ impl Drop for TempDir {
     }
 }
 
+/// Opens a file the VMM may write to, for reading: never through a link,
+/// never a FIFO or device (the open would not block on one either).
+fn open_vmm_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(f)
+}
+
+/// Copies at most the last `max` bytes of `from` to a new file `to`.
+pub fn copy_tail(from: &Path, to: &Path, max: u64) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = open_vmm_file(from)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut out = std::fs::File::create(to)?;
+    io::copy(&mut io::Read::take(f, max), &mut out)
+}
+
 /// The last `n` lines of a text file (lossy UTF-8); empty when unreadable.
 /// Reads only the file's tail, so a long console log costs little.
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     const TAIL_BYTES: u64 = 64 * 1024;
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = open_vmm_file(path) else {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -100,6 +124,34 @@ pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the VMM writes is read through no link and from no FIFO, and
+    /// only its tail is kept.
+    #[test]
+    fn vmm_files_are_read_safely_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("console.log");
+        std::fs::write(&log, b"one\ntwo\nthree\n").unwrap();
+        assert_eq!(tail_lines(&log, 2), ["two", "three"]);
+        let kept = d.path().join("kept");
+        assert_eq!(copy_tail(&log, &kept, 6).unwrap(), 6);
+        assert_eq!(std::fs::read(&kept).unwrap(), b"three\n");
+
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, b"host secret\n").unwrap();
+        let link = d.path().join("link.log");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(tail_lines(&link, 1).is_empty());
+        assert!(copy_tail(&link, &d.path().join("k2"), 100).is_err());
+
+        let fifo = d.path().join("fifo.log");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(tail_lines(&fifo, 1).is_empty());
+        let e = copy_tail(&fifo, &d.path().join("k3"), 100).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
 
     #[test]
     fn random_names_differ_and_temp_dirs_go_away() {

@@ -185,6 +185,12 @@ impl VmmProcess {
         self.pid.unsigned_abs()
     }
 
+    /// The pid while it is still the VMM's: not yet reaped (a caller that
+    /// holds this value keeps it so).
+    pub fn unreaped_pid(&self) -> Option<u32> {
+        self.exit.is_none().then(|| self.pid())
+    }
+
     fn wait(&mut self, flags: libc::c_int) -> Result<Option<ExitStatus>, VmmProcessError> {
         let mut status = 0;
         loop {

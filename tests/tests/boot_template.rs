@@ -333,6 +333,59 @@ fn files_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// As the jail's uid, in the VM directory `dir` (reached through a
+/// descriptor opened as root, so that only `dir`'s own permissions
+/// count), tries what a VMM that broke out of its device models might:
+/// the errno of each of symlinkat, renameat of `console`, unlinkat of
+/// `socket`, and an append to `console` (0 when it worked).
+fn as_jail_uid(uid: u32, gid: u32, dir: &Path, console: &str, socket: &str) -> [i32; 4] {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(dir).unwrap();
+    let c = |s: &str| CString::new(s).unwrap();
+    let (target, planted, console, moved, socket) = (c("/etc/shadow"), c("planted"), c(console), c("moved"), c(socket));
+    let mut pipe = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array we own.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the child makes system calls on memory prepared before the
+    // fork, and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let d = dir.as_raw_fd();
+            let errno = |r: libc::c_int| if r < 0 { *libc::__errno_location() } else { 0 };
+            let mut out = [-1i32; 4];
+            if libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(gid, gid, gid) == 0
+                && libc::setresuid(uid, uid, uid) == 0
+            {
+                out[0] = errno(libc::symlinkat(target.as_ptr(), d, planted.as_ptr()));
+                out[1] = errno(libc::renameat(d, console.as_ptr(), d, moved.as_ptr()));
+                out[2] = errno(libc::unlinkat(d, socket.as_ptr(), 0));
+                let fd = libc::openat(d, console.as_ptr(), libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW);
+                out[3] = errno(fd);
+                if fd >= 0 {
+                    out[3] = errno(libc::write(fd, b"\n".as_ptr().cast(), 1) as libc::c_int);
+                }
+            }
+            libc::write(pipe[1], out.as_ptr().cast(), std::mem::size_of_val(&out));
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closes our copy of the write end; reads into an owned array.
+    let mut out = [0i32; 4];
+    unsafe {
+        libc::close(pipe[1]);
+        let n = libc::read(pipe[0], out.as_mut_ptr().cast(), std::mem::size_of_val(&out));
+        libc::close(pipe[0]);
+        assert_eq!(n as usize, std::mem::size_of_val(&out));
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    out
+}
+
 /// The runtime jails every VMM: its own mount, network, IPC and UTS
 /// namespaces; a root holding only the template, the root image, its VM
 /// directory and /dev/kvm; a uid and gid of its own per sandbox; no
@@ -364,6 +417,13 @@ fn every_vmm_is_jailed_apart() {
             assert_eq!(field(&status, cap), ["0000000000000000"], "{cap}");
         }
         assert_eq!(field(&status, "NoNewPrivs:"), ["1"]);
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let fsize = sandbox::VMM_LOG_MAX_BYTES.to_string();
+        assert_eq!(
+            field(&limits, "Max file size"),
+            [fsize.as_str(), fsize.as_str(), "bytes"]
+        );
+        assert_eq!(field(&limits, "Max core file size"), ["0", "0", "bytes"]);
         assert_eq!(field(&status, "Seccomp:"), ["2"]);
         for ns in ["pid", "mnt", "net", "ipc", "uts"] {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
@@ -393,6 +453,17 @@ fn every_vmm_is_jailed_apart() {
             assert!(files.contains(needed), "{} missing from {files:?}", needed.display());
         }
         assert!(Path::new("/etc/hostname").exists() && !root.join("etc/hostname").exists());
+        // What the runtime reads, creates or connects to in the VM
+        // directory, the VMM cannot swap for a link: it may write its
+        // console, nothing else.
+        let vm_dir = sb.run_dir().join("vm");
+        let console = sb.console_path().file_name().unwrap().to_str().unwrap();
+        let vsock = sb.vsock_path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            as_jail_uid(uid, gid, &vm_dir, console, vsock),
+            [libc::EACCES, libc::EACCES, libc::EACCES, 0],
+            "planting a link, moving the console, removing the socket, appending to the console"
+        );
         let e = sb
             .api()
             .unwrap()

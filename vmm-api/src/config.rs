@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u32 = 128;
+/// What a guest's serial console file may hold on the host; a boot log is
+/// about 30 KiB. At the budget the VMM drops the older half.
+pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
 
 /// A named CPU template: which CPUID features the guest sees and which
 /// kernel parameters go with them (the VMM holds the tables).

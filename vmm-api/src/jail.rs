@@ -36,6 +36,12 @@ pub struct JailConfig {
     /// sets it again, and this tells it whether the runtime died first.
     #[serde(default)]
     pub parent_fd: Option<i32>,
+    /// The largest file the VMM may write (`RLIMIT_FSIZE`), so that one
+    /// that broke out of its device models cannot fill the host's disk
+    /// or tmpfs through its console, its log or a snapshot. `None`: as
+    /// inherited.
+    #[serde(default)]
+    pub max_file_bytes: Option<u64>,
 }
 
 impl JailConfig {
@@ -59,6 +65,7 @@ mod tests {
                 writable: true,
             }],
             parent_fd: Some(3),
+            max_file_bytes: Some(8 << 20),
         };
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("jail.json");

@@ -37,6 +37,9 @@ pub fn lock_down() -> Result<(), HardenError> {
     };
     // SAFETY: setrlimit reads the struct it is given.
     check("no core files", unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) })?;
+    if let Some(max) = crate::jail::max_file_bytes() {
+        cap_file_size(max)?;
+    }
     lower_open_files()?;
     // SAFETY: prctl with integer arguments only.
     check("not dumpable", unsafe {
@@ -47,6 +50,26 @@ pub fn lock_down() -> Result<(), HardenError> {
     check("no new privileges", unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     })
+}
+
+/// Files the VMM writes stop growing at `max` bytes. A write past it
+/// fails (EFBIG) instead of killing the VMM: its log going quiet is
+/// better than the VM going away.
+fn cap_file_size(max: u64) -> Result<(), HardenError> {
+    let limit = libc::rlimit {
+        rlim_cur: max,
+        rlim_max: max,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    check("file size", unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) })?;
+    // SAFETY: sets the disposition of one signal to "ignore"; no handler.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(HardenError {
+            what: "file size",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// glibc, the first time it shrinks a thread's heap, opens
@@ -126,6 +149,44 @@ fn drop_capabilities() -> Result<(), HardenError> {
 
 #[cfg(test)]
 mod tests {
+    /// A write past the cap fails with EFBIG; the writer lives on.
+    #[test]
+    fn files_stop_growing_at_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let path = std::ffi::CString::new(d.path().join("log").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: the child only makes system calls on memory prepared
+        // before the fork, and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: as above.
+            let code = unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
+                let block = [b'x'; 4096];
+                if fd < 0 || super::cap_file_size(8192).is_err() {
+                    1
+                } else if libc::write(fd, block.as_ptr().cast(), 4096) != 4096
+                    || libc::write(fd, block.as_ptr().cast(), 4096) != 4096
+                {
+                    2
+                } else if libc::write(fd, block.as_ptr().cast(), 1) != -1 || *libc::__errno_location() != libc::EFBIG {
+                    3
+                } else {
+                    0
+                }
+            };
+            // SAFETY: ends the forked child without running the parent's
+            // atexit handlers or destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "killed: {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "1 set-up, 2 under the cap, 3 past it");
+        assert_eq!(std::fs::metadata(d.path().join("log")).unwrap().len(), 8192);
+    }
+
     /// In a child, since it drops what the test process holds for good.
     #[test]
     fn lock_down_leaves_nothing_to_use() {

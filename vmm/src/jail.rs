@@ -36,6 +36,14 @@ pub enum JailError {
 /// the runtime's pipe ([`JailConfig::parent_fd`]).
 static IDENTITY: OnceLock<(u32, u32, Option<i32>)> = OnceLock::new();
 
+/// [`JailConfig::max_file_bytes`], for [`crate::harden::lock_down`].
+static MAX_FILE_BYTES: OnceLock<u64> = OnceLock::new();
+
+/// The largest file the jailed VMM may write, when its runtime set one.
+pub fn max_file_bytes() -> Option<u64> {
+    MAX_FILE_BYTES.get().copied()
+}
+
 /// The uid and gid the VMM takes at lock-down, when it is jailed.
 pub fn identity() -> Option<(u32, u32)> {
     IDENTITY.get().map(|&(u, g, _)| (u, g))
@@ -164,6 +172,9 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
     )?;
     pivot(root)?;
     let _ = IDENTITY.set((cfg.uid, cfg.gid, cfg.parent_fd));
+    if let Some(max) = cfg.max_file_bytes {
+        let _ = MAX_FILE_BYTES.set(max);
+    }
     tracing::debug!(uid = cfg.uid, gid = cfg.gid, "jailed in {}", root.display());
     Ok(())
 }
@@ -206,14 +217,17 @@ pub(crate) fn take_identity(uid: u32, gid: u32) -> io::Result<()> {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: poll reads and writes one pollfd we own; close takes an
-        // integer.
-        let gone = unsafe {
-            let ready = libc::poll(&mut watch, 1, 0);
-            libc::close(fd);
-            ready != 0
+        let ready = loop {
+            // SAFETY: poll reads and writes one pollfd we own.
+            let r = unsafe { libc::poll(&mut watch, 1, 0) };
+            let e = io::Error::last_os_error();
+            if r >= 0 || e.kind() != io::ErrorKind::Interrupted {
+                break if r < 0 { Err(e) } else { Ok(r) };
+            }
         };
-        if gone {
+        // SAFETY: close takes an integer; the descriptor is ours alone.
+        unsafe { libc::close(fd) };
+        if ready? > 0 {
             return Err(io::Error::other("the runtime that started the VMM is gone"));
         }
     }

@@ -8,8 +8,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 
-/// What a guest's console may hold on the host; a boot log is about 30 KiB.
-pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
+pub use bulkhead_vmm_api::config::CONSOLE_MAX_BYTES;
 
 pub struct BoundedFile {
     file: File,
