@@ -241,13 +241,14 @@ fn termination_signal_stops_the_vmm_and_cleans_up() {
 /// and the VMM still fits the memory limit the runtime gives its host
 /// cgroup (guest RAM plus the VMM's allowance): it is not OOM-killed, and
 /// the cgroup is charged at least the guest's RAM and at most the limit.
-/// A guest can go no further: its RAM is all the memory it has.
+/// A guest can go no further: its RAM is all the memory it has. Under a
+/// limit below its RAM, the same VMM is killed by the host's OOM killer:
+/// the limit is what holds.
 #[test]
 fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
-    use bulkhead_runtime::host_cgroup::{HostCgroup, Limits};
-    use bulkhead_runtime::vmm_process::{can_make_namespaces, Launch, LaunchConfig, VmmProcess};
-    use bulkhead_vmm_api::config::{SerialOutput, VmConfig};
-    use std::os::fd::AsRawFd;
+    use bulkhead_runtime::host_cgroup::Limits;
+    use bulkhead_runtime::vmm_process::can_make_namespaces;
+    use std::os::unix::process::ExitStatusExt;
     use std::time::Duration;
     require_kvm();
     if !can_make_namespaces() {
@@ -256,39 +257,22 @@ fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
     }
     const MEM_MIB: u32 = 256;
     let limits = Limits::for_vm(1, MEM_MIB);
-    let cg = HostCgroup::create(&format!("/bulkhead-kvm-tier-{}", std::process::id()), limits).unwrap();
-    let procs = cg.procs_files().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let console = dir.path().join("console.log");
-    let spec = Launch {
-        vmm: bulkhead_tests::vmm_bin(),
-        config: LaunchConfig::Boot(VmConfig {
-            mem_mib: MEM_MIB,
-            serial: SerialOutput::File(console.clone()),
-            timeout_secs: Some(900),
-            ..VmConfig::new(TOUCH_RAM)
-        }),
-        config_file: dir.path().join("vmm.json"),
-        log: dir.path().join("vmm.log"),
-        join_cgroups: procs.iter().map(|f| f.as_raw_fd()).collect(),
-        own_namespaces: false,
-        jail: None,
-    };
-    let mut vmm = VmmProcess::spawn(&spec).unwrap();
-    drop(procs);
+    let mut run = TouchRam::start("fits", limits);
     let line = loop {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let text = std::fs::read_to_string(run.console()).unwrap_or_default();
         if let Some(l) = text.lines().find(|l| l.contains("touched RAM")) {
             break l.to_string();
         }
-        if let Some(status) = vmm.try_status().unwrap() {
-            let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
-            panic!("the VMM ended ({status}) before its guest had touched its RAM: {log}");
+        if let Some(status) = run.vmm.try_status().unwrap() {
+            panic!(
+                "the VMM ended ({status}) before its guest had touched its RAM: {}",
+                run.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(line.contains(&format!("up to {MEM_MIB} MiB")), "{line}");
-    let used = cg.usage().memory_bytes.expect("the memory controller's figure");
+    let used = run.cg.usage().memory_bytes.expect("the memory controller's figure");
     let ram = u64::from(MEM_MIB) << 20;
     eprintln!(
         "charged {} MiB for {MEM_MIB} MiB of guest RAM, limit {} MiB",
@@ -301,9 +285,67 @@ fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
         "charged {used} over the limit {}",
         limits.memory_bytes
     );
-    assert_eq!(vmm.try_status().unwrap(), None, "the VMM did not survive its guest");
-    vmm.kill().unwrap();
-    drop(cg);
+    assert_eq!(run.vmm.try_status().unwrap(), None, "the VMM did not survive its guest");
+    run.vmm.kill().unwrap();
+
+    let tight = Limits {
+        memory_bytes: 64 << 20,
+        ..limits
+    };
+    let mut run = TouchRam::start("oom", tight);
+    let status = run
+        .vmm
+        .wait_timeout(Duration::from_secs(600))
+        .unwrap()
+        .expect("a VMM over its cgroup's limit kept running");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}: {}", run.log());
+    let console = std::fs::read_to_string(run.console()).unwrap_or_default();
+    assert!(!console.contains("touched RAM"), "{console}");
+}
+
+/// `touch_ram` under the real VMM, in a host cgroup of its own.
+struct TouchRam {
+    // Dropped first: the VMM is killed before its cgroup is removed.
+    vmm: bulkhead_runtime::vmm_process::VmmProcess,
+    cg: bulkhead_runtime::host_cgroup::HostCgroup,
+    dir: tempfile::TempDir,
+}
+
+impl TouchRam {
+    fn start(name: &str, limits: bulkhead_runtime::host_cgroup::Limits) -> TouchRam {
+        use bulkhead_runtime::host_cgroup::HostCgroup;
+        use bulkhead_runtime::vmm_process::{Launch, LaunchConfig, VmmProcess};
+        use bulkhead_vmm_api::config::{SerialOutput, VmConfig};
+        use std::os::fd::AsRawFd;
+        let path = format!("/bulkhead-kvm-tier-{}-{name}", std::process::id());
+        let cg = HostCgroup::create(&path, limits).unwrap();
+        let procs = cg.procs_files().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Launch {
+            vmm: bulkhead_tests::vmm_bin(),
+            config: LaunchConfig::Boot(VmConfig {
+                mem_mib: 256,
+                serial: SerialOutput::File(dir.path().join("console.log")),
+                timeout_secs: Some(900),
+                ..VmConfig::new(TOUCH_RAM)
+            }),
+            config_file: dir.path().join("vmm.json"),
+            log: dir.path().join("vmm.log"),
+            join_cgroups: procs.iter().map(|f| f.as_raw_fd()).collect(),
+            own_namespaces: false,
+            jail: None,
+        };
+        let vmm = VmmProcess::spawn(&spec).unwrap();
+        TouchRam { vmm, cg, dir }
+    }
+
+    fn console(&self) -> std::path::PathBuf {
+        self.dir.path().join("console.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vmm.log")).unwrap_or_default()
+    }
 }
 
 /// A guest that keeps its vsock rx ring full of buffers pointing past its
