@@ -205,10 +205,18 @@ fn main() -> ExitCode {
                 _ => VmmExit::Error,
             }
             .code();
-            eprintln!("bulkhead-vmm: error: {e:#}");
+            report(format_args!("{e:#}"));
             ExitCode::from(code)
         }
     }
+}
+
+/// The last word on stderr. Never `eprintln!`: it panics when the write
+/// fails, and a jailed VMM's log stops at its file-size cap (a guest can
+/// fill it with warnings), which would turn any exit into an abort.
+fn report(what: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "bulkhead-vmm: error: {what}");
 }
 
 /// Enters the jail, if there is one, once the configuration is read (it
@@ -249,7 +257,7 @@ fn run() -> anyhow::Result<u8> {
             outcome.stopped
         );
     } else {
-        eprintln!("bulkhead-vmm: error: {}", outcome.stopped);
+        report(format_args!("{}", outcome.stopped));
     }
     Ok(code)
 }
