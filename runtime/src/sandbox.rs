@@ -273,13 +273,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The most the jailed VMM may write to one file: its log's allowance
 /// (the console keeps itself under [`CONSOLE_MAX_BYTES`]), or, while it
-/// snapshots a template, the guest's memory. Its disks are read-only.
-fn max_file_bytes(cfg: &SandboxConfig) -> u64 {
+/// snapshots, the guest's memory: the configured size for a cold boot,
+/// the snapshot's own for a restore. Its disks are read-only.
+fn max_file_bytes(cfg: &SandboxConfig) -> io::Result<u64> {
     let logs = VMM_LOG_MAX_BYTES.max(CONSOLE_MAX_BYTES);
-    match cfg.snapshot_into {
-        Some(_) => logs.max(u64::from(cfg.mem_mib) << 20),
-        None => logs,
+    if cfg.snapshot_into.is_none() {
+        return Ok(logs);
     }
+    let memory = match &cfg.restore_from {
+        Some(dir) => std::fs::metadata(dir.join(bulkhead_vmm_api::snapshot::MEMORY_FILE))?.len(),
+        None => u64::from(cfg.mem_mib) << 20,
+    };
+    Ok(logs.max(memory))
 }
 
 /// The VMM's jail: read-only, what it boots or restores from and its
@@ -319,8 +324,22 @@ fn jail_config(
         gid: id.gid(),
         paths,
         parent_fd: Some(crate::spawn::PARENT_FD),
-        max_file_bytes: Some(max_file_bytes(cfg)),
+        max_file_bytes: Some(max_file_bytes(cfg)?),
     })
+}
+
+/// A jail identity; none, with a warning, where this user namespace maps
+/// no such ids (a root runtime inside a rootless container), which then
+/// runs its VMMs as an unprivileged runtime does: unjailed, filtered.
+fn jail_id_or_none() -> Result<Option<JailId>, JailError> {
+    match JailId::allocate() {
+        Ok(id) => Ok(Some(id)),
+        Err(e @ JailError::Unmapped { .. }) => {
+            tracing::warn!("VMMs run unjailed: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A directory of the run directory's, with exactly `mode` (not the
@@ -367,12 +386,14 @@ impl Sandbox {
         mut watch: impl FnMut(&BootProgress) -> Result<(), String>,
     ) -> Result<Sandbox, SandboxError> {
         let root = cfg.runtime_root.clone().unwrap_or_else(rundir::default_root);
-        let dir = RunDir::create(&root)?;
-        // Root and CAP_SYS_ADMIN: what the jail needs.
+        // Root and CAP_SYS_ADMIN: what the jail needs. Taken before the
+        // run directory so that, on any early return, it is released only
+        // after the directory and the VMM are gone.
         let jail_id = match cfg.jail && crate::vmm_process::can_make_namespaces() {
-            true => Some(JailId::allocate()?),
+            true => jail_id_or_none()?,
             false => None,
         };
+        let dir = RunDir::create(&root)?;
         let owner = jail_id.as_ref().map(|id| (id.uid(), id.gid()));
         let vm_dir = dir.path().join(VM_DIR);
         make_dir(&vm_dir, 0o711)?;

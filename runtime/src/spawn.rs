@@ -100,10 +100,17 @@ pub fn spawn(program: &Path, args: &[OsString], setup: &ChildSetup) -> io::Resul
             std::mem::size_of::<CloneArgs>(),
         )
     };
-    if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-        // Older kernels, and container seccomp profiles that hide clone3
-        // so that callers fall back: clone(2) takes the same flags. A null
-        // stack makes it a fork (the child runs on a copy of ours).
+    if pid < 0
+        && matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM)
+        )
+    {
+        // Older kernels, and seccomp profiles that hide clone3 (ENOSYS in
+        // container runtimes' defaults, EPERM in some others) so that
+        // callers fall back: clone(2) takes the same flags, under the same
+        // checks. A null stack makes it a fork (the child runs on a copy
+        // of ours).
         // SAFETY: as for clone3 above.
         pid = unsafe {
             libc::syscall(

@@ -493,13 +493,15 @@ fn build_snapshot(
     sandbox.lend_for_snapshot(out)?;
     let jailed = sandbox.jail_identity().is_some();
     api.snapshot(out)?;
-    // Dropping kills the VMM and removes its run directory.
-    drop(sandbox);
-    // Every later VMM maps this memory: none may own it, and the jail's
-    // uid goes to another sandbox next.
+    // Every later VMM maps this memory: none may own it. Taken back once
+    // the VMM is gone and before its uid is, which may go to another
+    // sandbox next.
+    sandbox.kill_vmm()?;
     if jailed {
         crate::jail::reclaim(out, &[STATE_FILE, MEMORY_FILE, PLACEHOLDER_FILE]).map_err(io_err(out))?;
     }
+    // Removes its run directory, then releases its uid.
+    drop(sandbox);
     std::fs::remove_file(&placeholder).map_err(io_err(&placeholder))?;
     tracing::debug!("template snapshot written after {:?}", started.elapsed());
     Ok(())

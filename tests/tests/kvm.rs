@@ -288,6 +288,12 @@ fn a_guest_using_all_its_ram_stays_inside_the_vmm_cgroup_limit() {
     assert_eq!(run.vmm.try_status().unwrap(), None, "the VMM did not survive its guest");
     run.vmm.kill().unwrap();
 
+    // With swap, a cgroup over its limit pages out rather than OOM-kills.
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    if swaps.lines().count() > 1 {
+        eprintln!("skipped the OOM half: this host has swap");
+        return;
+    }
     let tight = Limits {
         memory_bytes: 64 << 20,
         ..limits
