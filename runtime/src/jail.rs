@@ -137,16 +137,13 @@ pub fn reclaim(dir: &Path, expected: &[&str]) -> io::Result<()> {
         }
         // Checked and changed through one descriptor: never a link's
         // target, never a FIFO waited on.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(e.path())
-            .map_err(|err| match err.raw_os_error() {
-                Some(libc::ELOOP) => planted(format!("{name:?} is not a plain file")),
-                _ => planted(format!("{name:?}: {err}")),
-            })?;
-        let meta = file.metadata()?;
-        if !meta.is_file() || meta.nlink() != 1 {
+        let file = crate::util::open_vmm_file(&e.path()).map_err(|err| match (err.raw_os_error(), err.kind()) {
+            (Some(libc::ELOOP), _) | (_, io::ErrorKind::InvalidInput) => {
+                planted(format!("{name:?} is not a plain file"))
+            }
+            _ => planted(format!("{name:?}: {err}")),
+        })?;
+        if file.metadata()?.nlink() != 1 {
             return Err(planted(format!("{name:?} is not a plain file")));
         }
         std::os::unix::fs::fchown(&file, Some(0), Some(0))?;

@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -349,22 +349,6 @@ fn make_dir(path: &Path, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// A new file (never an existing one or a link), as [`make_dir`]; where
-/// given, handed to the jail's uid and gid.
-fn make_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-    }
-    Ok(f)
-}
-
 fn stopped(status: ExitStatus, console: &Path, vmm_log: &Path) -> SandboxError {
     SandboxError::VmStopped {
         reason: bulkhead_vmm_api::exit::describe(status),
@@ -399,7 +383,7 @@ impl Sandbox {
         make_dir(&vm_dir, 0o711)?;
         let vsock = vm_dir.join("v.sock");
         let console = vm_dir.join("console.log");
-        make_file(&console, 0o600, owner)?;
+        util::create_new(&console, 0o600, owner)?;
         let vmm_log = dir.path().join("vmm.log");
         let keeper = ConsoleKeeper {
             from: console.clone(),
@@ -409,7 +393,7 @@ impl Sandbox {
         let mut disks = vec![ro(cfg.rootfs.path.clone())];
         if cfg.spare_disks > 0 {
             let empty = vm_dir.join(EMPTY_DISK_FILE);
-            make_file(&empty, 0o444, None)?.write_all(&[0u8; EMPTY_DISK_BYTES])?;
+            util::create_new(&empty, 0o444, None)?.write_all(&[0u8; EMPTY_DISK_BYTES])?;
             disks.extend(std::iter::repeat_n(ro(empty), usize::from(cfg.spare_disks)));
         }
         let api_socket = cfg.api_socket.then(|| vm_dir.join("api.sock"));
@@ -571,7 +555,7 @@ impl Sandbox {
             (Some(p), Some(_)) => {
                 let n = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let target = self.vm_dir.join(format!("disk{slot}-{n}.img"));
-                make_file(&target, 0o444, None)?;
+                util::create_new(&target, 0o444, None)?;
                 // Held so that the VMM cannot be reaped, and its pid
                 // reused, while the helper enters its namespace.
                 let vmm = lock(&self.vmm);

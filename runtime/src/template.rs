@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -351,11 +351,7 @@ impl TemplateCache {
             path: meta_path.clone(),
             source,
         })?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&meta_path)
+        util::create_new(&meta_path, 0o600, None)
             .and_then(|mut f| f.write_all(&json))
             .map_err(io_err(&meta_path))?;
         self.install(tmp, &dir, &wanted)?;

@@ -68,9 +68,25 @@ impl Drop for TempDir {
     }
 }
 
+/// A new file (never an existing one or a link) with exactly `mode` (not
+/// the umask's); where given, handed to that uid and gid.
+pub(crate) fn create_new(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(f)
+}
+
 /// Opens a file the VMM may write to, for reading: never through a link,
 /// never a FIFO or device (the open would not block on one either).
-fn open_vmm_file(path: &Path) -> io::Result<std::fs::File> {
+pub(crate) fn open_vmm_file(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
